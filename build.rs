@@ -1,0 +1,19 @@
+//! Compiles `proto/` with tonic/prost codegen, using the vendored `protoc` so that a fresh
+//! machine needs no system protobuf compiler.
+
+use std::path::PathBuf;
+
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let protos = [PathBuf::from("proto/pdgate/v1/access.proto")];
+    for proto in &protos {
+        println!("cargo:rerun-if-changed={}", proto.display());
+    }
+    let mut config = tonic_prost_build::Config::new();
+    config.protoc_executable(protoc_bin_vendored::protoc_bin_path()?);
+    let includes = [PathBuf::from("proto"), protoc_bin_vendored::include_path()?];
+    let out_dir = PathBuf::from(std::env::var("OUT_DIR")?);
+    tonic_prost_build::configure()
+        .file_descriptor_set_path(out_dir.join("pdgate_descriptor.bin"))
+        .compile_with_config(config, &protos, &includes)?;
+    Ok(())
+}

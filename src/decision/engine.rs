@@ -1,0 +1,535 @@
+//! The stages of a decision (DESIGN §2). Stages 1–4 and the list of what the subject's state
+//! must satisfy depend only on the policy and the request, so they are computed once per
+//! [`CacheKey`] ([`evaluate`]) and cached; stage 5 reads the subjects' state on every call
+//! ([`finish`]), so nothing subject-dependent is ever cached.
+
+use super::cache::CacheKey;
+use super::reason::{Reason, ReasonCode};
+use super::{Decision, DecisionId, Request};
+use crate::policy::{
+    Action, CallerInfo, CallerKind, GrantKey, MatchedRule, NodeId, SecrecyUse, Snapshot,
+};
+use crate::subjects::{SubjectState, SubjectStates};
+use smallvec::SmallVec;
+use std::sync::Arc;
+
+/// The subject-independent result of a request under one policy version.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Outcome {
+    /// Reasons of stages 1–4; empty means "allowed, if the subjects' state agrees".
+    pub reasons: Arc<[Reason]>,
+    pub matched_rules: Arc<[MatchedRule]>,
+    pub requirements: Requirements,
+}
+
+/// What stage 5 must check in each subject's state.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Requirements {
+    /// The purpose and its ancestors, nearest first (consent to any of them counts).
+    pub purpose_chain: SmallVec<[Arc<str>; 4]>,
+    /// Consent to the purpose is needed; the clause that says so.
+    pub consent: Option<Arc<str>>,
+    /// Consent to communications data for the purpose is needed; the §5 clause.
+    pub comms_consent: Option<Arc<str>>,
+    /// A suspension of use stops this request; the §7 clause.
+    pub use_suspension: Option<Arc<str>>,
+    /// A suspension of third-party provision stops this request; the §7 clause.
+    pub provision_suspension: Option<Arc<str>>,
+}
+
+impl Requirements {
+    /// Whether the decision depends on whose data it is.
+    pub fn subject_dependent(&self) -> bool {
+        self.consent.is_some()
+            || self.comms_consent.is_some()
+            || self.use_suspension.is_some()
+            || self.provision_suspension.is_some()
+    }
+}
+
+/// Decides `request` under `snapshot` without any cache: the reference the cache is held to.
+pub fn decide_fresh(
+    snapshot: Option<&Snapshot>,
+    request: &Request,
+    subjects: &dyn SubjectStates,
+    id: DecisionId,
+) -> Decision {
+    let Some(snapshot) = snapshot else {
+        return no_policy(id);
+    };
+    match resolve(snapshot, request) {
+        Ok(key) => finish(
+            snapshot,
+            &evaluate(snapshot, &key),
+            request,
+            subjects,
+            id,
+            false,
+        ),
+        Err(reasons) => denied_early(snapshot, reasons, id),
+    }
+}
+
+pub(crate) fn no_policy(id: DecisionId) -> Decision {
+    Decision {
+        decision_id: id,
+        allowed: false,
+        reasons: vec![Reason::new(
+            ReasonCode::PolicyUnavailable,
+            "§1",
+            "no valid policy is loaded; every call is denied until one is",
+        )],
+        matched_rules: Arc::from([]),
+        policy_version: None,
+        cache_hit: false,
+    }
+}
+
+pub(crate) fn denied_early(snapshot: &Snapshot, reasons: Vec<Reason>, id: DecisionId) -> Decision {
+    Decision {
+        decision_id: id,
+        allowed: false,
+        reasons,
+        matched_rules: Arc::from([]),
+        policy_version: Some(snapshot.version()),
+        cache_hit: false,
+    }
+}
+
+/// Stage 1, the part that needs no cache: turns the request's names into the policy's ids.
+/// Every unknown or missing name is a reason; a request with any is denied here.
+pub(crate) fn resolve(snapshot: &Snapshot, request: &Request) -> Result<CacheKey, Vec<Reason>> {
+    let mut reasons = Vec::new();
+    let caller = snapshot.caller(&request.caller);
+    if caller.is_none() {
+        reasons.push(Reason::new(
+            ReasonCode::CallerUnknown,
+            "§6(5)",
+            if request.caller.is_empty() {
+                "the caller is not identified".to_owned()
+            } else {
+                format!("caller `{}` is not a caller of the policy", request.caller)
+            },
+        ));
+    }
+    let purpose = if request.purpose.is_empty() {
+        reasons.push(Reason::new(
+            ReasonCode::PurposeNotDeclared,
+            "§1",
+            "the call declares no purpose of use",
+        ));
+        None
+    } else {
+        let found = snapshot.purposes().id(&request.purpose);
+        if found.is_none() {
+            reasons.push(Reason::new(
+                ReasonCode::PurposeUnknown,
+                "§1",
+                format!(
+                    "purpose `{}` is not a purpose of use of the policy; a new purpose needs the subject's prior consent",
+                    request.purpose
+                ),
+            ));
+        }
+        found
+    };
+    let action = Action::parse(&request.action);
+    if action.is_none() {
+        reasons.push(Reason::new(
+            ReasonCode::ActionUnknown,
+            "§6(2)",
+            format!(
+                "action `{}` is unknown; allowed: `read`, `write`, `delete`",
+                request.action
+            ),
+        ));
+    }
+    let mut categories: SmallVec<[NodeId; 4]> = SmallVec::new();
+    if request.categories.is_empty() {
+        reasons.push(Reason::new(
+            ReasonCode::CategoryNotDeclared,
+            "§1",
+            "the call names no category of personal data",
+        ));
+    }
+    for name in &request.categories {
+        match snapshot.categories().id(name) {
+            Some(id) => categories.push(id),
+            None => reasons.push(Reason::new(
+                ReasonCode::CategoryUnknown,
+                "§1",
+                format!("category `{name}` is not a category of the policy"),
+            )),
+        }
+    }
+    let recipient = match &request.recipient {
+        None => None,
+        Some(name) => {
+            let found = snapshot.caller(name);
+            if found.is_none() {
+                reasons.push(Reason::new(
+                    ReasonCode::RecipientUnknown,
+                    "§2, §3",
+                    format!("recipient `{name}` is not a company of the policy"),
+                ));
+            }
+            found.map(|c| c.id)
+        }
+    };
+    match (caller, purpose, action) {
+        (Some(caller), Some(purpose), Some(action)) if reasons.is_empty() => {
+            categories.sort_unstable();
+            categories.dedup();
+            Ok(CacheKey {
+                version: snapshot.version(),
+                caller: caller.id,
+                purpose,
+                action,
+                categories,
+                recipient,
+            })
+        }
+        _ => Err(reasons),
+    }
+}
+
+/// Stages 1 (registration, recipient), 2 (grants), 3 (secrecy), 4 (de-identification), and
+/// what stage 5 must check. Deterministic in (`snapshot`, `key`): this is what the cache holds.
+pub fn evaluate(snapshot: &Snapshot, key: &CacheKey) -> Outcome {
+    let caller = snapshot.caller_by_id(key.caller);
+    let recipient = key.recipient.map_or(caller, |r| snapshot.caller_by_id(r));
+    let purposes = snapshot.purposes();
+    let categories = snapshot.categories();
+    let purpose = purposes.info(key.purpose);
+    let purpose_name = purposes.name(key.purpose);
+    let deny = |reasons: Vec<Reason>, rules: Vec<MatchedRule>| Outcome {
+        reasons: reasons.into(),
+        matched_rules: rules.into(),
+        requirements: Requirements::default(),
+    };
+
+    // Stage 1: the purpose is registered for the caller, the data goes where the purpose says.
+    let mut reasons = Vec::new();
+    if !caller
+        .registered
+        .iter()
+        .any(|r| purposes.is_within(key.purpose, *r))
+    {
+        reasons.push(Reason::new(
+            ReasonCode::PurposeNotRegistered,
+            "§1",
+            format!(
+                "caller `{}` is not registered for purpose `{purpose_name}`",
+                caller.name
+            ),
+        ));
+    }
+    if let Some(reason) = recipient_mismatch(
+        caller,
+        recipient,
+        purpose_name,
+        &purpose.recipient,
+        &purpose.clause,
+    ) {
+        reasons.push(reason);
+    }
+    if !reasons.is_empty() {
+        return deny(reasons, Vec::new());
+    }
+
+    // Stage 2: casbin grants, deny rows overriding allow rows.
+    let mut granted: Vec<u32> = Vec::new();
+    let mut denied: Vec<u32> = Vec::new();
+    for &category in &key.categories {
+        let mut allow: SmallVec<[u32; 4]> = SmallVec::new();
+        let mut deny_rows: SmallVec<[u32; 2]> = SmallVec::new();
+        for &role in &caller.roles {
+            for &p in purposes.ancestors(key.purpose) {
+                for &c in categories.ancestors(category) {
+                    let grant = GrantKey {
+                        role,
+                        purpose: p,
+                        category: c,
+                        action: key.action,
+                    };
+                    if let Some(cell) = snapshot.grant(&grant) {
+                        allow.extend_from_slice(&cell.allow);
+                        deny_rows.extend_from_slice(&cell.deny);
+                    }
+                }
+            }
+        }
+        let category_name = categories.name(category);
+        if let Some(first) = deny_rows.first() {
+            reasons.push(Reason::new(
+                ReasonCode::DeniedByRule,
+                purpose.clause.clone(),
+                format!(
+                    "policy.csv line {} denies `{}` of `{category_name}` for `{purpose_name}`",
+                    snapshot.rule(*first).line,
+                    key.action.as_str()
+                ),
+            ));
+            denied.extend_from_slice(&deny_rows);
+        } else if allow.is_empty() {
+            reasons.push(Reason::new(
+                ReasonCode::NoGrant,
+                purpose.clause.clone(),
+                format!(
+                    "role `{}` of caller `{}` has no grant to {} `{category_name}` for `{purpose_name}`",
+                    caller.role,
+                    caller.name,
+                    key.action.as_str()
+                ),
+            ));
+        } else {
+            granted.extend_from_slice(&allow);
+        }
+    }
+    if !reasons.is_empty() {
+        return deny(reasons, rules(snapshot, denied));
+    }
+
+    // Stage 3: secrecy of communications.
+    let limits = snapshot.limits();
+    let mut comms_consent = None;
+    for &category in &key.categories {
+        if !categories.info(category).secrecy {
+            continue;
+        }
+        let category_name = categories.name(category);
+        if limits.never_recipients.contains(&recipient.kind) {
+            reasons.push(Reason::new(
+                ReasonCode::SecrecyOfCommunications,
+                limits.secrecy_clause.clone(),
+                format!(
+                    "`{category_name}` is never provided to a {} (`{}`)",
+                    recipient.kind.as_str().replace('_', " "),
+                    recipient.name
+                ),
+            ));
+            continue;
+        }
+        match purpose.secrecy {
+            SecrecyUse::Allowed => {}
+            SecrecyUse::NeedsConsent => comms_consent = Some(limits.secrecy_clause.clone()),
+            SecrecyUse::Never => reasons.push(Reason::new(
+                ReasonCode::SecrecyOfCommunications,
+                limits.secrecy_clause.clone(),
+                format!("`{category_name}` is never used for `{purpose_name}`"),
+            )),
+        }
+    }
+    if !reasons.is_empty() {
+        return deny(reasons, Vec::new());
+    }
+
+    // Stage 4: de-identified data only, for research.
+    if purpose.deidentified_only {
+        for &category in &key.categories {
+            if !categories.info(category).deidentified {
+                reasons.push(Reason::new(
+                    ReasonCode::IdentifiedDataForResearch,
+                    limits.deidentification_clause.clone(),
+                    format!(
+                        "`{purpose_name}` gets de-identified data only; `{}` identifies a person",
+                        categories.name(category)
+                    ),
+                ));
+            }
+        }
+        if !reasons.is_empty() {
+            return deny(reasons, Vec::new());
+        }
+    }
+
+    // What stage 5 must check. De-identified data is not personal data: no subject's state
+    // applies to it.
+    let identified = key
+        .categories
+        .iter()
+        .any(|c| !categories.info(*c).deidentified);
+    let requirements = if identified {
+        Requirements {
+            purpose_chain: purposes
+                .ancestors(key.purpose)
+                .iter()
+                .map(|p| purposes.name(*p).clone())
+                .collect(),
+            consent: purpose.consent_clause.clone(),
+            comms_consent,
+            use_suspension: (!purpose.use_exempt).then(|| limits.suspension_clause.clone()),
+            provision_suspension: purpose.provision.then(|| limits.suspension_clause.clone()),
+        }
+    } else {
+        Requirements::default()
+    };
+    Outcome {
+        reasons: Arc::from([]),
+        matched_rules: rules(snapshot, granted).into(),
+        requirements,
+    }
+}
+
+/// The rule rows for `ids`, each once, in file order.
+fn rules(snapshot: &Snapshot, mut ids: Vec<u32>) -> Vec<MatchedRule> {
+    ids.sort_unstable();
+    ids.dedup();
+    ids.into_iter().map(|i| snapshot.rule(i).clone()).collect()
+}
+
+/// A purpose that hands data to a joint user or a third party needs such a recipient; any
+/// other purpose keeps data inside the company.
+fn recipient_mismatch(
+    caller: &CallerInfo,
+    recipient: &CallerInfo,
+    purpose_name: &str,
+    needed: &Option<(CallerKind, Arc<str>)>,
+    purpose_clause: &Arc<str>,
+) -> Option<Reason> {
+    match needed {
+        Some((kind, clause)) if recipient.kind != *kind => Some(Reason::new(
+            ReasonCode::RecipientNotAllowed,
+            clause.clone(),
+            if recipient.kind == CallerKind::Internal && recipient.id == caller.id {
+                format!(
+                    "`{purpose_name}` provides data to a {}: name the receiving company as recipient",
+                    kind.as_str().replace('_', " ")
+                )
+            } else {
+                format!(
+                    "`{purpose_name}` provides data to a {}; `{}` is {}",
+                    kind.as_str().replace('_', " "),
+                    recipient.name,
+                    recipient.kind.as_str().replace('_', " ")
+                )
+            },
+        )),
+        None if recipient.kind != CallerKind::Internal => Some(Reason::new(
+            ReasonCode::RecipientNotAllowed,
+            purpose_clause.clone(),
+            format!(
+                "`{purpose_name}` keeps data inside the company; `{}` is a {}",
+                recipient.name,
+                recipient.kind.as_str().replace('_', " ")
+            ),
+        )),
+        _ => None,
+    }
+}
+
+/// Stage 5 on top of a (possibly cached) outcome: reads each subject's state.
+pub fn finish(
+    snapshot: &Snapshot,
+    outcome: &Outcome,
+    request: &Request,
+    subjects: &dyn SubjectStates,
+    id: DecisionId,
+    cache_hit: bool,
+) -> Decision {
+    let mut decision = Decision {
+        decision_id: id,
+        allowed: false,
+        reasons: outcome.reasons.to_vec(),
+        matched_rules: outcome.matched_rules.clone(),
+        policy_version: Some(snapshot.version()),
+        cache_hit,
+    };
+    if !decision.reasons.is_empty() {
+        return decision;
+    }
+    let req = &outcome.requirements;
+    if req.subject_dependent() {
+        decision.reasons = subject_reasons(req, &request.subjects, subjects);
+    }
+    decision.allowed = decision.reasons.is_empty();
+    decision
+}
+
+fn subject_reasons<'n>(
+    req: &Requirements,
+    names: &'n [String],
+    subjects: &dyn SubjectStates,
+) -> Vec<Reason> {
+    if names.is_empty() || names.iter().any(String::is_empty) {
+        return vec![Reason::new(
+            ReasonCode::SubjectRequired,
+            "§7",
+            format!(
+                "`{}` depends on the data subject's consent and requests: name the subject (x-data-subject)",
+                req.purpose_chain.first().map_or("", |p| p)
+            ),
+        )];
+    }
+    // One reason per code, naming the subjects it applies to.
+    let mut found: Vec<(ReasonCode, Arc<str>, Vec<&str>)> = Vec::new();
+    let mut add = |code: ReasonCode, clause: &Arc<str>, subject: &'n str| match found
+        .iter_mut()
+        .find(|(c, _, _)| *c == code)
+    {
+        Some((_, _, who)) => who.push(subject),
+        None => found.push((code, clause.clone(), vec![subject])),
+    };
+    let none = SubjectState::default();
+    for name in names {
+        let state = match subjects.state(name) {
+            Ok(state) => state,
+            Err(e) => {
+                add(ReasonCode::SubjectStateUnavailable, &Arc::from("§7"), name);
+                tracing::warn!(subject = %name, error = %e, "subject state unavailable; denying");
+                continue;
+            }
+        };
+        let state = state.as_deref().unwrap_or(&none);
+        if let Some(clause) = &req.consent {
+            if !SubjectState::covers(&state.consent, &req.purpose_chain) {
+                add(ReasonCode::ConsentRequired, clause, name);
+            }
+        }
+        if let Some(clause) = &req.comms_consent {
+            if !SubjectState::covers(&state.comms_consent, &req.purpose_chain) {
+                add(ReasonCode::SecrecyOfCommunications, clause, name);
+            }
+        }
+        if let Some(clause) = &req.use_suspension {
+            if state.use_suspended {
+                add(ReasonCode::UseSuspended, clause, name);
+            }
+        }
+        if let Some(clause) = &req.provision_suspension {
+            if state.provision_suspended {
+                add(ReasonCode::ProvisionSuspended, clause, name);
+            }
+        }
+    }
+    let purpose = req.purpose_chain.first().map_or("", |p| p);
+    found
+        .into_iter()
+        .map(|(code, clause, who)| {
+            let shown: Vec<String> = who.iter().take(5).map(|s| format!("`{s}`")).collect();
+            let more = if who.len() > 5 {
+                format!(" and {} more", who.len() - 5)
+            } else {
+                String::new()
+            };
+            let what = match code {
+                ReasonCode::ConsentRequired => format!("no consent to `{purpose}`"),
+                ReasonCode::SecrecyOfCommunications => {
+                    format!("no consent to the use of communications data for `{purpose}`")
+                }
+                ReasonCode::UseSuspended => {
+                    "use of their data is suspended at their request".into()
+                }
+                ReasonCode::ProvisionSuspended => {
+                    "provision of their data to third parties is suspended at their request".into()
+                }
+                _ => "their state could not be read".into(),
+            };
+            Reason::new(
+                code,
+                clause,
+                format!("subject {}{more}: {what}", shown.join(", ")),
+            )
+        })
+        .collect()
+}

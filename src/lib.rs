@@ -1,0 +1,28 @@
+//! pdgate: a gRPC access-control sidecar for personal-data stores.
+//!
+//! It decides, from casbin purpose-based rules, whether a caller may do an action on categories
+//! of personal data for the purpose of use it declares, within the secrecy of communications
+//! and the data subject's consent and requests; it caches decisions and audits every one.
+//!
+//! # Layout
+//!
+//! - [`policy`]: a policy directory (`model.conf`, `policy.csv`, `taxonomy.toml`) is read,
+//!   validated whole and compiled into an immutable, versioned [`policy::Snapshot`]; the policy
+//!   tests in `policy/tests/` run against it ([`policy::fixtures`]), and
+//!   [`policy::reference`] builds the plain casbin enforcer that the compiled index is checked
+//!   against.
+//! - [`decision`]: the staged semantics of a decision ([`decision::evaluate`],
+//!   [`decision::finish`]) and [`decision::Decider`], which holds the current snapshot and the
+//!   moka decision cache. Deciding never fails: what cannot be evaluated is a deny.
+//! - [`subjects`]: the data subject's consent and requests, as decisions read them.
+//! - [`cli`]: the `pdgate` command line; `main.rs` only calls [`cli::main`].
+//! - [`proto`]: the gRPC types generated from `proto/`.
+//!
+//! Dependencies point one way: the CLI and (later) the transport know the engine; the engine
+//! knows nothing of either.
+
+pub mod cli;
+pub mod decision;
+pub mod policy;
+pub mod proto;
+pub mod subjects;

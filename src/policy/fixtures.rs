@@ -1,0 +1,296 @@
+//! Policy tests as data: `policy/tests/*.yaml`, each case a request, the subjects' state and
+//! the expected decision with its reason codes. One runner serves `pdgate policy test`,
+//! `cargo test` and (later) every reload, which refuses a policy whose tests fail.
+//!
+//! ```yaml
+//! cases:
+//!   - name: marketing email without consent
+//!     clause: "§1(2)"
+//!     request: { caller: marketing-service, purpose: marketing.email, action: read,
+//!                categories: [customer.contact.email], subjects: [cust-1] }
+//!     subjects:
+//!       cust-1: { consent: [], use_suspended: false }
+//!     expect: { decision: deny, reasons: [CONSENT_REQUIRED] }
+//! ```
+//!
+//! `extra_rules` (casbin rows appended to policy.csv for that case) shows what the built-in
+//! limits do when a grant is added by mistake. A subject with `unavailable: true` behaves like
+//! a store that cannot be read.
+
+use super::compile::compile;
+use super::problem::Problems;
+use super::snapshot::Snapshot;
+use super::source::PolicySource;
+use crate::decision::{DecisionIds, ReasonCode, Request, decide_fresh};
+use crate::subjects::{SubjectState, SubjectStateError, SubjectStates};
+use serde::Deserialize;
+use std::collections::{BTreeMap, HashMap};
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FixtureFile {
+    #[serde(default)]
+    pub description: String,
+    pub cases: Vec<Case>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Case {
+    pub name: String,
+    /// The clause of the privacy policy this case illustrates.
+    #[serde(default)]
+    pub clause: Option<String>,
+    pub request: Request,
+    #[serde(default)]
+    pub subjects: BTreeMap<String, FixtureSubject>,
+    #[serde(default)]
+    pub extra_rules: Vec<String>,
+    pub expect: Expect,
+}
+
+/// A subject's state in a case: the fields of [`SubjectState`], plus `unavailable`.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FixtureSubject {
+    #[serde(default)]
+    pub consent: Vec<String>,
+    #[serde(default)]
+    pub comms_consent: Vec<String>,
+    #[serde(default)]
+    pub use_suspended: bool,
+    #[serde(default)]
+    pub provision_suspended: bool,
+    /// The store fails when asked for this subject.
+    #[serde(default)]
+    pub unavailable: bool,
+}
+
+impl FixtureSubject {
+    fn state(&self) -> SubjectState {
+        SubjectState {
+            consent: self.consent.iter().cloned().collect(),
+            comms_consent: self.comms_consent.iter().cloned().collect(),
+            use_suspended: self.use_suspended,
+            provision_suspended: self.provision_suspended,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Expected {
+    Allow,
+    Deny,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Expect {
+    pub decision: Expected,
+    /// Reason codes, compared as a set (order does not matter).
+    #[serde(default)]
+    pub reasons: Vec<String>,
+}
+
+/// Why the tests could not be run at all (as opposed to a case that failed).
+#[derive(Debug, thiserror::Error)]
+pub enum FixtureError {
+    #[error("cannot read policy tests in `{path}`: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path}{}: {message}", .line.map(|l| format!(":{l}")).unwrap_or_default())]
+    Parse {
+        path: PathBuf,
+        line: Option<usize>,
+        message: String,
+    },
+    #[error("{path}: case `{case}`: `extra_rules` make the policy invalid: {problems}")]
+    Overlay {
+        path: PathBuf,
+        case: String,
+        problems: Problems,
+    },
+}
+
+/// One case that did not decide as expected.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Failure {
+    pub file: String,
+    pub case: String,
+    pub expected: String,
+    pub got: String,
+}
+
+impl fmt::Display for Failure {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{}: case `{}`: expected {}, got {}",
+            self.file, self.case, self.expected, self.got
+        )
+    }
+}
+
+/// What a run found.
+#[derive(Debug, Default)]
+pub struct Report {
+    pub files: usize,
+    pub cases: usize,
+    pub failures: Vec<Failure>,
+    /// Reason codes that some case expects.
+    pub codes_covered: Vec<ReasonCode>,
+    /// Clauses named by some case.
+    pub clauses_covered: Vec<String>,
+}
+
+impl Report {
+    pub fn passed(&self) -> bool {
+        self.failures.is_empty() && self.cases > 0
+    }
+}
+
+/// Reads every `*.yaml` in `dir`, in name order.
+pub fn read_dir(dir: &Path) -> Result<Vec<(PathBuf, FixtureFile)>, FixtureError> {
+    let read_err = |source| FixtureError::Read {
+        path: dir.to_path_buf(),
+        source,
+    };
+    let mut paths: Vec<PathBuf> = std::fs::read_dir(dir)
+        .map_err(read_err)?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|e| e == "yaml" || e == "yml"))
+        .collect();
+    paths.sort();
+    paths
+        .into_iter()
+        .map(|path| {
+            let text = std::fs::read_to_string(&path).map_err(|source| FixtureError::Read {
+                path: path.clone(),
+                source,
+            })?;
+            let file: FixtureFile =
+                serde_yaml::from_str(&text).map_err(|e| FixtureError::Parse {
+                    path: path.clone(),
+                    line: e.location().map(|l| l.line()),
+                    message: e.to_string(),
+                })?;
+            for case in &file.cases {
+                for code in &case.expect.reasons {
+                    if ReasonCode::parse(code).is_none() {
+                        return Err(FixtureError::Parse {
+                            path: path.clone(),
+                            line: None,
+                            message: format!("case `{}`: unknown reason code `{code}`", case.name),
+                        });
+                    }
+                }
+            }
+            Ok((path, file))
+        })
+        .collect()
+}
+
+/// Runs the cases of `files` against `snapshot` (uncached: the policy is under test, not the
+/// cache).
+pub async fn run(
+    snapshot: &Arc<Snapshot>,
+    files: &[(PathBuf, FixtureFile)],
+) -> Result<Report, FixtureError> {
+    let ids = DecisionIds::default();
+    let mut report = Report {
+        files: files.len(),
+        ..Report::default()
+    };
+    let mut overlays: HashMap<Vec<String>, Arc<Snapshot>> = HashMap::new();
+    for (path, file) in files {
+        let file_name = path.file_name().map_or_else(
+            || path.display().to_string(),
+            |n| n.to_string_lossy().into_owned(),
+        );
+        for case in &file.cases {
+            report.cases += 1;
+            let policy =
+                if case.extra_rules.is_empty() {
+                    snapshot.clone()
+                } else if let Some(p) = overlays.get(&case.extra_rules) {
+                    p.clone()
+                } else {
+                    let mut source: PolicySource = snapshot.source().clone();
+                    super::rows::PolicyRows::push_text(&mut source.policy, &case.extra_rules);
+                    let compiled = Arc::new(compile(source).await.map_err(|problems| {
+                        FixtureError::Overlay {
+                            path: path.clone(),
+                            case: case.name.clone(),
+                            problems,
+                        }
+                    })?);
+                    overlays.insert(case.extra_rules.clone(), compiled.clone());
+                    compiled
+                };
+            let store = FixtureStore(&case.subjects);
+            let decision = decide_fresh(Some(&policy), &case.request, &store, ids.next());
+            let mut got: Vec<&str> = decision.reasons.iter().map(|r| r.code.as_str()).collect();
+            got.sort_unstable();
+            got.dedup();
+            let mut want: Vec<&str> = case.expect.reasons.iter().map(String::as_str).collect();
+            want.sort_unstable();
+            want.dedup();
+            let got_decision = if decision.allowed {
+                Expected::Allow
+            } else {
+                Expected::Deny
+            };
+            if got_decision != case.expect.decision || got != want {
+                report.failures.push(Failure {
+                    file: file_name.clone(),
+                    case: case.name.clone(),
+                    expected: describe(case.expect.decision, &want),
+                    got: describe(got_decision, &got),
+                });
+            }
+            report
+                .codes_covered
+                .extend(want.iter().filter_map(|c| ReasonCode::parse(c)));
+            if let Some(clause) = &case.clause {
+                report.clauses_covered.push(clause.clone());
+            }
+        }
+    }
+    report.codes_covered.sort();
+    report.codes_covered.dedup();
+    report.clauses_covered.sort();
+    report.clauses_covered.dedup();
+    Ok(report)
+}
+
+fn describe(decision: Expected, codes: &[&str]) -> String {
+    let d = match decision {
+        Expected::Allow => "allow",
+        Expected::Deny => "deny",
+    };
+    if codes.is_empty() {
+        d.to_owned()
+    } else {
+        format!("{d} [{}]", codes.join(", "))
+    }
+}
+
+struct FixtureStore<'a>(&'a BTreeMap<String, FixtureSubject>);
+
+impl SubjectStates for FixtureStore<'_> {
+    fn state(&self, subject: &str) -> Result<Option<Arc<SubjectState>>, SubjectStateError> {
+        match self.0.get(subject) {
+            Some(s) if s.unavailable => Err(SubjectStateError::Unavailable(
+                "marked unavailable by the policy test".into(),
+            )),
+            Some(s) => Ok(Some(Arc::new(s.state()))),
+            None => Ok(None),
+        }
+    }
+}

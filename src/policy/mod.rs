@@ -1,0 +1,32 @@
+//! Policy: reading a policy directory, validating it whole, and compiling it into an immutable
+//! [`Snapshot`]. Also the policy tests (`policy/tests/*.yaml`) and the casbin reference that
+//! the compiled index is checked against.
+
+mod compile;
+pub mod fixtures;
+mod model;
+mod problem;
+pub mod reference;
+mod rows;
+mod snapshot;
+mod source;
+mod taxonomy;
+
+pub use compile::compile;
+pub use model::SUPPORTED_MODEL;
+pub use problem::{Problem, Problems};
+pub use rows::{Action, Effect, GrantRow, LinkRow, POLICY_FILE, PolicyRows};
+pub use snapshot::{
+    CallerInfo, CategoryInfo, GrantCell, GrantKey, Limits, MatchedRule, NodeId, PolicyVersion,
+    PurposeInfo, SecrecyUse, Snapshot, Tree,
+};
+pub use source::{MODEL_FILE, PolicySource};
+pub use taxonomy::{CallerKind, TAXONOMY_FILE};
+
+use std::path::Path;
+
+/// Reads and compiles the policy in `dir`: a snapshot, or every problem found.
+pub async fn load_dir(dir: &Path) -> Result<Snapshot, Problems> {
+    let source = PolicySource::read_dir(dir).map_err(Problems)?;
+    compile(source).await
+}

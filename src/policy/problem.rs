@@ -1,0 +1,65 @@
+//! A problem found while loading a policy: where it is and what is wrong.
+
+use std::fmt;
+
+/// One thing wrong with a policy directory. Loading reports every problem at once.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Problem {
+    /// File name inside the policy directory (`policy.csv`, `taxonomy.toml`, ...).
+    pub file: String,
+    /// 1-based line, when the problem sits on one.
+    pub line: Option<usize>,
+    pub message: String,
+}
+
+impl Problem {
+    pub fn at(file: &str, line: usize, message: impl Into<String>) -> Self {
+        Self {
+            file: file.to_owned(),
+            line: Some(line),
+            message: message.into(),
+        }
+    }
+
+    pub fn in_file(file: &str, message: impl Into<String>) -> Self {
+        Self {
+            file: file.to_owned(),
+            line: None,
+            message: message.into(),
+        }
+    }
+}
+
+impl fmt::Display for Problem {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.line {
+            Some(line) => write!(f, "{}:{}: {}", self.file, line, self.message),
+            None => write!(f, "{}: {}", self.file, self.message),
+        }
+    }
+}
+
+/// Every problem of a policy that could not be loaded, in file and line order.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub struct Problems(pub Vec<Problem>);
+
+impl fmt::Display for Problems {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let n = self.0.len();
+        write!(f, "{n} problem{}", if n == 1 { "" } else { "s" })?;
+        for p in &self.0 {
+            write!(f, "\n  {p}")?;
+        }
+        Ok(())
+    }
+}
+
+/// Turns a byte offset into a 1-based line number.
+pub(crate) fn line_of(text: &str, offset: usize) -> usize {
+    let end = offset.min(text.len());
+    text.as_bytes()[..end]
+        .iter()
+        .filter(|b| **b == b'\n')
+        .count()
+        + 1
+}

@@ -1,0 +1,112 @@
+//! `taxonomy.toml`: the purposes, categories and callers that `policy.csv` speaks of, and the
+//! limits that hold whatever it grants (secrecy of communications, de-identification, the
+//! subject's requests). Ids keep their position so that problems can name a line.
+
+use serde::Deserialize;
+use serde_spanned::Spanned;
+
+pub const TAXONOMY_FILE: &str = "taxonomy.toml";
+
+/// An id (or other string) as written, with its byte span in the file.
+pub type Sp = Spanned<String>;
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Taxonomy {
+    #[serde(default, rename = "purpose")]
+    pub purposes: Vec<PurposeEntry>,
+    #[serde(default, rename = "category")]
+    pub categories: Vec<CategoryEntry>,
+    #[serde(default, rename = "caller")]
+    pub callers: Vec<CallerEntry>,
+    pub secrecy: SecrecyLimit,
+    pub deidentification: DeidentificationLimit,
+    pub suspension: SuspensionRules,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PurposeEntry {
+    pub id: Sp,
+    pub clause: String,
+    #[serde(default)]
+    pub description: String,
+    /// The data subject's consent is needed for this purpose and its children.
+    #[serde(default)]
+    pub consent: bool,
+    /// Data used for this purpose (and its children) goes to a company of this kind.
+    #[serde(default)]
+    pub recipient: Option<Spanned<CallerKind>>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CategoryEntry {
+    pub id: Sp,
+    pub clause: String,
+    #[serde(default)]
+    pub description: String,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CallerEntry {
+    pub id: Sp,
+    pub role: Sp,
+    pub kind: CallerKind,
+    pub purposes: Vec<Sp>,
+    pub clause: String,
+    #[serde(default)]
+    pub description: String,
+}
+
+/// Where a caller sits relative to the company that holds the data.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Deserialize, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum CallerKind {
+    /// One of the company's own services.
+    Internal,
+    /// A joint user of §2 (SoftBank, BBSakura Networks).
+    JointUser,
+    /// A third party of §3 (ISP partners, NTT East, NTT West).
+    ThirdParty,
+}
+
+impl CallerKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Internal => "internal",
+            Self::JointUser => "joint_user",
+            Self::ThirdParty => "third_party",
+        }
+    }
+}
+
+/// §5: which purposes may use communications data, and which never may.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SecrecyLimit {
+    pub clause: String,
+    pub categories: Vec<Sp>,
+    pub purposes: Vec<Sp>,
+    pub never_purposes: Vec<Sp>,
+    pub never_recipients: Vec<CallerKind>,
+}
+
+/// §1(3), §4: purposes that get de-identified data only.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DeidentificationLimit {
+    pub clause: String,
+    pub purposes: Vec<Sp>,
+    pub categories: Vec<Sp>,
+}
+
+/// §7: what the subject's suspension requests stop.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SuspensionRules {
+    pub clause: String,
+    pub use_exempt_purposes: Vec<Sp>,
+    pub provision_purposes: Vec<Sp>,
+}

@@ -1,0 +1,52 @@
+//! Types and service stubs generated from `proto/` by `build.rs`.
+
+/// `pdgate.v1`: the decision API.
+pub mod v1 {
+    #![allow(clippy::all, clippy::pedantic, missing_docs)]
+    tonic::include_proto!("pdgate.v1");
+}
+
+/// The encoded descriptors of pdgate's protos, for gRPC server reflection.
+pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("pdgate_descriptor");
+
+use crate::decision::Decision;
+
+impl From<&Decision> for v1::CheckResponse {
+    fn from(d: &Decision) -> Self {
+        Self {
+            allowed: d.allowed,
+            reasons: d
+                .reasons
+                .iter()
+                .map(|r| v1::Reason {
+                    code: r.code.as_str().to_owned(),
+                    clause: r.clause.to_string(),
+                    detail: r.detail.to_string(),
+                })
+                .collect(),
+            policy_version: d.policy_version.map(|v| v.to_string()).unwrap_or_default(),
+            decision_id: d.decision_id.to_string(),
+            matched_rules: d
+                .matched_rules
+                .iter()
+                .map(|m| v1::MatchedRule {
+                    rule: m.rule.to_string(),
+                    line: u32::try_from(m.line).unwrap_or(u32::MAX),
+                })
+                .collect(),
+        }
+    }
+}
+
+impl From<v1::CheckRequest> for crate::decision::Request {
+    fn from(r: v1::CheckRequest) -> Self {
+        Self {
+            caller: r.caller,
+            purpose: r.purpose,
+            action: r.action,
+            categories: r.categories,
+            subjects: r.subjects,
+            recipient: (!r.recipient.is_empty()).then_some(r.recipient),
+        }
+    }
+}
