@@ -7,7 +7,7 @@ use super::cache::CacheKey;
 use super::reason::{Reason, ReasonCode};
 use super::{Decision, DecisionId, Request};
 use crate::policy::{
-    Action, CallerInfo, CallerKind, GrantKey, MatchedRule, NodeId, SecrecyUse, Snapshot,
+    Action, CallerInfo, CallerKind, MatchedRule, MatchingRows, NodeId, SecrecyUse, Snapshot,
 };
 use crate::subjects::{SubjectState, SubjectStates};
 use smallvec::SmallVec;
@@ -241,24 +241,10 @@ pub fn evaluate(snapshot: &Snapshot, key: &CacheKey) -> Outcome {
     let mut granted: Vec<u32> = Vec::new();
     let mut denied: Vec<u32> = Vec::new();
     for &category in &key.categories {
-        let mut allow: SmallVec<[u32; 4]> = SmallVec::new();
-        let mut deny_rows: SmallVec<[u32; 2]> = SmallVec::new();
-        for &role in &caller.roles {
-            for &p in purposes.ancestors(key.purpose) {
-                for &c in categories.ancestors(category) {
-                    let grant = GrantKey {
-                        role,
-                        purpose: p,
-                        category: c,
-                        action: key.action,
-                    };
-                    if let Some(cell) = snapshot.grant(&grant) {
-                        allow.extend_from_slice(&cell.allow);
-                        deny_rows.extend_from_slice(&cell.deny);
-                    }
-                }
-            }
-        }
+        let MatchingRows {
+            allow,
+            deny: deny_rows,
+        } = snapshot.matching_rows(caller, key.purpose, category, key.action);
         let category_name = categories.name(category);
         if let Some(first) = deny_rows.first() {
             reasons.push(Reason::new(

@@ -10,6 +10,7 @@ pub mod reference;
 mod rows;
 mod snapshot;
 mod source;
+pub mod synthetic;
 mod taxonomy;
 
 pub use compile::compile;
@@ -17,8 +18,8 @@ pub use model::SUPPORTED_MODEL;
 pub use problem::{Problem, Problems};
 pub use rows::{Action, Effect, GrantRow, LinkRow, POLICY_FILE, PolicyRows};
 pub use snapshot::{
-    CallerInfo, CategoryInfo, GrantCell, GrantKey, Limits, MatchedRule, NodeId, PolicyVersion,
-    PurposeInfo, SecrecyUse, Snapshot, Tree,
+    CallerInfo, CategoryInfo, GrantCell, GrantKey, Limits, MatchedRule, MatchingRows, NodeId,
+    PolicyVersion, PurposeInfo, SecrecyUse, Snapshot, Tree,
 };
 pub use source::{MODEL_FILE, PolicySource};
 pub use taxonomy::{CallerKind, TAXONOMY_FILE};

@@ -250,7 +250,48 @@ impl Snapshot {
         &self.limits
     }
 
-    pub(crate) fn grant(&self, key: &GrantKey) -> Option<&GrantCell> {
-        self.grants.get(key)
+    /// The rows of stage 2 for one category: the allow and deny rows of every role the
+    /// caller holds, for the purpose or an ancestor, on the category or an ancestor, for the
+    /// action. casbin's `enforce` with this model allows exactly when `allow` is non-empty and
+    /// `deny` is empty.
+    pub fn matching_rows(
+        &self,
+        caller: &CallerInfo,
+        purpose: NodeId,
+        category: NodeId,
+        action: Action,
+    ) -> MatchingRows {
+        let mut rows = MatchingRows::default();
+        for &role in &caller.roles {
+            for &p in self.purposes.ancestors(purpose) {
+                for &c in self.categories.ancestors(category) {
+                    let key = GrantKey {
+                        role,
+                        purpose: p,
+                        category: c,
+                        action,
+                    };
+                    if let Some(cell) = self.grants.get(&key) {
+                        rows.allow.extend_from_slice(&cell.allow);
+                        rows.deny.extend_from_slice(&cell.deny);
+                    }
+                }
+            }
+        }
+        rows
+    }
+}
+
+/// Rule ids that match one (caller, purpose, category, action).
+#[derive(Debug, Default)]
+pub struct MatchingRows {
+    pub allow: SmallVec<[u32; 4]>,
+    pub deny: SmallVec<[u32; 2]>,
+}
+
+impl MatchingRows {
+    /// casbin's effect: some allow and no deny.
+    pub fn allowed(&self) -> bool {
+        !self.allow.is_empty() && self.deny.is_empty()
     }
 }
