@@ -4,7 +4,10 @@
 use std::path::PathBuf;
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let protos = [PathBuf::from("proto/pdgate/v1/access.proto")];
+    let protos = [
+        PathBuf::from("proto/pdgate/v1/access.proto"),
+        PathBuf::from("proto/demo/customer/v1/customer.proto"),
+    ];
     for proto in &protos {
         println!("cargo:rerun-if-changed={}", proto.display());
     }

@@ -6,6 +6,12 @@ pub mod v1 {
     tonic::include_proto!("pdgate.v1");
 }
 
+/// `demo.customer.v1`: the demo customer-data service that `pdgate demo` protects.
+pub mod demo {
+    #![allow(clippy::all, clippy::pedantic, missing_docs)]
+    tonic::include_proto!("demo.customer.v1");
+}
+
 /// The encoded descriptors of pdgate's protos, for gRPC server reflection.
 pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("pdgate_descriptor");
 

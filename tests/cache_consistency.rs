@@ -1,6 +1,13 @@
 //! Property: over random requests, random subject-state changes and random policy swaps, the
 //! cached decision always equals a fresh, uncached decision under the current policy version.
 
+#![allow(
+    clippy::expect_used,
+    clippy::unwrap_used,
+    clippy::panic,
+    reason = "test code: a failed setup aborts the test"
+)]
+
 use pdgate::decision::{CacheSettings, Decider, Decision, DecisionId, Request, decide_fresh};
 use pdgate::policy::{self, Snapshot, compile};
 use pdgate::subjects::{InMemorySubjects, SubjectState};

@@ -1,6 +1,13 @@
 //! The `pdgate` binary: exit codes (0 allowed/ok, 1 denied/failed, 2 bad command line), JSON
 //! output, and messages that name the flag or file at fault. Never a panic.
 
+#![allow(
+    clippy::expect_used,
+    clippy::unwrap_used,
+    clippy::panic,
+    reason = "test code: a failed setup aborts the test"
+)]
+
 use serde_json::Value;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};

@@ -3,6 +3,13 @@
 //! with the same model and rows. Run on the default policy and on random policies with random
 //! trees, role inheritance and deny rows.
 
+#![allow(
+    clippy::expect_used,
+    clippy::unwrap_used,
+    clippy::panic,
+    reason = "test code: a failed setup aborts the test"
+)]
+
 use pdgate::policy::synthetic::{Shape, random_policy};
 use pdgate::policy::{self, Action, Snapshot, compile, reference};
 use std::path::Path;

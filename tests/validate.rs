@@ -1,6 +1,13 @@
 //! Policy validation: every problem reported at once, each with its file, line and what is
 //! wrong; a grant beyond the secrecy of communications is refused.
 
+#![allow(
+    clippy::expect_used,
+    clippy::unwrap_used,
+    clippy::panic,
+    reason = "test code: a failed setup aborts the test"
+)]
+
 use pdgate::policy::{Problem, load_dir};
 use std::path::{Path, PathBuf};
 

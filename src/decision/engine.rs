@@ -35,6 +35,8 @@ pub struct Requirements {
     pub use_suspension: Option<Arc<str>>,
     /// A suspension of third-party provision stops this request; the §7 clause.
     pub provision_suspension: Option<Arc<str>>,
+    /// The purpose needs a named subject even when no state applies.
+    pub subject_required: bool,
 }
 
 impl Requirements {
@@ -44,6 +46,7 @@ impl Requirements {
             || self.comms_consent.is_some()
             || self.use_suspension.is_some()
             || self.provision_suspension.is_some()
+            || self.subject_required
     }
 }
 
@@ -243,8 +246,16 @@ pub fn evaluate(snapshot: &Snapshot, key: &CacheKey) -> Outcome {
     for &category in &key.categories {
         let MatchingRows {
             allow,
-            deny: deny_rows,
+            deny: mut deny_rows,
         } = snapshot.matching_rows(caller, key.purpose, category, key.action);
+        // A request for a parent category is a request for all of its children: a deny row on
+        // any child denies it (casbin, asked for the parent alone, would not see that row).
+        for &below in categories.descendants(category) {
+            let rows = snapshot.matching_rows(caller, key.purpose, below, key.action);
+            deny_rows.extend_from_slice(&rows.deny);
+        }
+        deny_rows.sort_unstable();
+        deny_rows.dedup();
         let category_name = categories.name(category);
         if let Some(first) = deny_rows.first() {
             reasons.push(Reason::new(
@@ -346,6 +357,7 @@ pub fn evaluate(snapshot: &Snapshot, key: &CacheKey) -> Outcome {
             comms_consent,
             use_suspension: (!purpose.use_exempt).then(|| limits.suspension_clause.clone()),
             provision_suspension: purpose.provision.then(|| limits.suspension_clause.clone()),
+            subject_required: purpose.subject_required,
         }
     } else {
         Requirements::default()
@@ -467,25 +479,25 @@ fn subject_reasons<'n>(
             }
         };
         let state = state.as_deref().unwrap_or(&none);
-        if let Some(clause) = &req.consent {
-            if !SubjectState::covers(&state.consent, &req.purpose_chain) {
-                add(ReasonCode::ConsentRequired, clause, name);
-            }
+        if let Some(clause) = &req.consent
+            && !SubjectState::covers(&state.consent, &req.purpose_chain)
+        {
+            add(ReasonCode::ConsentRequired, clause, name);
         }
-        if let Some(clause) = &req.comms_consent {
-            if !SubjectState::covers(&state.comms_consent, &req.purpose_chain) {
-                add(ReasonCode::SecrecyOfCommunications, clause, name);
-            }
+        if let Some(clause) = &req.comms_consent
+            && !SubjectState::covers(&state.comms_consent, &req.purpose_chain)
+        {
+            add(ReasonCode::SecrecyOfCommunications, clause, name);
         }
-        if let Some(clause) = &req.use_suspension {
-            if state.use_suspended {
-                add(ReasonCode::UseSuspended, clause, name);
-            }
+        if let Some(clause) = &req.use_suspension
+            && state.use_suspended
+        {
+            add(ReasonCode::UseSuspended, clause, name);
         }
-        if let Some(clause) = &req.provision_suspension {
-            if state.provision_suspended {
-                add(ReasonCode::ProvisionSuspended, clause, name);
-            }
+        if let Some(clause) = &req.provision_suspension
+            && state.provision_suspended
+        {
+            add(ReasonCode::ProvisionSuspended, clause, name);
         }
     }
     let purpose = req.purpose_chain.first().map_or("", |p| p);

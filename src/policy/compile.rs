@@ -169,6 +169,7 @@ fn build(
                 deidentified_only: within_any(&purpose_tree, node, &deid_purposes),
                 use_exempt: within_any(&purpose_tree, node, &exempt),
                 provision: within_any(&purpose_tree, node, &provision),
+                subject_required: nearest(&|a| tax.purposes[a].subject).is_some(),
             }
         })
         .collect();
@@ -179,7 +180,11 @@ fn build(
         .map(|(i, entry)| CategoryInfo {
             clause: entry.clause.as_str().into(),
             description: entry.description.as_str().into(),
-            secrecy: within_any(&category_tree, i as NodeId, &sec_categories),
+            // A parent of communications data (a root above both trees, say) holds it too.
+            secrecy: within_any(&category_tree, i as NodeId, &sec_categories)
+                || sec_categories
+                    .iter()
+                    .any(|s| category_tree.ancestors[*s as usize].contains(&(i as NodeId))),
             deidentified: within_any(&category_tree, i as NodeId, &deid_categories),
         })
         .collect();
@@ -360,6 +365,14 @@ fn build(
         }
     }
 
+    let routes = source
+        .routes
+        .as_deref()
+        .map_or_else(Default::default, |text| {
+            let known = |c: &str| category_tree.index.contains_key(c);
+            super::routes::parse(text, &known, &mut problems_here)
+        });
+
     let empty = problems_here.is_empty();
     problems.append(&mut problems_here);
     if !empty {
@@ -381,6 +394,7 @@ fn build(
             deidentification_clause: tax.deidentification.clause.as_str().into(),
             suspension_clause: tax.suspension.clause.as_str().into(),
         },
+        routes,
         source,
         rows,
     })
@@ -454,12 +468,24 @@ struct TreeShape {
 
 impl TreeShape {
     fn into_tree<T>(self, info: Vec<T>) -> Tree<T> {
+        let descendants = self.descendants();
         Tree {
             names: self.names.into_iter().map(Arc::from).collect(),
             index: self.index,
             ancestors: self.ancestors,
+            descendants,
             info,
         }
+    }
+
+    fn descendants(&self) -> Vec<Vec<NodeId>> {
+        let mut below = vec![Vec::new(); self.names.len()];
+        for (node, chain) in self.ancestors.iter().enumerate() {
+            for ancestor in chain.iter().skip(1) {
+                below[*ancestor as usize].push(node as NodeId);
+            }
+        }
+        below
     }
 }
 

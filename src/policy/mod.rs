@@ -7,6 +7,7 @@ pub mod fixtures;
 mod model;
 mod problem;
 pub mod reference;
+pub mod routes;
 mod rows;
 mod snapshot;
 mod source;
@@ -16,6 +17,7 @@ mod taxonomy;
 pub use compile::compile;
 pub use model::SUPPORTED_MODEL;
 pub use problem::{Problem, Problems};
+pub use routes::{ROUTES_FILE, Route, SubjectSource};
 pub use rows::{Action, Effect, GrantRow, LinkRow, POLICY_FILE, PolicyRows};
 pub use snapshot::{
     CallerInfo, CategoryInfo, GrantCell, GrantKey, Limits, MatchedRule, MatchingRows, NodeId,

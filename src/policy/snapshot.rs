@@ -65,6 +65,8 @@ pub struct Tree<T> {
     pub(crate) index: FxHashMap<Box<str>, NodeId>,
     /// `ancestors[n]` = n, its parent, ..., the root.
     pub(crate) ancestors: Vec<SmallVec<[NodeId; 4]>>,
+    /// `descendants[n]` = every node below n (not n itself).
+    pub(crate) descendants: Vec<Vec<NodeId>>,
     pub(crate) info: Vec<T>,
 }
 
@@ -84,6 +86,11 @@ impl<T> Tree<T> {
     /// `id` and its ancestors, nearest first.
     pub fn ancestors(&self, id: NodeId) -> &[NodeId] {
         &self.ancestors[id as usize]
+    }
+
+    /// Every node below `id`, not `id` itself.
+    pub fn descendants(&self, id: NodeId) -> &[NodeId] {
+        &self.descendants[id as usize]
     }
 
     /// Whether `id` is `ancestor` or lies under it.
@@ -130,12 +137,15 @@ pub struct PurposeInfo {
     pub use_exempt: bool,
     /// A suspension of third-party provision stops it.
     pub provision: bool,
+    /// A call for it must name its data subject (answering a person's request, say).
+    pub subject_required: bool,
 }
 
 #[derive(Debug)]
 pub struct CategoryInfo {
     pub clause: Arc<str>,
     pub description: Arc<str>,
+    /// It is, or contains, communications data (§5).
     pub secrecy: bool,
     pub deidentified: bool,
 }
@@ -193,6 +203,8 @@ pub struct Snapshot {
     pub(crate) grants: FxHashMap<GrantKey, GrantCell>,
     pub(crate) rules: Vec<MatchedRule>,
     pub(crate) limits: Limits,
+    /// gRPC method path -> route.
+    pub(crate) routes: std::collections::BTreeMap<String, super::routes::Route>,
     /// The files it was built from (for overlays in policy tests and for the casbin reference).
     pub(crate) source: PolicySource,
     pub(crate) rows: PolicyRows,
@@ -244,6 +256,14 @@ impl Snapshot {
 
     pub fn rule_count(&self) -> usize {
         self.rules.len()
+    }
+
+    pub fn route(&self, path: &str) -> Option<&super::routes::Route> {
+        self.routes.get(path)
+    }
+
+    pub fn route_count(&self) -> usize {
+        self.routes.len()
     }
 
     pub fn limits(&self) -> &Limits {

@@ -1,6 +1,7 @@
 //! Reading a policy directory: the three files a snapshot is compiled from.
 
 use super::problem::Problem;
+use super::routes::ROUTES_FILE;
 use super::rows::POLICY_FILE;
 use super::taxonomy::TAXONOMY_FILE;
 use sha2::{Digest, Sha256};
@@ -16,12 +17,20 @@ pub struct PolicySource {
     pub model: String,
     pub policy: String,
     pub taxonomy: String,
+    /// `routes.yaml`, when there is one (only the sidecar needs routes).
+    pub routes: Option<String>,
 }
 
 impl PolicySource {
     /// Reads `model.conf`, `policy.csv` and `taxonomy.toml` from `dir`. A missing directory or
     /// file is a problem of its own, named with its path.
     pub fn read_dir(dir: &Path) -> Result<Self, Vec<Problem>> {
+        Self::read(dir, None)
+    }
+
+    /// Like [`read_dir`](Self::read_dir), with the routes taken from `routes` instead of
+    /// `dir/routes.yaml` (which is optional; a given `routes` file is not).
+    pub fn read(dir: &Path, routes: Option<&Path>) -> Result<Self, Vec<Problem>> {
         if !dir.is_dir() {
             return Err(vec![Problem::in_file(
                 &dir.display().to_string(),
@@ -42,11 +51,27 @@ impl PolicySource {
                 }
             }
         };
+        let model = read(MODEL_FILE);
+        let policy = read(POLICY_FILE);
+        let taxonomy = read(TAXONOMY_FILE);
+        let routes_path = routes.map_or_else(|| dir.join(ROUTES_FILE), Path::to_path_buf);
+        let routes = match std::fs::read_to_string(&routes_path) {
+            Ok(text) => Some(text),
+            Err(e) if routes.is_none() && e.kind() == std::io::ErrorKind::NotFound => None,
+            Err(e) => {
+                problems.push(Problem::in_file(
+                    &routes_path.display().to_string(),
+                    format!("cannot be read: {e}"),
+                ));
+                None
+            }
+        };
         let source = Self {
             origin: dir.to_path_buf(),
-            model: read(MODEL_FILE),
-            policy: read(POLICY_FILE),
-            taxonomy: read(TAXONOMY_FILE),
+            model,
+            policy,
+            taxonomy,
+            routes,
         };
         if problems.is_empty() {
             Ok(source)
@@ -67,6 +92,11 @@ impl PolicySource {
             hasher.update(name.as_bytes());
             hasher.update((text.len() as u64).to_be_bytes());
             hasher.update(text.as_bytes());
+        }
+        if let Some(routes) = &self.routes {
+            hasher.update(ROUTES_FILE.as_bytes());
+            hasher.update((routes.len() as u64).to_be_bytes());
+            hasher.update(routes.as_bytes());
         }
         hasher.finalize().into()
     }

@@ -124,6 +124,7 @@ pub fn random_policy(seed: u64, shape: Shape) -> PolicySource {
         model: MODEL.to_owned(),
         policy,
         taxonomy,
+        routes: None,
     }
 }
 
@@ -180,5 +181,6 @@ pub fn scaled_default(base: &PolicySource, rows: usize, seed: u64) -> PolicySour
         model: base.model.clone(),
         policy,
         taxonomy,
+        routes: base.routes.clone(),
     }
 }

@@ -34,6 +34,9 @@ pub struct PurposeEntry {
     /// The data subject's consent is needed for this purpose and its children.
     #[serde(default)]
     pub consent: bool,
+    /// A call for this purpose (and its children) must name its data subject.
+    #[serde(default)]
+    pub subject: bool,
     /// Data used for this purpose (and its children) goes to a company of this kind.
     #[serde(default)]
     pub recipient: Option<Spanned<CallerKind>>,
