@@ -21,8 +21,13 @@
 //! Dependencies point one way: the CLI and (later) the transport know the engine; the engine
 //! knows nothing of either.
 
+pub mod api;
 pub mod cli;
+pub mod config;
 pub mod decision;
+pub mod demo;
 pub mod policy;
 pub mod proto;
+pub mod server;
+pub mod sidecar;
 pub mod subjects;

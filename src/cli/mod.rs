@@ -3,6 +3,7 @@
 
 mod check;
 mod policy_cmd;
+mod serve;
 
 use clap::{Args, Parser, Subcommand};
 use std::path::PathBuf;
@@ -25,6 +26,7 @@ for the purpose of use it declares, from casbin purpose-based rules, within the 
 communications and the data subject's consent and requests.\n\n\
 Exit codes: 0 allowed / ok, 1 denied / failed check, 2 bad command-line input.",
     after_help = "Examples:\n  \
+pdgate demo\n  \
 pdgate check --caller billing-service --purpose service.billing --action read \\\n      \
 --category customer.billing --subject cust-1\n  \
 pdgate policy validate policy/\n  \
@@ -37,6 +39,10 @@ pub struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
+    /// Run the demo: a customer-data service, pdgate in front of it, and a walkthrough.
+    Demo(serve::DemoArgs),
+    /// Run the sidecar in front of a gRPC service.
+    Serve(serve::ServeArgs),
     /// Decide one request against a policy directory and explain the decision.
     Check(check::CheckArgs),
     /// Validate and test policy directories.
@@ -82,7 +88,7 @@ pub fn main() -> ExitCode {
         }
     };
     init_tracing();
-    let runtime = match tokio::runtime::Builder::new_current_thread()
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
     {
@@ -95,6 +101,8 @@ pub fn main() -> ExitCode {
     let code = runtime.block_on(async {
         match cli.command {
             Command::Check(args) => check::run(args).await,
+            Command::Serve(args) => serve::serve(args).await,
+            Command::Demo(args) => serve::demo(args).await,
             Command::Policy(PolicyCommand::Validate(args)) => {
                 policy_cmd::validate(&args.dir, args.json).await
             }

@@ -87,11 +87,22 @@ impl Decider {
     /// Decides `request`: stages 1–4 from the cache (or computed and cached), stage 5 against
     /// `subjects` on every call.
     pub fn decide(&self, request: &Request, subjects: &dyn SubjectStates) -> Decision {
-        let id = self.ids.next();
         let guard = self.policy.load();
-        let Some(snapshot) = guard.as_deref() else {
-            return engine::no_policy(id);
-        };
+        match guard.as_deref() {
+            Some(snapshot) => self.decide_under(snapshot, request, subjects),
+            None => engine::no_policy(self.ids.next()),
+        }
+    }
+
+    /// Decides under a snapshot the caller already holds (the sidecar reads the route from
+    /// the same snapshot it decides under).
+    pub fn decide_under(
+        &self,
+        snapshot: &Snapshot,
+        request: &Request,
+        subjects: &dyn SubjectStates,
+    ) -> Decision {
+        let id = self.ids.next();
         let key = match engine::resolve(snapshot, request) {
             Ok(key) => key,
             Err(reasons) => return engine::denied_early(snapshot, reasons, id),
@@ -109,6 +120,20 @@ impl Decider {
             }
         };
         engine::finish(snapshot, &outcome, request, subjects, id, hit)
+    }
+
+    /// A deny that the engine did not reach (no route for a method, say), with a fresh id.
+    pub fn deny(&self, snapshot: Option<&Snapshot>, reason: super::Reason) -> Decision {
+        let id = self.ids.next();
+        match snapshot {
+            Some(s) => engine::denied_early(s, vec![reason], id),
+            None => engine::no_policy(id),
+        }
+    }
+
+    /// A fresh decision id, for a response that carries no decision (malformed metadata).
+    pub fn next_id(&self) -> super::DecisionId {
+        self.ids.next()
     }
 
     /// Decides without the cache: what the cache must always agree with.

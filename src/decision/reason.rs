@@ -33,10 +33,12 @@ pub enum ReasonCode {
     SubjectStateUnavailable,
     // Anything the engine could not evaluate.
     PolicyUnavailable,
+    // The sidecar: the gRPC method has no route in routes.yaml.
+    RouteUnknown,
 }
 
 impl ReasonCode {
-    pub const ALL: [ReasonCode; 19] = [
+    pub const ALL: [ReasonCode; 20] = [
         Self::PurposeNotDeclared,
         Self::PurposeUnknown,
         Self::CategoryNotDeclared,
@@ -56,6 +58,7 @@ impl ReasonCode {
         Self::ProvisionSuspended,
         Self::SubjectStateUnavailable,
         Self::PolicyUnavailable,
+        Self::RouteUnknown,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -79,6 +82,7 @@ impl ReasonCode {
             Self::ProvisionSuspended => "PROVISION_SUSPENDED",
             Self::SubjectStateUnavailable => "SUBJECT_STATE_UNAVAILABLE",
             Self::PolicyUnavailable => "POLICY_UNAVAILABLE",
+            Self::RouteUnknown => "ROUTE_UNKNOWN",
         }
     }
 

@@ -55,7 +55,7 @@ impl fmt::Display for Problems {
 }
 
 /// Turns a byte offset into a 1-based line number.
-pub(crate) fn line_of(text: &str, offset: usize) -> usize {
+pub fn line_of(text: &str, offset: usize) -> usize {
     let end = offset.min(text.len());
     text.as_bytes()[..end]
         .iter()

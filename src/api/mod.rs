@@ -1,0 +1,47 @@
+//! pdgate's own API port: `AccessControl` (Check, BatchCheck) for services that ask instead of
+//! passing their calls through, `grpc.health.v1`, and server reflection (so grpcurl works).
+
+pub mod access;
+
+use crate::sidecar::Shared;
+use std::future::Future;
+use std::sync::Arc;
+use tokio::net::TcpListener;
+use tonic::transport::server::TcpIncoming;
+use tonic_health::ServingStatus;
+use tonic_health::server::HealthReporter;
+
+/// Reports `SERVING` while a valid policy is loaded and `NOT_SERVING` otherwise, both for the
+/// server as a whole (`""`) and for `pdgate.v1.AccessControl`.
+pub async fn report_health(reporter: &HealthReporter, shared: &Shared) {
+    let status = if shared.decider.policy().is_some() {
+        ServingStatus::Serving
+    } else {
+        ServingStatus::NotServing
+    };
+    reporter.set_service_status("", status).await;
+    reporter
+        .set_service_status("pdgate.v1.AccessControl", status)
+        .await;
+}
+
+/// Serves the API on `listener` until `shutdown` completes.
+pub async fn serve_api(
+    listener: TcpListener,
+    shared: Arc<Shared>,
+    shutdown: impl Future<Output = ()> + Send,
+) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+    let (reporter, health) = tonic_health::server::health_reporter();
+    report_health(&reporter, &shared).await;
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(crate::proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()?;
+    tonic::transport::Server::builder()
+        .add_service(health)
+        .add_service(reflection)
+        .add_service(access::AccessControlService::new(shared).into_server())
+        .serve_with_incoming_shutdown(TcpIncoming::from(listener), shutdown)
+        .await?;
+    Ok(())
+}

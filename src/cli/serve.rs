@@ -1,0 +1,279 @@
+//! `pdgate serve` and `pdgate demo`.
+
+use super::{EXIT_DENIED, EXIT_OK, EXIT_USAGE};
+use crate::config::{Config, ConfigError, FileConfig};
+use crate::demo::customer::CustomerService;
+use crate::demo::walkthrough;
+use crate::server::{self, Listeners};
+use crate::sidecar::IdentityMode;
+use clap::Args;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use tokio::net::TcpListener;
+
+#[derive(Debug, Args)]
+#[command(
+    after_help = "Flags override the configuration file; every key is documented in \
+deploy/pdgate.toml. The whole configuration is checked before any port is bound (exit 2 names \
+the key). SIGTERM or SIGINT stops accepting calls and drains those in flight (exit 0).\n\n\
+Example:\n  pdgate serve --upstream 127.0.0.1:50051 --policy policy/ --identity insecure-header"
+)]
+pub struct ServeArgs {
+    /// TOML configuration file.
+    #[arg(long, value_name = "FILE", env = "PDGATE_CONFIG")]
+    config: Option<PathBuf>,
+    /// Data-plane address: callers connect here instead of to the service [default: 127.0.0.1:8443].
+    #[arg(long, value_name = "ADDR")]
+    listen: Option<String>,
+    /// pdgate's own API (AccessControl, health, reflection) [default: 127.0.0.1:9090].
+    #[arg(long, value_name = "ADDR")]
+    api_listen: Option<String>,
+    /// The protected service, HOST:PORT or http://URI [default: 127.0.0.1:50051].
+    #[arg(long, value_name = "ADDR")]
+    upstream: Option<String>,
+    /// Policy directory [default: policy].
+    #[arg(long, value_name = "DIR", env = "PDGATE_POLICY")]
+    policy: Option<PathBuf>,
+    /// Routes file [default: DIR/routes.yaml].
+    #[arg(long, value_name = "FILE")]
+    routes: Option<PathBuf>,
+    /// How callers are identified: `mtls` (client certificate) or `insecure-header` (the
+    /// `x-caller` metadata; development only) [default: insecure-header].
+    #[arg(long, value_name = "MODE")]
+    identity: Option<String>,
+    /// Most decisions kept in the cache [default: 100000].
+    #[arg(long, value_name = "N")]
+    cache_max_entries: Option<u64>,
+    /// Seconds a cached decision is kept [default: 300].
+    #[arg(long, value_name = "SECONDS")]
+    cache_ttl_seconds: Option<u64>,
+    /// Calls in flight before new ones are shed with RESOURCE_EXHAUSTED [default: 1024].
+    #[arg(long, value_name = "N")]
+    max_concurrent_calls: Option<usize>,
+    /// Seconds calls in flight get to finish after SIGTERM [default: 30].
+    #[arg(long, value_name = "SECONDS")]
+    shutdown_grace_seconds: Option<u64>,
+}
+
+impl ServeArgs {
+    fn config(self) -> Result<Config, ConfigError> {
+        let (mut file, origin) = match &self.config {
+            Some(path) => (FileConfig::read(path)?, path.display().to_string()),
+            None => (FileConfig::default(), "command line".to_owned()),
+        };
+        let set = |slot: &mut Option<String>, flag: Option<String>| {
+            if flag.is_some() {
+                *slot = flag;
+            }
+        };
+        set(&mut file.listen, self.listen);
+        set(&mut file.api_listen, self.api_listen);
+        set(&mut file.upstream, self.upstream);
+        set(&mut file.identity, self.identity);
+        file.policy = self.policy.or(file.policy);
+        file.routes = self.routes.or(file.routes);
+        file.cache.max_entries = self.cache_max_entries.or(file.cache.max_entries);
+        file.cache.ttl_seconds = self.cache_ttl_seconds.or(file.cache.ttl_seconds);
+        file.limits.max_concurrent_calls = self
+            .max_concurrent_calls
+            .or(file.limits.max_concurrent_calls);
+        file.limits.shutdown_grace_seconds = self
+            .shutdown_grace_seconds
+            .or(file.limits.shutdown_grace_seconds);
+        file.resolve(&origin)
+    }
+}
+
+pub async fn serve(args: ServeArgs) -> u8 {
+    let config = match args.config() {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return EXIT_USAGE;
+        }
+    };
+    let listeners = match Listeners::bind(config.listen, config.api_listen).await {
+        Ok(l) => l,
+        Err(e) => {
+            eprintln!(
+                "error: cannot bind `{}` / `{}`: {e}",
+                config.listen, config.api_listen
+            );
+            return EXIT_DENIED;
+        }
+    };
+    if config.identity == IdentityMode::InsecureHeader {
+        tracing::warn!(
+            "identity mode insecure-header: callers name themselves in x-caller; development only"
+        );
+    }
+    let policy = server::load_policy(&config).await;
+    let shared = server::shared_state(
+        &config,
+        policy,
+        Arc::new(crate::subjects::InMemorySubjects::new()),
+    );
+    tracing::info!(data = %config.listen, api = %config.api_listen, upstream = %config.upstream, "pdgate serving");
+    match server::run(&config, listeners, shared, server::shutdown_signal()).await {
+        Ok(()) => EXIT_OK,
+        Err(e) => {
+            eprintln!("error: {e}");
+            EXIT_DENIED
+        }
+    }
+}
+
+#[derive(Debug, Args)]
+#[command(
+    after_help = "Starts the demo customer-data service and pdgate in front of it on \
+embedded defaults (insecure-header identity, loopback only), walks through allowed and denied \
+calls with a real gRPC client, prints how to call it yourself, and exits 0. A default port \
+that is taken is replaced by a free one."
+)]
+pub struct DemoArgs {
+    /// Keep the service and the sidecar running until interrupted.
+    #[arg(long)]
+    serve: bool,
+    /// Policy directory.
+    #[arg(
+        long,
+        value_name = "DIR",
+        env = "PDGATE_POLICY",
+        default_value = "policy"
+    )]
+    policy: PathBuf,
+}
+
+/// Binds `addr`, or a free port on the same host when it is taken.
+async fn bind_or_any(addr: &str) -> std::io::Result<TcpListener> {
+    match TcpListener::bind(addr).await {
+        Ok(l) => Ok(l),
+        Err(e) if e.kind() == std::io::ErrorKind::AddrInUse => {
+            TcpListener::bind("127.0.0.1:0").await
+        }
+        Err(e) => Err(e),
+    }
+}
+
+pub async fn demo(args: DemoArgs) -> u8 {
+    if !args.policy.is_dir() {
+        eprintln!(
+            "error: --policy `{}` is not a directory (run from the repository root, or give --policy DIR)",
+            args.policy.display()
+        );
+        return EXIT_USAGE;
+    }
+    let bound = async {
+        let upstream = bind_or_any(crate::config::DEFAULT_UPSTREAM).await?;
+        let data = bind_or_any(crate::config::DEFAULT_LISTEN).await?;
+        let api = bind_or_any(crate::config::DEFAULT_API_LISTEN).await?;
+        Ok::<_, std::io::Error>((upstream, Listeners { data, api }))
+    };
+    let (upstream_listener, listeners) = match bound.await {
+        Ok(b) => b,
+        Err(e) => {
+            eprintln!("error: cannot bind a loopback port: {e}");
+            return EXIT_DENIED;
+        }
+    };
+    let addr = |l: &TcpListener| {
+        l.local_addr()
+            .unwrap_or_else(|_| SocketAddr::from(([127, 0, 0, 1], 0)))
+    };
+    let (upstream_addr, data_addr, api_addr) = (
+        addr(&upstream_listener),
+        addr(&listeners.data),
+        addr(&listeners.api),
+    );
+    let config = Config {
+        listen: data_addr,
+        api_listen: api_addr,
+        upstream: upstream_addr.to_string(),
+        policy: args.policy.clone(),
+        routes: None,
+        identity: IdentityMode::InsecureHeader,
+        cache: crate::decision::CacheSettings::default(),
+        max_concurrent_calls: 1024,
+        shutdown_grace: std::time::Duration::from_secs(5),
+    };
+    let Some(policy) = server::load_policy(&config).await else {
+        eprintln!(
+            "error: the policy in `{}` is invalid; run `pdgate policy validate {}`",
+            args.policy.display(),
+            args.policy.display()
+        );
+        return EXIT_DENIED;
+    };
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
+        let _ = rx.wait_for(|s| *s).await;
+    };
+    let service = CustomerService::new();
+    let upstream_task = tokio::spawn(service.serve(upstream_listener, stopped(stop_rx.clone())));
+    let shared = server::shared_state(
+        &config,
+        Some(policy),
+        Arc::new(walkthrough::demo_subjects()),
+    );
+    let sidecar_config = config.clone();
+    let sidecar_stop = stopped(stop_rx);
+    let sidecar_task =
+        tokio::spawn(
+            async move { server::run(&sidecar_config, listeners, shared, sidecar_stop).await },
+        );
+
+    println!(
+        "pdgate demo: customer-data service on {upstream_addr}, pdgate in front of it on {data_addr} (API {api_addr})\n"
+    );
+    let summary = match tonic::transport::Endpoint::from_shared(format!("http://{data_addr}")) {
+        Ok(endpoint) => match endpoint.connect().await {
+            Ok(channel) => {
+                let mut report = String::new();
+                let summary = walkthrough::run(channel, &mut report).await;
+                print!("{report}");
+                Some(summary)
+            }
+            Err(e) => {
+                eprintln!("error: cannot reach the sidecar at {data_addr}: {e}");
+                None
+            }
+        },
+        Err(e) => {
+            eprintln!("error: bad sidecar address {data_addr}: {e}");
+            None
+        }
+    };
+    if let Some(s) = &summary {
+        println!(
+            "\n{} calls allowed, {} denied, {} not as the policy promises",
+            s.allowed,
+            s.denied,
+            s.unexpected.len()
+        );
+        for u in &s.unexpected {
+            println!("  UNEXPECTED {u}");
+        }
+    }
+    println!(
+        "\nCall it yourself (grpcurl, from the repository root):\n  \
+grpcurl -plaintext -import-path proto -proto demo/customer/v1/customer.proto \\\n    \
+-H 'x-caller: billing-service' -H 'x-purpose: service.billing' -H 'x-data-subject: cust-1' \\\n    \
+-d '{{\"customer_id\": \"cust-1\"}}' {data_addr} demo.customer.v1.CustomerData/GetBillingStatement\n  \
+grpcurl -plaintext -d '{{\"caller\": \"marketing-service\", \"purpose\": \"marketing.email\", \"action\": \"read\", \"categories\": [\"customer.contact.email\"], \"subjects\": [\"cust-1\"]}}' \\\n    \
+{api_addr} pdgate.v1.AccessControl/Check\n  \
+grpcurl -plaintext {api_addr} grpc.health.v1.Health/Check"
+    );
+    if args.serve {
+        println!("\nServing until interrupted (Ctrl-C).");
+        server::shutdown_signal().await;
+    }
+    let _ = stop_tx.send(true);
+    let sidecar = sidecar_task.await;
+    let upstream = upstream_task.await;
+    let clean = matches!(sidecar, Ok(Ok(()))) && matches!(upstream, Ok(Ok(())));
+    match summary {
+        Some(s) if s.unexpected.is_empty() && clean => EXIT_OK,
+        _ => EXIT_DENIED,
+    }
+}

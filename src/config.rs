@@ -1,0 +1,201 @@
+//! `pdgate serve` configuration: a TOML file (every key documented in `deploy/pdgate.toml`,
+//! unknown keys rejected) with command-line flags on top. The whole configuration is checked
+//! before any port is bound; a bad one names the key and what is allowed.
+
+use crate::decision::CacheSettings;
+use crate::sidecar::IdentityMode;
+use serde::Deserialize;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:8443";
+pub const DEFAULT_API_LISTEN: &str = "127.0.0.1:9090";
+pub const DEFAULT_UPSTREAM: &str = "127.0.0.1:50051";
+
+/// The configuration file, as written. Every field is optional: flags and defaults fill in.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileConfig {
+    pub listen: Option<String>,
+    pub api_listen: Option<String>,
+    pub upstream: Option<String>,
+    pub policy: Option<PathBuf>,
+    pub routes: Option<PathBuf>,
+    pub identity: Option<String>,
+    #[serde(default)]
+    pub cache: CacheSection,
+    #[serde(default)]
+    pub limits: LimitsSection,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CacheSection {
+    pub max_entries: Option<u64>,
+    pub ttl_seconds: Option<u64>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LimitsSection {
+    pub max_concurrent_calls: Option<usize>,
+    pub shutdown_grace_seconds: Option<u64>,
+}
+
+/// The checked configuration the sidecar runs with.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub listen: SocketAddr,
+    pub api_listen: SocketAddr,
+    /// `host:port` or an `http://` URI.
+    pub upstream: String,
+    pub policy: PathBuf,
+    pub routes: Option<PathBuf>,
+    pub identity: IdentityMode,
+    pub cache: CacheSettings,
+    pub max_concurrent_calls: usize,
+    pub shutdown_grace: Duration,
+}
+
+/// A configuration problem: which key, what was wrong, what is allowed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{origin}: `{key}`: {message}")]
+pub struct ConfigError {
+    /// The file, or `command line`.
+    pub origin: String,
+    pub key: String,
+    pub message: String,
+}
+
+impl FileConfig {
+    /// Reads `path`; a syntax error or an unknown key names its line.
+    pub fn read(path: &Path) -> Result<Self, ConfigError> {
+        let origin = path.display().to_string();
+        let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
+            origin: "command line".into(),
+            key: "--config".into(),
+            message: format!("cannot read `{origin}`: {e}"),
+        })?;
+        toml::from_str(&text).map_err(|e| {
+            let line = e
+                .span()
+                .map(|s| crate::policy::line_of(&text, s.start))
+                .map_or(String::new(), |l| format!(" (line {l})"));
+            ConfigError {
+                origin,
+                key: "config".into(),
+                message: format!("{}{line}", e.message().trim()),
+            }
+        })
+    }
+
+    /// Checks every value and fills in the defaults.
+    pub fn resolve(self, origin: &str) -> Result<Config, ConfigError> {
+        let err = |key: &str, message: String| ConfigError {
+            origin: origin.to_owned(),
+            key: key.to_owned(),
+            message,
+        };
+        let addr =
+            |key: &str, value: Option<String>, default: &str| -> Result<SocketAddr, ConfigError> {
+                let value = value.unwrap_or_else(|| default.to_owned());
+                value.parse().map_err(|_| {
+                    err(
+                        key,
+                        format!(
+                            "`{value}` is not a socket address; expected IP:PORT, e.g. `{default}`"
+                        ),
+                    )
+                })
+            };
+        let listen = addr("listen", self.listen, DEFAULT_LISTEN)?;
+        let api_listen = addr("api_listen", self.api_listen, DEFAULT_API_LISTEN)?;
+        if listen == api_listen && listen.port() != 0 {
+            return Err(err(
+                "api_listen",
+                format!(
+                    "`{api_listen}` is also the data-plane address (`listen`); give them different ports"
+                ),
+            ));
+        }
+        let upstream = self.upstream.unwrap_or_else(|| DEFAULT_UPSTREAM.to_owned());
+        let upstream_ok = match upstream.split_once("://") {
+            Some((scheme, rest)) => scheme == "http" && !rest.is_empty(),
+            None => upstream
+                .rsplit_once(':')
+                .is_some_and(|(host, port)| !host.is_empty() && port.parse::<u16>().is_ok()),
+        };
+        if !upstream_ok {
+            return Err(err(
+                "upstream",
+                format!(
+                    "`{upstream}` is not HOST:PORT or an http:// URI, e.g. `{DEFAULT_UPSTREAM}`"
+                ),
+            ));
+        }
+        let policy = self.policy.unwrap_or_else(|| PathBuf::from("policy"));
+        if !policy.is_dir() {
+            return Err(err(
+                "policy",
+                format!(
+                    "`{}` is not a directory holding model.conf, policy.csv and taxonomy.toml",
+                    policy.display()
+                ),
+            ));
+        }
+        if let Some(routes) = &self.routes
+            && !routes.is_file()
+        {
+            return Err(err(
+                "routes",
+                format!("`{}` is not a file", routes.display()),
+            ));
+        }
+        let identity = match self.identity.as_deref().unwrap_or("insecure-header") {
+            "insecure-header" => IdentityMode::InsecureHeader,
+            "mtls" => {
+                return Err(err("identity", "`mtls` is not implemented yet in this build; the only mode available is `insecure-header` (development)".into()));
+            }
+            other => {
+                return Err(err(
+                    "identity",
+                    format!(
+                        "`{other}` is not an identity mode; allowed: `mtls`, `insecure-header`"
+                    ),
+                ));
+            }
+        };
+        let defaults = CacheSettings::default();
+        let max_entries = self.cache.max_entries.unwrap_or(defaults.max_entries);
+        if max_entries == 0 {
+            return Err(err("cache.max_entries", "must be at least 1".into()));
+        }
+        let ttl = self
+            .cache
+            .ttl_seconds
+            .map_or(defaults.ttl, Duration::from_secs);
+        if ttl.is_zero() {
+            return Err(err("cache.ttl_seconds", "must be at least 1".into()));
+        }
+        let max_concurrent_calls = self.limits.max_concurrent_calls.unwrap_or(1024);
+        if max_concurrent_calls == 0 || max_concurrent_calls > 1_000_000 {
+            return Err(err(
+                "limits.max_concurrent_calls",
+                format!("`{max_concurrent_calls}` is out of range; allowed: 1 to 1000000"),
+            ));
+        }
+        let shutdown_grace = Duration::from_secs(self.limits.shutdown_grace_seconds.unwrap_or(30));
+        Ok(Config {
+            listen,
+            api_listen,
+            upstream,
+            policy,
+            routes: self.routes,
+            identity,
+            cache: CacheSettings { max_entries, ttl },
+            max_concurrent_calls,
+            shutdown_grace,
+        })
+    }
+}

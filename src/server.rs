@@ -1,0 +1,192 @@
+//! Running the sidecar: both listeners, the policy, the shared state, and shutdown.
+//! `main` checks the whole configuration and binds the ports; [`run`] is what tests drive.
+
+use crate::config::Config;
+use crate::decision::Decider;
+use crate::policy::{PolicySource, Snapshot, compile};
+use crate::sidecar::{self, Shared};
+use crate::subjects::SubjectStates;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+
+/// The sockets the sidecar serves on, bound before anything else starts.
+pub struct Listeners {
+    pub data: TcpListener,
+    pub api: TcpListener,
+}
+
+impl Listeners {
+    pub async fn bind(data: SocketAddr, api: SocketAddr) -> std::io::Result<Self> {
+        Ok(Self {
+            data: TcpListener::bind(data).await?,
+            api: TcpListener::bind(api).await?,
+        })
+    }
+
+    pub fn data_addr(&self) -> std::io::Result<SocketAddr> {
+        self.data.local_addr()
+    }
+
+    pub fn api_addr(&self) -> std::io::Result<SocketAddr> {
+        self.api.local_addr()
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    #[error("upstream `{upstream}`: {source}")]
+    Upstream {
+        upstream: String,
+        source: tonic::transport::Error,
+    },
+    #[error("data plane: {0}")]
+    DataPlane(tonic::transport::Error),
+    #[error("API server: {0}")]
+    Api(Box<dyn std::error::Error + Send + Sync>),
+}
+
+/// Loads the configured policy. An invalid policy is logged with every problem and `None` is
+/// returned: the sidecar then runs `NOT_SERVING` and denies every call (`POLICY_UNAVAILABLE`).
+pub async fn load_policy(config: &Config) -> Option<Arc<Snapshot>> {
+    let source = match PolicySource::read(&config.policy, config.routes.as_deref()) {
+        Ok(s) => s,
+        Err(problems) => {
+            for p in problems {
+                tracing::error!(problem = %p, "policy cannot be read");
+            }
+            return None;
+        }
+    };
+    match compile(source).await {
+        Ok(snapshot) => {
+            tracing::info!(
+                version = %snapshot.version(),
+                rules = snapshot.rule_count(),
+                routes = snapshot.route_count(),
+                "policy loaded"
+            );
+            Some(Arc::new(snapshot))
+        }
+        Err(problems) => {
+            for p in &problems.0 {
+                tracing::error!(problem = %p, "invalid policy; every call is denied until a valid one is loaded");
+            }
+            None
+        }
+    }
+}
+
+/// Builds the shared state for `config` with `policy` (if any).
+pub fn shared_state(
+    config: &Config,
+    policy: Option<Arc<Snapshot>>,
+    subjects: Arc<dyn SubjectStates>,
+) -> Arc<Shared> {
+    let decider = Arc::new(Decider::new(config.cache));
+    if let Some(policy) = policy {
+        decider.set_policy(policy);
+    }
+    Arc::new(Shared::new(
+        decider,
+        subjects,
+        config.identity,
+        config.max_concurrent_calls,
+    ))
+}
+
+/// Serves the data plane and the API until `shutdown` completes; then both stop accepting
+/// and calls in flight get `config.shutdown_grace` to finish.
+pub async fn run(
+    config: &Config,
+    listeners: Listeners,
+    shared: Arc<Shared>,
+    shutdown: impl Future<Output = ()> + Send,
+) -> Result<(), ServeError> {
+    let upstream =
+        sidecar::upstream_channel(&config.upstream).map_err(|source| ServeError::Upstream {
+            upstream: config.upstream.clone(),
+            source,
+        })?;
+    // One signal, two servers: the watch channel fans it out.
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let stopped = |mut rx: watch::Receiver<bool>| async move {
+        let _ = rx.wait_for(|stop| *stop).await;
+    };
+    let data = tokio::spawn(sidecar::serve_data_plane(
+        listeners.data,
+        shared.clone(),
+        upstream,
+        stopped(stop_rx.clone()),
+    ));
+    let api = tokio::spawn(crate::api::serve_api(
+        listeners.api,
+        shared,
+        stopped(stop_rx),
+    ));
+    let servers = async {
+        let data = data.await;
+        let api = api.await;
+        (data, api)
+    };
+    tokio::pin!(servers);
+    tokio::select! {
+        (data, api) = &mut servers => return finished(data, api),
+        () = shutdown => {}
+    }
+    tracing::info!(grace = ?config.shutdown_grace, "shutting down: no new calls, draining calls in flight");
+    let _ = stop_tx.send(true);
+    match tokio::time::timeout(config.shutdown_grace, &mut servers).await {
+        Ok((data, api)) => finished(data, api),
+        Err(_) => {
+            tracing::warn!("calls still in flight after the grace period; closing them");
+            Ok(())
+        }
+    }
+}
+
+type Joined<T> = Result<T, tokio::task::JoinError>;
+
+fn finished(
+    data: Joined<Result<(), tonic::transport::Error>>,
+    api: Joined<Result<(), Box<dyn std::error::Error + Send + Sync>>>,
+) -> Result<(), ServeError> {
+    match data {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => return Err(ServeError::DataPlane(e)),
+        Err(e) => return Err(ServeError::Api(Box::new(e))),
+    }
+    match api {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(e)) => Err(ServeError::Api(e)),
+        Err(e) => Err(ServeError::Api(Box::new(e))),
+    }
+}
+
+/// Completes on SIGTERM or SIGINT (Ctrl-C).
+pub async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        () = ctrl_c => {}
+        () = term => {}
+    }
+}
+
+/// How long to wait, in tests and the demo, for a server to accept connections.
+pub const STARTUP_WAIT: Duration = Duration::from_secs(5);

@@ -1,0 +1,92 @@
+//! The one place where the data plane's outcomes become gRPC statuses: denials, malformed
+//! metadata, overload and an unreachable upstream.
+
+use super::context::DECISION_ID;
+use crate::decision::{Decision, DecisionId};
+use http::HeaderValue;
+use std::collections::HashMap;
+use tonic::body::Body;
+use tonic::{Code, Status};
+use tonic_types::{ErrorDetails, StatusExt};
+
+pub type Response = http::Response<Body>;
+
+/// `PERMISSION_DENIED`, the reason codes and clauses in the message and, as a
+/// `google.rpc.ErrorInfo` (reason = first code, domain `pdgate`), in `grpc-status-details-bin`.
+pub fn denied(decision: &Decision) -> Response {
+    let reasons: Vec<String> = decision
+        .reasons
+        .iter()
+        .map(|r| format!("{} {}: {}", r.code, r.clause, r.detail))
+        .collect();
+    let message = format!("denied by pdgate: {}", reasons.join("; "));
+    let mut metadata = HashMap::new();
+    metadata.insert(
+        "reasons".to_owned(),
+        decision
+            .reasons
+            .iter()
+            .map(|r| r.code.as_str())
+            .collect::<Vec<_>>()
+            .join(","),
+    );
+    metadata.insert(
+        "clauses".to_owned(),
+        decision
+            .reasons
+            .iter()
+            .map(|r| r.clause.to_string())
+            .collect::<Vec<_>>()
+            .join(","),
+    );
+    metadata.insert("decision_id".to_owned(), decision.decision_id.to_string());
+    if let Some(v) = decision.policy_version {
+        metadata.insert("policy_version".to_owned(), v.to_string());
+    }
+    let first = decision
+        .reasons
+        .first()
+        .map_or("DENIED", |r| r.code.as_str());
+    let status = Status::with_error_details(
+        Code::PermissionDenied,
+        message,
+        ErrorDetails::with_error_info(first, "pdgate", metadata),
+    );
+    with_decision_id(status, decision.decision_id)
+}
+
+/// `INVALID_ARGUMENT`: the call's metadata cannot be read as intended.
+pub fn invalid_argument(error: &impl std::fmt::Display, id: DecisionId) -> Response {
+    with_decision_id(Status::invalid_argument(error.to_string()), id)
+}
+
+/// `RESOURCE_EXHAUSTED`: too many calls in flight; the call was shed before any decision.
+pub fn overloaded(limit: usize, id: DecisionId) -> Response {
+    with_decision_id(
+        Status::resource_exhausted(format!(
+            "pdgate is at its limit of {limit} concurrent calls; retry with backoff"
+        )),
+        id,
+    )
+}
+
+/// `UNAVAILABLE`: the call was allowed but the upstream could not be reached.
+pub fn upstream_unavailable(error: &dyn std::fmt::Display, id: DecisionId) -> Response {
+    with_decision_id(
+        Status::unavailable(format!("upstream unavailable: {error}")),
+        id,
+    )
+}
+
+/// Adds the decision id header to any response.
+pub fn tag(response: &mut Response, id: DecisionId) {
+    if let Ok(v) = HeaderValue::from_str(&id.to_string()) {
+        response.headers_mut().insert(DECISION_ID, v);
+    }
+}
+
+fn with_decision_id(status: Status, id: DecisionId) -> Response {
+    let mut response = status.into_http();
+    tag(&mut response, id);
+    response
+}
