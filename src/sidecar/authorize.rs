@@ -3,14 +3,17 @@
 //! (upstream) service.
 
 use super::context::{self, AUTHENTICATED_CALLER, CallContext};
+use super::deadline::{self, Bounded};
 use super::rescue;
 use super::{IdentityMode, Shared};
 use crate::decision::{Decision, Reason, ReasonCode, Request};
 use futures_util::future::BoxFuture;
 use http::HeaderValue;
 use std::convert::Infallible;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
+use tokio::sync::OwnedSemaphorePermit;
 use tonic::body::Body;
 use tower::{Layer, Service, ServiceExt};
 
@@ -64,7 +67,9 @@ where
         let shared = self.shared.clone();
         let inner = self.inner.clone();
         Box::pin(async move {
-            let Ok(_permit) = shared.inflight.clone().try_acquire_owned() else {
+            // The permit travels with the response body: a call counts as in flight until its
+            // last message (a stream) or its trailers are sent, or it is cancelled.
+            let Ok(permit) = shared.inflight.clone().try_acquire_owned() else {
                 return Ok(rescue::overloaded(
                     shared.max_inflight,
                     shared.decider.next_id(),
@@ -72,6 +77,10 @@ where
             };
             let authenticated = match shared.identity {
                 IdentityMode::InsecureHeader => None,
+            };
+            let deadline = match deadline::parse(request.headers()) {
+                Ok(timeout) => timeout.map(|t| tokio::time::Instant::now() + t),
+                Err(e) => return Ok(rescue::invalid_argument(&e, shared.decider.next_id())),
             };
             let ctx = match context::extract(request.headers(), authenticated) {
                 Ok(ctx) => ctx,
@@ -85,14 +94,53 @@ where
             if let Ok(v) = HeaderValue::from_str(&ctx.caller) {
                 request.headers_mut().insert(AUTHENTICATED_CALLER, v);
             }
-            match inner.oneshot(request).await {
+            let forwarded = inner.oneshot(request);
+            let outcome = match deadline {
+                Some(at) => match tokio::time::timeout_at(at, forwarded).await {
+                    Ok(outcome) => outcome,
+                    Err(_) => return Ok(rescue::deadline_exceeded(decision.decision_id)),
+                },
+                None => forwarded.await,
+            };
+            match outcome {
                 Ok(mut response) => {
                     rescue::tag(&mut response, decision.decision_id);
-                    Ok(response)
+                    Ok(response.map(|body| {
+                        Body::new(InFlight {
+                            body: Bounded::new(body, deadline),
+                            _permit: permit,
+                        })
+                    }))
                 }
                 Err(e) => Ok(rescue::upstream_unavailable(&e, decision.decision_id)),
             }
         })
+    }
+}
+
+/// A response body that holds its call's in-flight permit until it is finished or dropped.
+struct InFlight {
+    body: Bounded,
+    _permit: OwnedSemaphorePermit,
+}
+
+impl http_body::Body for InFlight {
+    type Data = bytes::Bytes;
+    type Error = tonic::Status;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<Self::Data>, Self::Error>>> {
+        Pin::new(&mut self.body).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.body.size_hint()
     }
 }
 

@@ -44,15 +44,21 @@ pub fn extract(headers: &HeaderMap, caller: Option<String>) -> Result<CallContex
     };
     let purpose = single(headers, PURPOSE)?.unwrap_or_default();
     let recipient = single(headers, RECIPIENT)?;
+    // A repeated header and one comma-joined header mean the same (HTTP semantics), and the
+    // upstream may read either way: split both, so that pdgate authorizes exactly the subjects
+    // the service will serve.
     let mut subjects = Vec::new();
     for value in headers.get_all(SUBJECT) {
         let text = value
             .to_str()
             .map_err(|_| MetadataError::NotText(SUBJECT))?;
-        if text.trim().is_empty() {
-            return Err(MetadataError::Empty(SUBJECT));
+        for id in text.split(',') {
+            let id = id.trim();
+            if id.is_empty() {
+                return Err(MetadataError::Empty(SUBJECT));
+            }
+            subjects.push(id.to_owned());
         }
-        subjects.push(text.trim().to_owned());
     }
     Ok(CallContext {
         caller,
@@ -85,12 +91,12 @@ mod tests {
         let mut h = HeaderMap::new();
         h.insert(PURPOSE, HeaderValue::from_static("service.billing"));
         h.append(SUBJECT, HeaderValue::from_static("cust-1"));
-        h.append(SUBJECT, HeaderValue::from_static("cust-2"));
+        h.append(SUBJECT, HeaderValue::from_static("cust-2, cust-3"));
         h.insert(CALLER, HeaderValue::from_static("billing-service"));
         let ctx = extract(&h, None).unwrap();
         assert_eq!(ctx.caller, "billing-service");
         assert_eq!(ctx.purpose, "service.billing");
-        assert_eq!(ctx.subjects, vec!["cust-1", "cust-2"]);
+        assert_eq!(ctx.subjects, vec!["cust-1", "cust-2", "cust-3"]);
         // An authenticated caller wins over the header.
         assert_eq!(
             extract(&h, Some("fraud-service".into())).unwrap().caller,
@@ -107,6 +113,9 @@ mod tests {
         let mut h = HeaderMap::new();
         h.insert(PURPOSE, HeaderValue::from_bytes(b"caf\xe9").unwrap());
         assert_eq!(extract(&h, None), Err(MetadataError::NotText(PURPOSE)));
+        let mut h = HeaderMap::new();
+        h.insert(SUBJECT, HeaderValue::from_static("cust-1,,cust-2"));
+        assert_eq!(extract(&h, None), Err(MetadataError::Empty(SUBJECT)));
     }
 
     #[test]

@@ -12,6 +12,7 @@
 
 pub mod authorize;
 pub mod context;
+pub mod deadline;
 pub mod rescue;
 
 use crate::decision::Decider;

@@ -78,6 +78,14 @@ pub fn upstream_unavailable(error: &dyn std::fmt::Display, id: DecisionId) -> Re
     )
 }
 
+/// `DEADLINE_EXCEEDED`: the caller's `grpc-timeout` passed before the upstream answered.
+pub fn deadline_exceeded(id: DecisionId) -> Response {
+    with_decision_id(
+        Status::deadline_exceeded("deadline exceeded before the upstream answered"),
+        id,
+    )
+}
+
 /// Adds the decision id header to any response.
 pub fn tag(response: &mut Response, id: DecisionId) {
     if let Ok(v) = HeaderValue::from_str(&id.to_string()) {

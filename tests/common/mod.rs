@@ -1,0 +1,184 @@
+//! A sidecar in front of the demo customer-data service, both in-process on `127.0.0.1:0`,
+//! with real sockets and real gRPC clients.
+
+#![allow(
+    dead_code,
+    reason = "each test file uses a different part of the harness"
+)]
+
+use pdgate::config::Config;
+use pdgate::decision::CacheSettings;
+use pdgate::demo::customer::CustomerService;
+use pdgate::demo::walkthrough::demo_subjects;
+use pdgate::proto::demo::customer_data_client::CustomerDataClient;
+use pdgate::server::{self, Listeners, ServeError};
+use pdgate::sidecar::IdentityMode;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+use tonic::metadata::MetadataValue;
+use tonic::transport::Channel;
+
+pub fn policy_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("policy")
+}
+
+pub struct Harness {
+    pub service: CustomerService,
+    pub upstream_addr: SocketAddr,
+    pub data_addr: SocketAddr,
+    pub api_addr: SocketAddr,
+    stop: watch::Sender<bool>,
+    pub sidecar: Option<JoinHandle<Result<(), ServeError>>>,
+    upstream: Option<JoinHandle<Result<(), tonic::transport::Error>>>,
+}
+
+pub struct Options {
+    pub policy: PathBuf,
+    /// Start the upstream service (false: the upstream address is a closed port).
+    pub upstream_up: bool,
+    pub max_concurrent_calls: usize,
+    pub shutdown_grace: Duration,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Self {
+            policy: policy_dir(),
+            upstream_up: true,
+            max_concurrent_calls: 64,
+            shutdown_grace: Duration::from_secs(10),
+        }
+    }
+}
+
+impl Harness {
+    pub async fn start() -> Self {
+        Self::with(Options::default()).await
+    }
+
+    pub async fn with(options: Options) -> Self {
+        let service = CustomerService::new();
+        let (stop, stop_rx) = watch::channel(false);
+        let stopped = |mut rx: watch::Receiver<bool>| async move {
+            let _ = rx.wait_for(|s| *s).await;
+        };
+        let upstream_listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let upstream_addr = upstream_listener.local_addr().unwrap();
+        let upstream = if options.upstream_up {
+            Some(tokio::spawn(
+                service
+                    .clone()
+                    .serve(upstream_listener, stopped(stop_rx.clone())),
+            ))
+        } else {
+            // A port that was just free and is now closed: connections are refused.
+            drop(upstream_listener);
+            None
+        };
+        let listeners = Listeners::bind(
+            "127.0.0.1:0".parse().unwrap(),
+            "127.0.0.1:0".parse().unwrap(),
+        )
+        .await
+        .unwrap();
+        let data_addr = listeners.data_addr().unwrap();
+        let api_addr = listeners.api_addr().unwrap();
+        let config = Config {
+            listen: data_addr,
+            api_listen: api_addr,
+            upstream: upstream_addr.to_string(),
+            policy: options.policy,
+            routes: None,
+            identity: IdentityMode::InsecureHeader,
+            cache: CacheSettings::default(),
+            max_concurrent_calls: options.max_concurrent_calls,
+            shutdown_grace: options.shutdown_grace,
+        };
+        let policy = server::load_policy(&config).await;
+        let shared = server::shared_state(&config, policy, Arc::new(demo_subjects()));
+        let sidecar_stop = stopped(stop_rx);
+        let sidecar =
+            tokio::spawn(
+                async move { server::run(&config, listeners, shared, sidecar_stop).await },
+            );
+        Self {
+            service,
+            upstream_addr,
+            data_addr,
+            api_addr,
+            stop,
+            sidecar: Some(sidecar),
+            upstream,
+        }
+    }
+
+    pub async fn channel(&self, addr: SocketAddr) -> Channel {
+        Channel::from_shared(format!("http://{addr}"))
+            .unwrap()
+            .connect()
+            .await
+            .unwrap()
+    }
+
+    /// A client of the demo service, through the sidecar.
+    pub async fn client(&self) -> CustomerDataClient<Channel> {
+        CustomerDataClient::new(self.channel(self.data_addr).await)
+    }
+
+    /// A client of the demo service, directly (no sidecar).
+    pub async fn direct_client(&self) -> CustomerDataClient<Channel> {
+        CustomerDataClient::new(self.channel(self.upstream_addr).await)
+    }
+
+    /// Signals shutdown; returns what the sidecar's `run` returned.
+    pub async fn shutdown(&mut self) -> Result<(), ServeError> {
+        let _ = self.stop.send(true);
+        let result = match self.sidecar.take() {
+            Some(task) => task.await.unwrap(),
+            None => Ok(()),
+        };
+        if let Some(upstream) = self.upstream.take() {
+            let _ = upstream.await;
+        }
+        result
+    }
+
+    pub fn signal_shutdown(&self) {
+        let _ = self.stop.send(true);
+    }
+}
+
+/// A request with the metadata the sidecar reads.
+pub fn call<T>(message: T, caller: &str, purpose: &str, subjects: &[&str]) -> tonic::Request<T> {
+    let mut request = tonic::Request::new(message);
+    let md = request.metadata_mut();
+    md.insert("x-caller", MetadataValue::try_from(caller).unwrap());
+    if !purpose.is_empty() {
+        md.insert("x-purpose", MetadataValue::try_from(purpose).unwrap());
+    }
+    for s in subjects {
+        md.append("x-data-subject", MetadataValue::try_from(*s).unwrap());
+    }
+    request
+}
+
+/// The first reason code of a denial (`google.rpc.ErrorInfo.reason`).
+pub fn reason(status: &tonic::Status) -> String {
+    use tonic_types::StatusExt;
+    status
+        .get_error_details()
+        .error_info()
+        .map(|i| i.reason.clone())
+        .unwrap_or_default()
+}
+
+pub fn decision_id(md: &tonic::metadata::MetadataMap) -> Option<String> {
+    md.get("x-pdgate-decision-id")
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned)
+}
