@@ -24,10 +24,41 @@ pub struct FileConfig {
     pub routes: Option<PathBuf>,
     pub identity: Option<String>,
     #[serde(default)]
+    pub tls: TlsSection,
+    #[serde(default)]
     pub cache: CacheSection,
     #[serde(default)]
     pub limits: LimitsSection,
 }
+
+/// TLS of the data plane and the API port; required by `identity = "mtls"`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsSection {
+    /// PEM certificate chain pdgate presents.
+    pub cert: Option<PathBuf>,
+    /// PEM private key of `cert`.
+    pub key: Option<PathBuf>,
+    /// PEM CA certificates that sign the callers' client certificates.
+    pub client_ca: Option<PathBuf>,
+    /// A caller is named by a URI SAN starting with this prefix (the rest is the caller id).
+    pub uri_prefix: Option<String>,
+    /// Or by a DNS SAN `<caller>` or `<caller>.<dns_suffix>`.
+    pub dns_suffix: Option<String>,
+}
+
+/// TLS files, read and checked.
+#[derive(Debug, Clone)]
+pub struct TlsFiles {
+    pub cert_pem: Vec<u8>,
+    pub key_pem: Vec<u8>,
+    pub client_ca_pem: Vec<u8>,
+    pub uri_prefix: String,
+    pub dns_suffix: Option<String>,
+}
+
+/// Default URI SAN prefix for callers: `spiffe://pdgate.local/caller/<caller>`.
+pub const DEFAULT_URI_PREFIX: &str = "spiffe://pdgate.local/caller/";
 
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -53,6 +84,8 @@ pub struct Config {
     pub policy: PathBuf,
     pub routes: Option<PathBuf>,
     pub identity: IdentityMode,
+    /// Present exactly when `identity` is `Mtls`.
+    pub tls: Option<TlsFiles>,
     pub cache: CacheSettings,
     pub max_concurrent_calls: usize,
     pub shutdown_grace: Duration,
@@ -154,9 +187,7 @@ impl FileConfig {
         }
         let identity = match self.identity.as_deref().unwrap_or("insecure-header") {
             "insecure-header" => IdentityMode::InsecureHeader,
-            "mtls" => {
-                return Err(err("identity", "`mtls` is not implemented yet in this build; the only mode available is `insecure-header` (development)".into()));
-            }
+            "mtls" => IdentityMode::Mtls,
             other => {
                 return Err(err(
                     "identity",
@@ -164,6 +195,43 @@ impl FileConfig {
                         "`{other}` is not an identity mode; allowed: `mtls`, `insecure-header`"
                     ),
                 ));
+            }
+        };
+        let tls = match identity {
+            IdentityMode::InsecureHeader => {
+                if self.tls.cert.is_some() || self.tls.client_ca.is_some() {
+                    return Err(err(
+                        "tls",
+                        "TLS files are given but `identity` is `insecure-header`; set `identity = \"mtls\"` or remove [tls]".into(),
+                    ));
+                }
+                None
+            }
+            IdentityMode::Mtls => {
+                let read = |key: &str, path: &Option<PathBuf>| -> Result<Vec<u8>, ConfigError> {
+                    let path = path.as_ref().ok_or_else(|| {
+                        err(
+                            key,
+                            "is required with `identity = \"mtls\"` (a PEM file)".into(),
+                        )
+                    })?;
+                    let bytes = std::fs::read(path)
+                        .map_err(|e| err(key, format!("cannot read `{}`: {e}", path.display())))?;
+                    if !String::from_utf8_lossy(&bytes).contains("-----BEGIN") {
+                        return Err(err(key, format!("`{}` is not a PEM file", path.display())));
+                    }
+                    Ok(bytes)
+                };
+                Some(TlsFiles {
+                    cert_pem: read("tls.cert", &self.tls.cert)?,
+                    key_pem: read("tls.key", &self.tls.key)?,
+                    client_ca_pem: read("tls.client_ca", &self.tls.client_ca)?,
+                    uri_prefix: self
+                        .tls
+                        .uri_prefix
+                        .unwrap_or_else(|| DEFAULT_URI_PREFIX.to_owned()),
+                    dns_suffix: self.tls.dns_suffix,
+                })
             }
         };
         let defaults = CacheSettings::default();
@@ -193,6 +261,7 @@ impl FileConfig {
             policy,
             routes: self.routes,
             identity,
+            tls,
             cache: CacheSettings { max_entries, ttl },
             max_concurrent_calls,
             shutdown_grace,

@@ -90,10 +90,18 @@ pub fn shared_state(
     if let Some(policy) = policy {
         decider.set_policy(policy);
     }
+    let naming = crate::sidecar::identity::CallerNaming {
+        uri_prefix: config.tls.as_ref().map_or_else(
+            || crate::config::DEFAULT_URI_PREFIX.to_owned(),
+            |t| t.uri_prefix.clone(),
+        ),
+        dns_suffix: config.tls.as_ref().and_then(|t| t.dns_suffix.clone()),
+    };
     Arc::new(Shared::new(
         decider,
         subjects,
         config.identity,
+        naming,
         config.max_concurrent_calls,
     ))
 }
@@ -116,17 +124,24 @@ pub async fn run(
     let stopped = |mut rx: watch::Receiver<bool>| async move {
         let _ = rx.wait_for(|stop| *stop).await;
     };
-    let data = tokio::spawn(sidecar::serve_data_plane(
-        listeners.data,
-        shared.clone(),
-        upstream,
-        stopped(stop_rx.clone()),
-    ));
-    let api = tokio::spawn(crate::api::serve_api(
-        listeners.api,
-        shared,
-        stopped(stop_rx),
-    ));
+    let data_tls = config.tls.clone();
+    let data_shared = shared.clone();
+    let data_stop = stopped(stop_rx.clone());
+    let data = tokio::spawn(async move {
+        sidecar::serve_data_plane(
+            listeners.data,
+            data_shared,
+            upstream,
+            data_tls.as_ref(),
+            data_stop,
+        )
+        .await
+    });
+    let api_tls = config.tls.clone();
+    let api_stop = stopped(stop_rx);
+    let api = tokio::spawn(async move {
+        crate::api::serve_api(listeners.api, shared, api_tls.as_ref(), api_stop).await
+    });
     let servers = async {
         let data = data.await;
         let api = api.await;

@@ -4,8 +4,9 @@
 use crate::decision::Request;
 use crate::proto::v1::access_control_server::{AccessControl, AccessControlServer};
 use crate::proto::v1::{BatchCheckRequest, BatchCheckResponse, CheckRequest, CheckResponse};
-use crate::sidecar::Shared;
+use crate::sidecar::{IdentityMode, Shared};
 use std::sync::Arc;
+use tonic::transport::CertificateDer;
 use tonic::{Response, Status};
 
 /// Most requests in one BatchCheck.
@@ -24,8 +25,31 @@ impl AccessControlService {
         AccessControlServer::new(self)
     }
 
-    fn decide(&self, request: CheckRequest) -> CheckResponse {
-        let request = Request::from(request);
+    /// In mTLS mode the caller is the peer that asks, whatever the request says: a service may
+    /// ask about its own calls, not borrow another's identity.
+    fn caller(&self, peer_certs: Option<&[CertificateDer<'static>]>) -> Option<String> {
+        match self.shared.identity {
+            IdentityMode::InsecureHeader => None,
+            IdentityMode::Mtls => {
+                let policy = self.shared.decider.policy();
+                Some(
+                    peer_certs
+                        .and_then(|c| c.first())
+                        .map_or_else(String::new, |leaf| {
+                            self.shared.naming.caller(leaf.as_ref(), |name| {
+                                policy.as_ref().is_some_and(|p| p.caller(name).is_some())
+                            })
+                        }),
+                )
+            }
+        }
+    }
+
+    fn decide(&self, request: CheckRequest, caller: Option<&str>) -> CheckResponse {
+        let mut request = Request::from(request);
+        if let Some(caller) = caller {
+            caller.clone_into(&mut request.caller);
+        }
         CheckResponse::from(
             &self
                 .shared
@@ -41,13 +65,19 @@ impl AccessControl for AccessControlService {
         &self,
         request: tonic::Request<CheckRequest>,
     ) -> Result<Response<CheckResponse>, Status> {
-        Ok(Response::new(self.decide(request.into_inner())))
+        let certs = request.peer_certs();
+        let caller = self.caller(certs.as_deref().map(Vec::as_slice));
+        Ok(Response::new(
+            self.decide(request.into_inner(), caller.as_deref()),
+        ))
     }
 
     async fn batch_check(
         &self,
         request: tonic::Request<BatchCheckRequest>,
     ) -> Result<Response<BatchCheckResponse>, Status> {
+        let certs = request.peer_certs();
+        let caller = self.caller(certs.as_deref().map(Vec::as_slice));
         let requests = request.into_inner().requests;
         if requests.len() > MAX_BATCH {
             return Err(Status::invalid_argument(format!(
@@ -56,7 +86,10 @@ impl AccessControl for AccessControlService {
             )));
         }
         Ok(Response::new(BatchCheckResponse {
-            responses: requests.into_iter().map(|r| self.decide(r)).collect(),
+            responses: requests
+                .into_iter()
+                .map(|r| self.decide(r, caller.as_deref()))
+                .collect(),
         }))
     }
 }

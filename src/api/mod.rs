@@ -29,6 +29,7 @@ pub async fn report_health(reporter: &HealthReporter, shared: &Shared) {
 pub async fn serve_api(
     listener: TcpListener,
     shared: Arc<Shared>,
+    tls: Option<&crate::config::TlsFiles>,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
     let (reporter, health) = tonic_health::server::health_reporter();
@@ -37,11 +38,14 @@ pub async fn serve_api(
         .register_encoded_file_descriptor_set(crate::proto::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1()?;
-    tonic::transport::Server::builder()
+    crate::sidecar::server_builder(tls)?
         .add_service(health)
         .add_service(reflection)
         .add_service(access::AccessControlService::new(shared).into_server())
-        .serve_with_incoming_shutdown(TcpIncoming::from(listener), shutdown)
+        .serve_with_incoming_shutdown(
+            TcpIncoming::from(listener).with_nodelay(Some(true)),
+            shutdown,
+        )
         .await?;
     Ok(())
 }

@@ -193,6 +193,7 @@ pub async fn demo(args: DemoArgs) -> u8 {
         policy: args.policy.clone(),
         routes: None,
         identity: IdentityMode::InsecureHeader,
+        tls: None,
         cache: crate::decision::CacheSettings::default(),
         max_concurrent_calls: 1024,
         shutdown_grace: std::time::Duration::from_secs(5),

@@ -15,6 +15,7 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use tokio::sync::OwnedSemaphorePermit;
 use tonic::body::Body;
+use tonic::transport::server::{TcpConnectInfo, TlsConnectInfo};
 use tower::{Layer, Service, ServiceExt};
 
 #[derive(Clone)]
@@ -77,6 +78,8 @@ where
             };
             let authenticated = match shared.identity {
                 IdentityMode::InsecureHeader => None,
+                // x-caller is ignored: only the verified certificate names the caller.
+                IdentityMode::Mtls => Some(shared.caller_from_tls(&request)),
             };
             let deadline = match deadline::parse(request.headers()) {
                 Ok(timeout) => timeout.map(|t| tokio::time::Instant::now() + t),
@@ -145,6 +148,22 @@ impl http_body::Body for InFlight {
 }
 
 impl Shared {
+    /// The caller named by the peer's verified client certificate; empty when there is none
+    /// (denied `CALLER_UNKNOWN`).
+    fn caller_from_tls(&self, request: &http::Request<Body>) -> String {
+        let certs = request
+            .extensions()
+            .get::<TlsConnectInfo<TcpConnectInfo>>()
+            .and_then(TlsConnectInfo::peer_certs);
+        let Some(leaf) = certs.as_ref().and_then(|c| c.first()) else {
+            return String::new();
+        };
+        let policy = self.decider.policy();
+        self.naming.caller(leaf.as_ref(), |name| {
+            policy.as_ref().is_some_and(|p| p.caller(name).is_some())
+        })
+    }
+
     /// The decision for a call to `path` with context `ctx`: the route and the decision come
     /// from the same policy snapshot.
     pub fn decide(&self, path: &str, ctx: CallContext) -> Decision {

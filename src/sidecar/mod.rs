@@ -13,8 +13,10 @@
 pub mod authorize;
 pub mod context;
 pub mod deadline;
+pub mod identity;
 pub mod rescue;
 
+use crate::config::TlsFiles;
 use crate::decision::Decider;
 use crate::subjects::SubjectStates;
 use std::future::Future;
@@ -22,13 +24,15 @@ use std::sync::Arc;
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 use tonic::transport::server::TcpIncoming;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::{Certificate, Channel, Endpoint, Identity, ServerTlsConfig};
 
 /// How the sidecar learns who is calling.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum IdentityMode {
     /// The caller names itself in `x-caller`. Development only: anyone can claim anything.
     InsecureHeader,
+    /// The caller is named by its TLS client certificate; `x-caller` is ignored.
+    Mtls,
 }
 
 /// State shared by every call of the data plane.
@@ -36,6 +40,8 @@ pub struct Shared {
     pub decider: Arc<Decider>,
     pub subjects: Arc<dyn SubjectStates>,
     pub identity: IdentityMode,
+    /// How certificate names map to callers (mTLS mode).
+    pub naming: identity::CallerNaming,
     /// Calls in flight; a call that finds none left is shed (`RESOURCE_EXHAUSTED`).
     pub inflight: Arc<Semaphore>,
     pub max_inflight: usize,
@@ -46,12 +52,14 @@ impl Shared {
         decider: Arc<Decider>,
         subjects: Arc<dyn SubjectStates>,
         identity: IdentityMode,
+        naming: identity::CallerNaming,
         max_inflight: usize,
     ) -> Self {
         Self {
             decider,
             subjects,
             identity,
+            naming,
             inflight: Arc::new(Semaphore::new(max_inflight)),
             max_inflight,
         }
@@ -78,13 +86,34 @@ pub async fn serve_data_plane(
     listener: TcpListener,
     shared: Arc<Shared>,
     upstream: Channel,
+    tls: Option<&TlsFiles>,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), tonic::transport::Error> {
     let service = tower::ServiceBuilder::new()
         .layer(authorize::AuthorizeLayer::new(shared))
         .service(upstream);
-    tonic::transport::Server::builder()
-        .tcp_nodelay(true)
-        .serve_with_incoming_shutdown(service, TcpIncoming::from(listener), shutdown)
+    server_builder(tls)?
+        .serve_with_incoming_shutdown(
+            service,
+            TcpIncoming::from(listener).with_nodelay(Some(true)),
+            shutdown,
+        )
         .await
+}
+
+/// A tonic server builder, with mTLS when `tls` is given: pdgate's certificate, and client
+/// certificates required and verified against the client CA.
+pub fn server_builder(
+    tls: Option<&TlsFiles>,
+) -> Result<tonic::transport::Server, tonic::transport::Error> {
+    let builder = tonic::transport::Server::builder().tcp_nodelay(true);
+    match tls {
+        None => Ok(builder),
+        Some(tls) => builder.tls_config(
+            ServerTlsConfig::new()
+                .identity(Identity::from_pem(&tls.cert_pem, &tls.key_pem))
+                .client_ca_root(Certificate::from_pem(&tls.client_ca_pem))
+                .client_auth_optional(false),
+        ),
+    }
 }

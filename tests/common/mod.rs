@@ -6,7 +6,7 @@
     reason = "each test file uses a different part of the harness"
 )]
 
-use pdgate::config::Config;
+use pdgate::config::{Config, TlsFiles};
 use pdgate::decision::CacheSettings;
 use pdgate::demo::customer::CustomerService;
 use pdgate::demo::walkthrough::demo_subjects;
@@ -43,6 +43,8 @@ pub struct Options {
     pub upstream_up: bool,
     pub max_concurrent_calls: usize,
     pub shutdown_grace: Duration,
+    /// `Some`: identity mode mTLS with these files.
+    pub tls: Option<TlsFiles>,
 }
 
 impl Default for Options {
@@ -52,6 +54,7 @@ impl Default for Options {
             upstream_up: true,
             max_concurrent_calls: 64,
             shutdown_grace: Duration::from_secs(10),
+            tls: None,
         }
     }
 }
@@ -94,7 +97,12 @@ impl Harness {
             upstream: upstream_addr.to_string(),
             policy: options.policy,
             routes: None,
-            identity: IdentityMode::InsecureHeader,
+            identity: if options.tls.is_some() {
+                IdentityMode::Mtls
+            } else {
+                IdentityMode::InsecureHeader
+            },
+            tls: options.tls,
             cache: CacheSettings::default(),
             max_concurrent_calls: options.max_concurrent_calls,
             shutdown_grace: options.shutdown_grace,
