@@ -474,7 +474,8 @@ fn subject_reasons<'n>(
             Ok(state) => state,
             Err(e) => {
                 add(ReasonCode::SubjectStateUnavailable, &Arc::from("§7"), name);
-                tracing::warn!(subject = %name, error = %e, "subject state unavailable; denying");
+                // Denied, never allowed; the store's own health is reported where it is read.
+                tracing::debug!(subject = %name, error = %e, "subject state unavailable; denying");
                 continue;
             }
         };
