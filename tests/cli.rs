@@ -287,3 +287,21 @@ fn policy_test_passes_on_the_default_policy_and_fails_naming_the_case() {
         "{text}"
     );
 }
+
+#[test]
+fn the_demo_runs_and_every_step_goes_as_promised() {
+    // The README's first command. Default ports that are taken are replaced by free ones.
+    let out = pdgate(&["demo"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(
+        code(&out),
+        0,
+        "{text}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(text.contains("0 not as the policy promises"), "{text}");
+    assert!(
+        text.contains("CONSENT_REQUIRED") && text.contains("grpcurl"),
+        "{text}"
+    );
+}
