@@ -94,8 +94,15 @@ where
                 tracing::debug!(path = request.uri().path(), decision = %decision.decision_id, "denied");
                 return Ok(rescue::denied(&decision));
             }
+            // The upstream learns the caller pdgate authorized and nothing a caller claimed:
+            // any incoming x-pdgate-caller goes, and with mTLS so does x-caller.
+            let headers = request.headers_mut();
+            headers.remove(AUTHENTICATED_CALLER);
+            if shared.identity == IdentityMode::Mtls {
+                headers.remove(context::CALLER);
+            }
             if let Ok(v) = HeaderValue::from_str(&ctx.caller) {
-                request.headers_mut().insert(AUTHENTICATED_CALLER, v);
+                headers.insert(AUTHENTICATED_CALLER, v);
             }
             let forwarded = inner.oneshot(request);
             let outcome = match deadline {
