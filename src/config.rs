@@ -57,6 +57,41 @@ pub struct TlsFiles {
     pub dns_suffix: Option<String>,
 }
 
+/// moka refuses a time-to-live over 1000 years.
+const MAX_CACHE_TTL: Duration = Duration::from_secs(1000 * 365 * 24 * 3600);
+
+/// `host:port`, or an `http://` URI that tonic can connect to.
+fn upstream_is_valid(upstream: &str) -> bool {
+    let uri = if upstream.contains("://") {
+        if !upstream.starts_with("http://") {
+            return false;
+        }
+        upstream.to_owned()
+    } else {
+        let has_port = upstream
+            .rsplit_once(':')
+            .is_some_and(|(host, port)| !host.is_empty() && port.parse::<u16>().is_ok());
+        if !has_port {
+            return false;
+        }
+        format!("http://{upstream}")
+    };
+    uri.parse::<http::Uri>()
+        .is_ok_and(|u| u.host().is_some_and(|h| !h.is_empty()))
+}
+
+/// An error and its sources, one line.
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        text.push_str(": ");
+        text.push_str(&s.to_string());
+        source = s.source();
+    }
+    text
+}
+
 /// Default URI SAN prefix for callers: `spiffe://pdgate.local/caller/<caller>`.
 pub const DEFAULT_URI_PREFIX: &str = "spiffe://pdgate.local/caller/";
 
@@ -115,10 +150,16 @@ impl FileConfig {
                 .span()
                 .map(|s| crate::policy::line_of(&text, s.start))
                 .map_or(String::new(), |l| format!(" (line {l})"));
+            let message = e.message().trim();
+            // serde names an unknown key as "unknown field `name`, expected ...".
+            let key = message
+                .strip_prefix("unknown field `")
+                .and_then(|rest| rest.split_once('`'))
+                .map_or("config", |(name, _)| name);
             ConfigError {
                 origin,
-                key: "config".into(),
-                message: format!("{}{line}", e.message().trim()),
+                key: key.into(),
+                message: format!("{message}{line}"),
             }
         })
     }
@@ -144,7 +185,10 @@ impl FileConfig {
             };
         let listen = addr("listen", self.listen, DEFAULT_LISTEN)?;
         let api_listen = addr("api_listen", self.api_listen, DEFAULT_API_LISTEN)?;
-        if listen == api_listen && listen.port() != 0 {
+        let overlap = listen.ip() == api_listen.ip()
+            || listen.ip().is_unspecified()
+            || api_listen.ip().is_unspecified();
+        if overlap && listen.port() == api_listen.port() && listen.port() != 0 {
             return Err(err(
                 "api_listen",
                 format!(
@@ -153,13 +197,7 @@ impl FileConfig {
             ));
         }
         let upstream = self.upstream.unwrap_or_else(|| DEFAULT_UPSTREAM.to_owned());
-        let upstream_ok = match upstream.split_once("://") {
-            Some((scheme, rest)) => scheme == "http" && !rest.is_empty(),
-            None => upstream
-                .rsplit_once(':')
-                .is_some_and(|(host, port)| !host.is_empty() && port.parse::<u16>().is_ok()),
-        };
-        if !upstream_ok {
+        if !upstream_is_valid(&upstream) {
             return Err(err(
                 "upstream",
                 format!(
@@ -199,7 +237,13 @@ impl FileConfig {
         };
         let tls = match identity {
             IdentityMode::InsecureHeader => {
-                if self.tls.cert.is_some() || self.tls.client_ca.is_some() {
+                let t = &self.tls;
+                if t.cert.is_some()
+                    || t.key.is_some()
+                    || t.client_ca.is_some()
+                    || t.uri_prefix.is_some()
+                    || t.dns_suffix.is_some()
+                {
                     return Err(err(
                         "tls",
                         "TLS files are given but `identity` is `insecure-header`; set `identity = \"mtls\"` or remove [tls]".into(),
@@ -222,7 +266,7 @@ impl FileConfig {
                     }
                     Ok(bytes)
                 };
-                Some(TlsFiles {
+                let files = TlsFiles {
                     cert_pem: read("tls.cert", &self.tls.cert)?,
                     key_pem: read("tls.key", &self.tls.key)?,
                     client_ca_pem: read("tls.client_ca", &self.tls.client_ca)?,
@@ -231,7 +275,19 @@ impl FileConfig {
                         .uri_prefix
                         .unwrap_or_else(|| DEFAULT_URI_PREFIX.to_owned()),
                     dns_suffix: self.tls.dns_suffix,
-                })
+                };
+                // Build the TLS configuration now, so that a certificate and key that do not
+                // parse or do not match fail here, before any port is bound.
+                crate::sidecar::server_builder(Some(&files)).map_err(|e| {
+                    err(
+                        "tls",
+                        format!(
+                            "the certificate, key or client CA cannot be used: {}",
+                            error_chain(&e)
+                        ),
+                    )
+                })?;
+                Some(files)
             }
         };
         let defaults = CacheSettings::default();
@@ -243,8 +299,15 @@ impl FileConfig {
             .cache
             .ttl_seconds
             .map_or(defaults.ttl, Duration::from_secs);
-        if ttl.is_zero() {
-            return Err(err("cache.ttl_seconds", "must be at least 1".into()));
+        if ttl.is_zero() || ttl > MAX_CACHE_TTL {
+            return Err(err(
+                "cache.ttl_seconds",
+                format!(
+                    "`{}` is out of range; allowed: 1 to {}",
+                    ttl.as_secs(),
+                    MAX_CACHE_TTL.as_secs()
+                ),
+            ));
         }
         let max_concurrent_calls = self.limits.max_concurrent_calls.unwrap_or(1024);
         if max_concurrent_calls == 0 || max_concurrent_calls > 1_000_000 {

@@ -57,20 +57,50 @@ pub struct ServeArgs {
 }
 
 impl ServeArgs {
+    /// The file's configuration with the flags on top. An error about a value that came from
+    /// a flag names the flag, not the file.
     fn config(self) -> Result<Config, ConfigError> {
         let (mut file, origin) = match &self.config {
             Some(path) => (FileConfig::read(path)?, path.display().to_string()),
             None => (FileConfig::default(), "command line".to_owned()),
         };
-        let set = |slot: &mut Option<String>, flag: Option<String>| {
-            if flag.is_some() {
-                *slot = flag;
+        // (config key, flag) of every flag given.
+        let mut from_flags: Vec<(&str, &str)> = Vec::new();
+        let mut flag = |given: bool, key: &'static str, name: &'static str| {
+            if given {
+                from_flags.push((key, name));
             }
         };
-        set(&mut file.listen, self.listen);
-        set(&mut file.api_listen, self.api_listen);
-        set(&mut file.upstream, self.upstream);
-        set(&mut file.identity, self.identity);
+        flag(self.listen.is_some(), "listen", "--listen");
+        flag(self.api_listen.is_some(), "api_listen", "--api-listen");
+        flag(self.upstream.is_some(), "upstream", "--upstream");
+        flag(self.identity.is_some(), "identity", "--identity");
+        flag(self.policy.is_some(), "policy", "--policy");
+        flag(self.routes.is_some(), "routes", "--routes");
+        flag(
+            self.cache_max_entries.is_some(),
+            "cache.max_entries",
+            "--cache-max-entries",
+        );
+        flag(
+            self.cache_ttl_seconds.is_some(),
+            "cache.ttl_seconds",
+            "--cache-ttl-seconds",
+        );
+        flag(
+            self.max_concurrent_calls.is_some(),
+            "limits.max_concurrent_calls",
+            "--max-concurrent-calls",
+        );
+        flag(
+            self.shutdown_grace_seconds.is_some(),
+            "limits.shutdown_grace_seconds",
+            "--shutdown-grace-seconds",
+        );
+        file.listen = self.listen.or(file.listen);
+        file.api_listen = self.api_listen.or(file.api_listen);
+        file.upstream = self.upstream.or(file.upstream);
+        file.identity = self.identity.or(file.identity);
         file.policy = self.policy.or(file.policy);
         file.routes = self.routes.or(file.routes);
         file.cache.max_entries = self.cache_max_entries.or(file.cache.max_entries);
@@ -81,7 +111,13 @@ impl ServeArgs {
         file.limits.shutdown_grace_seconds = self
             .shutdown_grace_seconds
             .or(file.limits.shutdown_grace_seconds);
-        file.resolve(&origin)
+        file.resolve(&origin).map_err(|mut e| {
+            if let Some((_, name)) = from_flags.iter().find(|(key, _)| *key == e.key) {
+                e.origin = "command line".to_owned();
+                (*name).clone_into(&mut e.key);
+            }
+            e
+        })
     }
 }
 

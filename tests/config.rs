@@ -1,0 +1,816 @@
+//! `pdgate serve` configuration: the example `deploy/pdgate.toml` documents exactly the keys
+//! `FileConfig` accepts and resolves to the defaults; every bad value is a `ConfigError`
+//! naming its key; and the binary checks the whole configuration before binding a port
+//! (exit 2), serves health once started, and exits 0 on SIGTERM.
+
+#![allow(
+    clippy::expect_used,
+    clippy::unwrap_used,
+    clippy::panic,
+    reason = "test code: a failed setup aborts the test"
+)]
+
+use pdgate::config::{Config, ConfigError, DEFAULT_URI_PREFIX, FileConfig};
+use pdgate::sidecar::IdentityMode;
+use std::collections::BTreeSet;
+use std::io::Read;
+use std::net::{SocketAddr, TcpListener};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+use tonic_health::pb::HealthCheckRequest;
+use tonic_health::pb::health_check_response::ServingStatus;
+use tonic_health::pb::health_client::HealthClient;
+
+fn repo() -> &'static Path {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+}
+
+fn policy_dir() -> PathBuf {
+    repo().join("policy")
+}
+
+/// `resolve` only reads the TLS files and checks that they are PEM; the handshake is not part
+/// of configuration, so a placeholder PEM block is enough for these tests.
+const PLACEHOLDER_PEM: &str = "-----BEGIN CERTIFICATE-----\nAA==\n-----END CERTIFICATE-----\n";
+
+/// A CA, and a server certificate and key it signed: (cert, key, CA) as PEM.
+fn real_tls_files() -> (String, String, String) {
+    use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, IsCa, KeyPair};
+    let mut ca = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    let ca = CertifiedIssuer::self_signed(ca, KeyPair::generate().unwrap()).unwrap();
+    let key = KeyPair::generate().unwrap();
+    let cert = CertificateParams::new(vec!["localhost".to_owned()])
+        .unwrap()
+        .signed_by(&key, &ca)
+        .unwrap();
+    (cert.pem(), key.serialize_pem(), ca.pem())
+}
+
+fn example() -> PathBuf {
+    repo().join("deploy/pdgate.toml")
+}
+
+// ---------------------------------------------------------------------------------------------
+// The example file
+
+/// A key line of the example: `key = value`, or `# key = value` when commented out.
+#[derive(Debug)]
+struct KeyLine {
+    /// `""` before the first `[section]`.
+    section: String,
+    key: String,
+    commented: bool,
+}
+
+/// The `[section]` headers and the key lines of a config text. A prose comment never starts
+/// with `word =` (the example's own convention), so a commented key line is unambiguous.
+fn key_lines(text: &str) -> (Vec<String>, Vec<KeyLine>) {
+    let mut sections = Vec::new();
+    let mut keys = Vec::new();
+    let mut section = String::new();
+    for line in text.lines() {
+        let line = line.trim();
+        if let Some(name) = line.strip_prefix('[').and_then(|l| l.strip_suffix(']')) {
+            section = name.trim().to_owned();
+            sections.push(section.clone());
+            continue;
+        }
+        let (body, commented) = match line.strip_prefix('#') {
+            Some(rest) => (rest.trim_start(), true),
+            None => (line, false),
+        };
+        if let Some((key, _)) = body.split_once('=') {
+            let key = key.trim();
+            if !key.is_empty() && key.chars().all(|c| c.is_ascii_lowercase() || c == '_') {
+                keys.push(KeyLine {
+                    section: section.clone(),
+                    key: key.to_owned(),
+                    commented,
+                });
+            }
+        }
+    }
+    (sections, keys)
+}
+
+/// The field names `FileConfig` (or its table `section`) accepts, as serde lists them when it
+/// rejects an unknown one: read from the code, so a field added without documenting it
+/// fails `example_documents_exactly_the_keys_file_config_accepts`.
+fn accepted_fields(section: &str) -> BTreeSet<String> {
+    let text = if section.is_empty() {
+        "not_a_key = 1\n".to_owned()
+    } else {
+        format!("[{section}]\nnot_a_key = 1\n")
+    };
+    let err = toml::from_str::<FileConfig>(&text).expect_err("unknown key rejected");
+    let message = err.message();
+    let (_, expected) = message
+        .split_once("expected")
+        .unwrap_or_else(|| panic!("serde lists the accepted fields: {message}"));
+    let fields: BTreeSet<String> = expected
+        .split('`')
+        .skip(1)
+        .step_by(2)
+        .map(str::to_owned)
+        .collect();
+    assert!(!fields.is_empty(), "no field names in: {message}");
+    fields
+}
+
+fn resolve_example(file: FileConfig) -> Result<Config, ConfigError> {
+    let mut file = file;
+    // The example's paths are relative to the repository root; make them independent of the
+    // directory the test runs in.
+    file.policy = Some(policy_dir());
+    file.routes = file.routes.map(|r| repo().join(r));
+    file.resolve("deploy/pdgate.toml")
+}
+
+#[test]
+fn example_parses_resolves_and_shows_the_defaults() {
+    let file = FileConfig::read(&example()).expect("deploy/pdgate.toml parses");
+    let policy = file
+        .policy
+        .clone()
+        .expect("the example names the policy dir");
+    assert!(
+        repo().join(&policy).is_dir(),
+        "`policy = {policy:?}` is a directory from the repository root"
+    );
+    let config = resolve_example(file).expect("deploy/pdgate.toml resolves");
+    assert_eq!(config.identity, IdentityMode::InsecureHeader);
+    assert!(config.tls.is_none());
+
+    // Every value set in the example is the default it claims to be.
+    let defaults = FileConfig {
+        policy: Some(policy_dir()),
+        ..FileConfig::default()
+    }
+    .resolve("defaults")
+    .expect("defaults resolve");
+    assert_eq!(config.listen, defaults.listen);
+    assert_eq!(config.api_listen, defaults.api_listen);
+    assert_eq!(config.upstream, defaults.upstream);
+    assert_eq!(config.routes, defaults.routes);
+    assert_eq!(config.identity, defaults.identity);
+    assert_eq!(config.cache, defaults.cache);
+    assert_eq!(config.max_concurrent_calls, defaults.max_concurrent_calls);
+    assert_eq!(config.shutdown_grace, defaults.shutdown_grace);
+}
+
+#[test]
+fn example_documents_exactly_the_keys_file_config_accepts() {
+    let text = std::fs::read_to_string(example()).unwrap();
+    let (sections, keys) = key_lines(&text);
+
+    let mut top: BTreeSet<String> = keys
+        .iter()
+        .filter(|k| k.section.is_empty())
+        .map(|k| k.key.clone())
+        .collect();
+    top.extend(sections.iter().cloned());
+    assert_eq!(
+        top,
+        accepted_fields(""),
+        "top-level keys and [sections] of deploy/pdgate.toml"
+    );
+    for section in &sections {
+        let documented: BTreeSet<String> = keys
+            .iter()
+            .filter(|k| &k.section == section)
+            .map(|k| k.key.clone())
+            .collect();
+        assert_eq!(
+            documented,
+            accepted_fields(section),
+            "keys of [{section}] in deploy/pdgate.toml"
+        );
+    }
+    let mut seen = BTreeSet::new();
+    for k in &keys {
+        assert!(
+            seen.insert((k.section.as_str(), k.key.as_str())),
+            "`{}` is documented twice in [{}]",
+            k.key,
+            k.section
+        );
+    }
+}
+
+#[test]
+fn example_with_every_key_uncommented_parses_and_resolves_with_mtls() {
+    let text = std::fs::read_to_string(example()).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    // Real PEM files: the TLS configuration is built while the config is checked.
+    let (cert_pem, key_pem, ca_pem) = real_tls_files();
+    let pem = |name: &str| {
+        let path = dir.path().join(name);
+        let content = match name {
+            "cert" => &cert_pem,
+            "key" => &key_pem,
+            _ => &ca_pem,
+        };
+        std::fs::write(&path, content).unwrap();
+        toml::Value::String(path.display().to_string()).to_string()
+    };
+
+    let mut uncommented = String::new();
+    let mut section = String::new();
+    let mut commented_keys = 0;
+    for line in text.lines() {
+        let trimmed = line.trim();
+        if let Some(name) = trimmed.strip_prefix('[').and_then(|l| l.strip_suffix(']')) {
+            section = name.to_owned();
+        }
+        let (_, keys) = key_lines(line);
+        let out = match keys.first() {
+            Some(k) if k.commented => {
+                commented_keys += 1;
+                match (section.as_str(), k.key.as_str()) {
+                    ("tls", file @ ("cert" | "key" | "client_ca")) => {
+                        format!("{file} = {}", pem(file))
+                    }
+                    _ => trimmed.trim_start_matches('#').trim_start().to_owned(),
+                }
+            }
+            _ => line.to_owned(),
+        };
+        uncommented.push_str(&out);
+        uncommented.push('\n');
+    }
+    assert!(
+        commented_keys >= 5,
+        "the tls keys and routes are commented out"
+    );
+
+    let path = dir.path().join("pdgate.toml");
+    std::fs::write(&path, &uncommented).unwrap();
+    let mut file = FileConfig::read(&path)
+        .unwrap_or_else(|e| panic!("every documented key is a FileConfig field: {e}"));
+    assert!(file.routes.is_some());
+    assert!(file.tls.cert.is_some() && file.tls.key.is_some() && file.tls.client_ca.is_some());
+    assert!(file.tls.uri_prefix.is_some() && file.tls.dns_suffix.is_some());
+
+    // The TLS files only make sense with mTLS (the example says so).
+    file.identity = Some("mtls".into());
+    let config = resolve_example(file).expect("the uncommented example resolves with mtls");
+    assert_eq!(config.identity, IdentityMode::Mtls);
+    let tls = config.tls.expect("mtls has TLS files");
+    assert_eq!(tls.uri_prefix, DEFAULT_URI_PREFIX);
+    assert_eq!(tls.dns_suffix.as_deref(), Some("svc.cluster.local"));
+}
+
+// ---------------------------------------------------------------------------------------------
+// FileConfig::read
+
+fn write_config(dir: &tempfile::TempDir, text: &str) -> PathBuf {
+    let path = dir.path().join("pdgate.toml");
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+#[test]
+fn unknown_keys_and_bad_syntax_are_rejected_with_their_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let cases: &[(&str, &str, usize)] = &[
+        (
+            "listen = \"127.0.0.1:8443\"\n\n[cache]\nmax_entrys = 10\n",
+            "max_entrys",
+            4,
+        ),
+        (
+            "upstream = \"127.0.0.1:1\"\nlisten_addr = \"x\"\n",
+            "listen_addr",
+            2,
+        ),
+        ("[tsl]\ncert = \"a.pem\"\n", "tsl", 1),
+        ("[limits]\nmax_concurrent_calls = \"many\"\n", "", 2),
+        ("[cache]\nttl_seconds = -1\n", "", 2),
+        ("identity = mtls\n", "", 1),
+    ];
+    for (text, named, line) in cases {
+        let path = write_config(&dir, text);
+        let err = FileConfig::read(&path).expect_err(text);
+        assert_eq!(err.origin, path.display().to_string(), "{text}");
+        assert!(
+            err.message.contains(named),
+            "names `{named}`: {err} ({text})"
+        );
+        assert!(
+            err.message.contains(&format!("(line {line})")),
+            "names line {line}: {err} ({text})"
+        );
+    }
+}
+
+#[test]
+fn an_unreadable_config_file_blames_the_config_flag() {
+    let dir = tempfile::tempdir().unwrap();
+    let err = FileConfig::read(&dir.path().join("missing.toml")).expect_err("missing file");
+    assert_eq!(err.key, "--config");
+}
+
+// ---------------------------------------------------------------------------------------------
+// FileConfig::resolve
+
+fn good() -> FileConfig {
+    FileConfig {
+        policy: Some(policy_dir()),
+        ..FileConfig::default()
+    }
+}
+
+fn with(change: impl FnOnce(&mut FileConfig)) -> FileConfig {
+    let mut file = good();
+    change(&mut file);
+    file
+}
+
+#[test]
+fn every_bad_value_names_its_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let pem = dir.path().join("ok.pem");
+    std::fs::write(&pem, PLACEHOLDER_PEM).unwrap();
+    let not_pem = dir.path().join("not.pem");
+    std::fs::write(&not_pem, "just text\n").unwrap();
+    let missing = dir.path().join("missing");
+    let mtls = |cert: Option<&Path>, key: Option<&Path>, ca: Option<&Path>| {
+        let (cert, key, ca) = (
+            cert.map(Path::to_owned),
+            key.map(Path::to_owned),
+            ca.map(Path::to_owned),
+        );
+        with(move |f| {
+            f.identity = Some("mtls".into());
+            f.tls.cert = cert;
+            f.tls.key = key;
+            f.tls.client_ca = ca;
+        })
+    };
+
+    let cases: Vec<(&str, FileConfig, &str)> = vec![
+        (
+            "host name",
+            with(|f| f.listen = Some("localhost:8443".into())),
+            "listen",
+        ),
+        (
+            "no port",
+            with(|f| f.listen = Some("127.0.0.1".into())),
+            "listen",
+        ),
+        (
+            "port only",
+            with(|f| f.api_listen = Some("9090".into())),
+            "api_listen",
+        ),
+        (
+            "same address twice",
+            with(|f| {
+                f.listen = Some("127.0.0.1:7000".into());
+                f.api_listen = Some("127.0.0.1:7000".into());
+            }),
+            "api_listen",
+        ),
+        (
+            "no port",
+            with(|f| f.upstream = Some("customer-data".into())),
+            "upstream",
+        ),
+        (
+            "https",
+            with(|f| f.upstream = Some("https://customer-data:443".into())),
+            "upstream",
+        ),
+        (
+            "port out of range",
+            with(|f| f.upstream = Some("customer-data:70000".into())),
+            "upstream",
+        ),
+        (
+            "empty uri",
+            with(|f| f.upstream = Some("http://".into())),
+            "upstream",
+        ),
+        (
+            "missing dir",
+            with(|f| f.policy = Some(missing.clone())),
+            "policy",
+        ),
+        ("a file", with(|f| f.policy = Some(example())), "policy"),
+        (
+            "missing file",
+            with(|f| f.routes = Some(missing.clone())),
+            "routes",
+        ),
+        (
+            "unknown mode",
+            with(|f| f.identity = Some("tls".into())),
+            "identity",
+        ),
+        (
+            "case matters",
+            with(|f| f.identity = Some("MTLS".into())),
+            "identity",
+        ),
+        (
+            "mtls without cert",
+            mtls(None, Some(&pem), Some(&pem)),
+            "tls.cert",
+        ),
+        (
+            "mtls, cert missing",
+            mtls(Some(&missing), Some(&pem), Some(&pem)),
+            "tls.cert",
+        ),
+        (
+            "mtls without key",
+            mtls(Some(&pem), None, Some(&pem)),
+            "tls.key",
+        ),
+        (
+            "mtls without CA",
+            mtls(Some(&pem), Some(&pem), None),
+            "tls.client_ca",
+        ),
+        (
+            "mtls, CA not PEM",
+            mtls(Some(&pem), Some(&pem), Some(&not_pem)),
+            "tls.client_ca",
+        ),
+        (
+            "tls without mtls",
+            with(|f| f.tls.cert = Some(pem.clone())),
+            "tls",
+        ),
+        (
+            "zero",
+            with(|f| f.cache.max_entries = Some(0)),
+            "cache.max_entries",
+        ),
+        (
+            "zero",
+            with(|f| f.cache.ttl_seconds = Some(0)),
+            "cache.ttl_seconds",
+        ),
+        (
+            "zero",
+            with(|f| f.limits.max_concurrent_calls = Some(0)),
+            "limits.max_concurrent_calls",
+        ),
+        (
+            "over the limit",
+            with(|f| f.limits.max_concurrent_calls = Some(1_000_001)),
+            "limits.max_concurrent_calls",
+        ),
+    ];
+    for (what, file, key) in cases {
+        let err = file.resolve("test.toml").expect_err(what);
+        assert_eq!(err.key, key, "{what}: {err}");
+        assert_eq!(err.origin, "test.toml", "{what}: {err}");
+    }
+}
+
+#[test]
+fn values_the_example_calls_allowed_resolve() {
+    let cases: Vec<(&str, FileConfig)> = vec![
+        (
+            "port 0 on both",
+            with(|f| {
+                f.listen = Some("127.0.0.1:0".into());
+                f.api_listen = Some("127.0.0.1:0".into());
+            }),
+        ),
+        (
+            "all interfaces",
+            with(|f| f.listen = Some("0.0.0.0:8443".into())),
+        ),
+        ("ipv6", with(|f| f.listen = Some("[::1]:8443".into()))),
+        (
+            "host name",
+            with(|f| f.upstream = Some("customer-data:50051".into())),
+        ),
+        ("ipv6", with(|f| f.upstream = Some("[::1]:50051".into()))),
+        (
+            "uri",
+            with(|f| f.upstream = Some("http://customer-data:50051".into())),
+        ),
+        (
+            "routes file",
+            with(|f| f.routes = Some(policy_dir().join("routes.yaml"))),
+        ),
+        ("one entry", with(|f| f.cache.max_entries = Some(1))),
+        ("one second", with(|f| f.cache.ttl_seconds = Some(1))),
+        (
+            "1000 years",
+            with(|f| f.cache.ttl_seconds = Some(31_536_000_000)),
+        ),
+        (
+            "one call",
+            with(|f| f.limits.max_concurrent_calls = Some(1)),
+        ),
+        (
+            "a million calls",
+            with(|f| f.limits.max_concurrent_calls = Some(1_000_000)),
+        ),
+        (
+            "no grace",
+            with(|f| f.limits.shutdown_grace_seconds = Some(0)),
+        ),
+    ];
+    for (what, file) in cases {
+        if let Err(e) = file.resolve("test.toml") {
+            panic!("{what}: {e}");
+        }
+    }
+}
+
+// Values that once passed the check and failed only after the ports were bound.
+
+#[test]
+fn a_ttl_beyond_the_cache_limit_is_a_config_error() {
+    let err = with(|f| f.cache.ttl_seconds = Some(40_000_000_000))
+        .resolve("test.toml")
+        .expect_err("over 1000 years");
+    assert_eq!(err.key, "cache.ttl_seconds");
+}
+
+#[test]
+fn an_upstream_that_is_no_uri_is_a_config_error() {
+    for upstream in ["customer data:50051", "http://customer data:50051"] {
+        let err = with(|f| f.upstream = Some(upstream.into()))
+            .resolve("test.toml")
+            .expect_err(upstream);
+        assert_eq!(err.key, "upstream", "{upstream}");
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The binary
+
+/// A port that was free a moment ago.
+fn free_port() -> SocketAddr {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+}
+
+fn pdgate() -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_pdgate"));
+    cmd.current_dir(repo())
+        .env_remove("PDGATE_CONFIG")
+        .env_remove("PDGATE_POLICY")
+        .env_remove("PDGATE_LOG")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    cmd
+}
+
+/// Kills the child if the test ends before it exits (the child is ours, killed by its pid).
+struct Running(Child);
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        if matches!(self.0.try_wait(), Ok(None)) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+}
+
+impl Running {
+    /// The output, if the child has exited.
+    fn exited(&mut self) -> Option<Output> {
+        let status = self.0.try_wait().unwrap()?;
+        let mut stdout = Vec::new();
+        let mut stderr = Vec::new();
+        if let Some(mut s) = self.0.stdout.take() {
+            s.read_to_end(&mut stdout).unwrap();
+        }
+        if let Some(mut s) = self.0.stderr.take() {
+            s.read_to_end(&mut stderr).unwrap();
+        }
+        Some(Output {
+            status,
+            stdout,
+            stderr,
+        })
+    }
+
+    /// Waits up to `limit` for the child to exit.
+    fn wait_for_exit(&mut self, limit: Duration) -> Option<Output> {
+        let deadline = Instant::now() + limit;
+        loop {
+            if let Some(out) = self.exited() {
+                return Some(out);
+            }
+            if Instant::now() >= deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// [`wait_for_exit`](Self::wait_for_exit) without blocking the test's runtime.
+    async fn exit_within(&mut self, limit: Duration) -> Option<Output> {
+        let deadline = Instant::now() + limit;
+        loop {
+            if let Some(out) = self.exited() {
+                return Some(out);
+            }
+            if Instant::now() >= deadline {
+                return None;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+/// Runs `pdgate args` and returns its output; fails the test if it runs longer than 5 s.
+fn run(args: &[&str]) -> Output {
+    let mut child = Running(pdgate().args(args).spawn().expect("run pdgate"));
+    let out = child
+        .wait_for_exit(Duration::from_secs(5))
+        .unwrap_or_else(|| panic!("`pdgate {}` still running after 5 s", args.join(" ")));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!stderr.contains("panicked"), "pdgate panicked: {stderr}");
+    out
+}
+
+#[test]
+fn serve_checks_the_whole_config_before_binding() {
+    // pdgate cannot bind this port while we hold it: a bind attempt exits 1.
+    let held = TcpListener::bind("127.0.0.1:0").unwrap();
+    let listen = held.local_addr().unwrap().to_string();
+    let api = free_port().to_string();
+    let policy = policy_dir().display().to_string();
+    let closed = free_port().to_string();
+    let serve = |extra: &[&str]| {
+        let mut args = vec![
+            "serve",
+            "--listen",
+            &listen,
+            "--api-listen",
+            &api,
+            "--policy",
+            &policy,
+        ];
+        args.extend_from_slice(extra);
+        run(&args)
+    };
+
+    // Control: a good configuration reaches the bind and fails there, with exit 1.
+    let out = serve(&["--upstream", &closed]);
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+
+    // A bad flag: exit 2, so the config was rejected before the held port was tried.
+    let out = serve(&["--upstream", "nope"]);
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("command line: `--upstream`"),
+        "the flag is named: {stderr}"
+    );
+
+    // A bad key in the file: the same, naming the file and the key.
+    let dir = tempfile::tempdir().unwrap();
+    let bad = write_config(&dir, "[cache]\nmax_entries = 0\n");
+    let bad = bad.display().to_string();
+    let out = serve(&["--upstream", &closed, "--config", &bad]);
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("`cache.max_entries`"), "{stderr}");
+    assert!(stderr.contains(&bad), "{stderr}");
+
+    // An unknown key: the same, naming the key.
+    let unknown = write_config(&dir, "[limits]\nmax_calls = 10\n");
+    let out = serve(&["--config", &unknown.display().to_string()]);
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("max_calls"));
+    drop(held);
+}
+
+#[test]
+fn serve_help_points_to_the_example() {
+    let out = run(&["serve", "--help"]);
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    assert!(String::from_utf8_lossy(&out.stdout).contains("deploy/pdgate.toml"));
+    assert!(example().is_file());
+}
+
+#[tokio::test]
+async fn serve_reports_serving_and_exits_0_on_sigterm() {
+    let listen = free_port().to_string();
+    let api = free_port();
+    let closed = free_port().to_string();
+    let policy = policy_dir().display().to_string();
+    let grace = Duration::from_secs(2);
+    let mut child = Running(
+        pdgate()
+            .args([
+                "serve",
+                "--config",
+                "deploy/pdgate.toml",
+                "--listen",
+                &listen,
+                "--api-listen",
+                &api.to_string(),
+                "--upstream",
+                &closed,
+                "--policy",
+                &policy,
+                "--shutdown-grace-seconds",
+                &grace.as_secs().to_string(),
+            ])
+            .spawn()
+            .expect("start pdgate serve"),
+    );
+
+    let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{api}")).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let channel = loop {
+        if let Ok(channel) = endpoint.connect().await {
+            break channel;
+        }
+        if let Some(out) = child.exited() {
+            panic!("pdgate serve exited before serving: {out:?}");
+        }
+        assert!(Instant::now() < deadline, "API port not up within 10 s");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let mut health = HealthClient::new(channel);
+    for service in ["", "pdgate.v1.AccessControl"] {
+        let status = health
+            .check(HealthCheckRequest {
+                service: service.into(),
+            })
+            .await
+            .unwrap_or_else(|e| panic!("health check `{service}`: {e}"))
+            .into_inner()
+            .status();
+        assert_eq!(status, ServingStatus::Serving, "`{service}`");
+    }
+    assert!(
+        std::net::TcpStream::connect(&listen).is_ok(),
+        "the data plane listens too"
+    );
+
+    // The health connection stays open: shutdown must not wait on idle connections.
+    let pid = child.0.id();
+    let sent = Command::new("kill")
+        .args(["-TERM", &pid.to_string()])
+        .status()
+        .unwrap();
+    assert!(sent.success());
+    let signalled = Instant::now();
+    let out = child
+        .exit_within(grace + Duration::from_secs(2))
+        .await
+        .expect("pdgate exits after SIGTERM within the grace period");
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    assert!(
+        signalled.elapsed() <= grace + Duration::from_secs(1),
+        "took {:?}",
+        signalled.elapsed()
+    );
+    drop(health);
+}
+
+#[test]
+fn tls_files_that_do_not_make_a_tls_configuration_are_a_config_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let (cert, key, ca) = real_tls_files();
+    let write = |name: &str, content: &str| {
+        let path = dir.path().join(name);
+        std::fs::write(&path, content).unwrap();
+        path
+    };
+    let (cert, key, ca, junk) = (
+        write("cert.pem", &cert),
+        write("key.pem", &key),
+        write("ca.pem", &ca),
+        write("junk.pem", PLACEHOLDER_PEM),
+    );
+    let mtls = |cert: &Path, key: &Path, ca: &Path| {
+        let (cert, key, ca) = (cert.to_owned(), key.to_owned(), ca.to_owned());
+        with(move |f| {
+            f.identity = Some("mtls".into());
+            f.tls.cert = Some(cert);
+            f.tls.key = Some(key);
+            f.tls.client_ca = Some(ca);
+        })
+    };
+    assert!(mtls(&cert, &key, &ca).resolve("test.toml").is_ok());
+    for (what, file) in [
+        ("a certificate that does not parse", mtls(&junk, &key, &ca)),
+        ("a key that is a certificate", mtls(&cert, &ca, &ca)),
+        ("a client CA that does not parse", mtls(&cert, &key, &junk)),
+    ] {
+        let err = file.resolve("test.toml").expect_err(what);
+        assert_eq!(err.key, "tls", "{what}: {err}");
+    }
+}
