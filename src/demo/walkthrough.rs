@@ -252,6 +252,17 @@ fn request<T>(message: T, step: &Step) -> tonic::Request<T> {
     request
 }
 
+/// The decision id of an allowed call and a line about what came back.
+fn answered<T>(
+    response: &tonic::Response<T>,
+    describe: impl FnOnce(&T) -> String,
+) -> (String, String) {
+    (
+        decision_of(response.metadata()),
+        describe(response.get_ref()),
+    )
+}
+
 fn decision_of(md: &tonic::metadata::MetadataMap) -> String {
     md.get(DECISION_ID)
         .and_then(|v| v.to_str().ok())
@@ -272,14 +283,9 @@ async fn call(client: &mut CustomerDataClient<Channel>, step: &Step) -> Outcome 
             ))
             .await
             .map(|r| {
-                (
-                    decision_of(r.metadata()),
-                    format!(
-                        "statement {}: {} yen",
-                        r.get_ref().month,
-                        r.get_ref().amount_yen
-                    ),
-                )
+                answered(&r, |m| {
+                    format!("statement {}: {} yen", m.month, m.amount_yen)
+                })
             }),
         "GetProfile" => client
             .get_profile(request(
@@ -289,12 +295,7 @@ async fn call(client: &mut CustomerDataClient<Channel>, step: &Step) -> Outcome 
                 step,
             ))
             .await
-            .map(|r| {
-                (
-                    decision_of(r.metadata()),
-                    format!("profile of {}", r.get_ref().name),
-                )
-            }),
+            .map(|r| answered(&r, |m| format!("profile of {}", m.name))),
         "GetCallHistory" => client
             .get_call_history(request(
                 GetCallHistoryRequest {
@@ -303,12 +304,7 @@ async fn call(client: &mut CustomerDataClient<Channel>, step: &Step) -> Outcome 
                 step,
             ))
             .await
-            .map(|r| {
-                (
-                    decision_of(r.metadata()),
-                    format!("{} calls", r.get_ref().calls.len()),
-                )
-            }),
+            .map(|r| answered(&r, |m| format!("{} calls", m.calls.len()))),
         "GetUsageHistory" => client
             .get_usage_history(request(
                 GetUsageHistoryRequest {
@@ -317,12 +313,7 @@ async fn call(client: &mut CustomerDataClient<Channel>, step: &Step) -> Outcome 
                 step,
             ))
             .await
-            .map(|r| {
-                (
-                    decision_of(r.metadata()),
-                    format!("{} months", r.get_ref().records.len()),
-                )
-            }),
+            .map(|r| answered(&r, |m| format!("{} months", m.records.len()))),
         "GetUsageStatistics" => client
             .get_usage_statistics(request(
                 UsageStatisticsRequest {
@@ -332,14 +323,9 @@ async fn call(client: &mut CustomerDataClient<Channel>, step: &Step) -> Outcome 
             ))
             .await
             .map(|r| {
-                (
-                    decision_of(r.metadata()),
-                    format!(
-                        "{} customers, {} MB in all",
-                        r.get_ref().customers,
-                        r.get_ref().total_data_mb
-                    ),
-                )
+                answered(&r, |m| {
+                    format!("{} customers, {} MB in all", m.customers, m.total_data_mb)
+                })
             }),
         "DiscloseHeldData" => client
             .disclose_held_data(request(
@@ -350,13 +336,9 @@ async fn call(client: &mut CustomerDataClient<Channel>, step: &Step) -> Outcome 
             ))
             .await
             .map(|r| {
-                (
-                    decision_of(r.metadata()),
-                    format!(
-                        "disclosure with {} statements",
-                        r.get_ref().statements.len()
-                    ),
-                )
+                answered(&r, |m| {
+                    format!("disclosure with {} statements", m.statements.len())
+                })
             }),
         "ExportForInterconnect" => {
             match client
