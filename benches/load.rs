@@ -1,0 +1,728 @@
+//! Load harness: N concurrent clients making unary `GetBillingStatement` calls for a fixed
+//! time against three targets, in the same run, so the sidecar is measured against what it
+//! stands in front of:
+//!
+//! - `(a) direct`: the demo customer-data service, served in this process;
+//! - `(b) baseline`: the same tonic forwarding path as pdgate's data plane with authorization
+//!   left out (a tonic server whose service is the raw upstream `Channel`). It exists only
+//!   here, never in `src/`, and runs as a child process (this binary re-executed with
+//!   `PDGATE_LOAD_BASELINE_LISTEN` / `PDGATE_LOAD_UPSTREAM`) so it pays what pdgate pays;
+//! - `(c) pdgate`: the real `target/release/pdgate serve` as a child process.
+//!
+//! For each concurrency level the three targets run back to back, so the noise of this shared
+//! machine falls on them alike. Each run warms up for 1 s, then measures for the duration;
+//! every latency is kept (µs, one `Vec` per client task) and sorted for the percentiles.
+//! The issue's targets are printed next to the measurements, not asserted: one noisy run must
+//! not fail a build. An error through pdgate is a correctness failure (the call is allowed by
+//! the policy) and makes the run exit non-zero.
+//!
+//! Run with:
+//!
+//! ```text
+//! cargo build --release --bin pdgate && cargo bench --bench load
+//! PDGATE_LOAD_CONCURRENCY=1,16,64 PDGATE_LOAD_SECONDS=5 cargo bench --bench load
+//! ```
+
+// The harness aborts with a message when its setup fails (no runtime, no loopback socket):
+// there is nothing useful to measure then.
+#![allow(
+    clippy::expect_used,
+    clippy::unwrap_used,
+    clippy::panic,
+    reason = "a load harness whose setup fails has nothing to measure: abort with the message"
+)]
+
+use pdgate::demo::customer::CustomerService;
+use pdgate::proto::demo::GetBillingStatementRequest;
+use pdgate::proto::demo::customer_data_client::CustomerDataClient;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{ExitCode, Stdio};
+use std::time::{Duration, Instant};
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::net::TcpListener;
+use tokio::process::{Child, Command};
+use tokio::sync::watch;
+use tonic::metadata::MetadataValue;
+use tonic::transport::server::TcpIncoming;
+use tonic::transport::{Channel, Endpoint};
+
+/// Set in the re-executed child: serve the baseline forwarder on this address, and nothing else.
+const BASELINE_LISTEN_ENV: &str = "PDGATE_LOAD_BASELINE_LISTEN";
+/// Set in the re-executed child: the upstream the baseline forwards to.
+const UPSTREAM_ENV: &str = "PDGATE_LOAD_UPSTREAM";
+const CONCURRENCY_ENV: &str = "PDGATE_LOAD_CONCURRENCY";
+const SECONDS_ENV: &str = "PDGATE_LOAD_SECONDS";
+
+const DEFAULT_CONCURRENCY: [usize; 3] = [1, 16, 64];
+const DEFAULT_SECONDS: f64 = 5.0;
+const WARMUP: Duration = Duration::from_secs(1);
+/// Client tasks per HTTP/2 connection: a small pool, as a real client would keep.
+const TASKS_PER_CHANNEL: usize = 8;
+/// pdgate sheds calls beyond `--max-concurrent-calls`; the harness stays well under it.
+const MAX_CONCURRENT_CALLS: usize = 4096;
+/// A call that takes longer than this counts as an error (and the loop goes on).
+const CALL_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long a child gets to start serving.
+const STARTUP_TIMEOUT: Duration = Duration::from_secs(30);
+const RSS_SAMPLE_EVERY: Duration = Duration::from_millis(50);
+/// Concurrency at which the latency ratios and the throughput ratio are taken.
+const LATENCY_CONCURRENCY: usize = 1;
+const THROUGHPUT_CONCURRENCY: usize = 64;
+
+// The issue's targets, printed next to the measurements.
+const TARGET_P50_ADDED_US: f64 = 50.0;
+const TARGET_P99_ADDED_US: f64 = 250.0;
+const TARGET_THROUGHPUT_RATIO: f64 = 0.90;
+const TARGET_RSS_MIB: f64 = 30.0;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Target {
+    Direct,
+    Baseline,
+    Pdgate,
+}
+
+impl Target {
+    const ALL: [Self; 3] = [Self::Direct, Self::Baseline, Self::Pdgate];
+
+    fn label(self) -> &'static str {
+        match self {
+            Self::Direct => "(a) direct",
+            Self::Baseline => "(b) baseline",
+            Self::Pdgate => "(c) pdgate",
+        }
+    }
+}
+
+struct Settings {
+    concurrency: Vec<usize>,
+    duration: Duration,
+}
+
+/// One measured run: a target at a concurrency level.
+struct Row {
+    target: Target,
+    concurrency: usize,
+    calls: usize,
+    errors: u64,
+    first_error: Option<String>,
+    throughput: f64,
+    p50: u32,
+    p99: u32,
+    p999: u32,
+    /// Highest VmRSS of the target's process during the run, in KiB (children only).
+    max_rss_kib: Option<u64>,
+}
+
+/// What one client task saw during the measured window.
+#[derive(Default)]
+struct TaskResult {
+    latencies_us: Vec<u32>,
+    errors: u64,
+    first_error: Option<String>,
+    /// When its last measured call completed: the end of the window as this task saw it.
+    last_done: Option<Instant>,
+}
+
+/// A child process killed (and reaped) at the end, or killed on drop if the harness panics.
+struct Server {
+    child: Child,
+    addr: SocketAddr,
+    pid: u32,
+    /// pdgate's stderr, kept for a failure report and removed when the run ends.
+    log: Option<PathBuf>,
+}
+
+fn main() -> ExitCode {
+    if let Ok(listen) = std::env::var(BASELINE_LISTEN_ENV) {
+        return baseline_main(&listen);
+    }
+    let settings = match Settings::from_env() {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let pdgate = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/release/pdgate");
+    if !pdgate.is_file() {
+        eprintln!(
+            "error: `{}` not found; build it first:\n  cargo build --release --bin pdgate",
+            pdgate.display()
+        );
+        return ExitCode::from(2);
+    }
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("tokio runtime");
+    runtime.block_on(harness(settings, pdgate))
+}
+
+impl Settings {
+    fn from_env() -> Result<Self, String> {
+        let concurrency = match std::env::var(CONCURRENCY_ENV) {
+            Ok(list) => list
+                .split(',')
+                .map(|c| match c.trim().parse::<usize>() {
+                    Ok(n) if (1..=MAX_CONCURRENT_CALLS / 2).contains(&n) => Ok(n),
+                    _ => Err(format!(
+                        "{CONCURRENCY_ENV}: `{c}` is not a concurrency between 1 and {}",
+                        MAX_CONCURRENT_CALLS / 2
+                    )),
+                })
+                .collect::<Result<Vec<_>, _>>()?,
+            Err(_) => DEFAULT_CONCURRENCY.to_vec(),
+        };
+        let seconds = match std::env::var(SECONDS_ENV) {
+            Ok(s) => match s.trim().parse::<f64>() {
+                Ok(x) if x > 0.0 && x <= 3600.0 => x,
+                _ => return Err(format!("{SECONDS_ENV}: `{s}` is not a number of seconds")),
+            },
+            Err(_) => DEFAULT_SECONDS,
+        };
+        Ok(Self {
+            concurrency,
+            duration: Duration::from_secs_f64(seconds),
+        })
+    }
+}
+
+async fn harness(settings: Settings, pdgate: PathBuf) -> ExitCode {
+    println!(
+        "pdgate load harness: unary GetBillingStatement, {:?} warm-up + {:?} per run, \
+         concurrency {:?}, {TASKS_PER_CHANNEL} tasks per HTTP/2 connection, {} CPUs, load average {}",
+        WARMUP,
+        settings.duration,
+        settings.concurrency,
+        std::thread::available_parallelism().map_or(0, std::num::NonZero::get),
+        std::fs::read_to_string("/proc/loadavg")
+            .map(|l| l.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+            .unwrap_or_default(),
+    );
+
+    // (a) The upstream, in this process.
+    let (stop, stop_rx) = watch::channel(false);
+    let upstream_listener = TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind upstream");
+    let upstream_addr = upstream_listener.local_addr().expect("upstream address");
+    let mut stopped = stop_rx.clone();
+    let upstream = tokio::spawn(CustomerService::new().serve(upstream_listener, async move {
+        let _ = stopped.wait_for(|s| *s).await;
+    }));
+
+    let servers = async {
+        let baseline = start_baseline(upstream_addr).await?;
+        let pdgate = start_pdgate(&pdgate, upstream_addr).await?;
+        Ok::<_, String>((baseline, pdgate))
+    };
+    let (mut baseline, mut pdgate) = match servers.await {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    println!(
+        "upstream {upstream_addr} (in-process) · baseline {} (pid {}) · pdgate {} (pid {})\n",
+        baseline.addr, baseline.pid, pdgate.addr, pdgate.pid
+    );
+
+    print_header();
+    let mut rows = Vec::new();
+    for &concurrency in &settings.concurrency {
+        for target in Target::ALL {
+            let (addr, watch_pid) = match target {
+                Target::Direct => (upstream_addr, None),
+                Target::Baseline => (baseline.addr, Some(baseline.pid)),
+                Target::Pdgate => (pdgate.addr, Some(pdgate.pid)),
+            };
+            let row = match run_load(target, addr, concurrency, settings.duration, watch_pid).await
+            {
+                Ok(row) => row,
+                Err(e) => {
+                    eprintln!(
+                        "error: {} at concurrency {concurrency}: {e}",
+                        target.label()
+                    );
+                    return ExitCode::FAILURE;
+                }
+            };
+            print_row(&row);
+            rows.push(row);
+        }
+    }
+
+    baseline.stop().await;
+    pdgate.stop().await;
+    let _ = stop.send(true);
+    let _ = tokio::time::timeout(Duration::from_secs(5), upstream).await;
+
+    println!();
+    print_errors(&rows);
+    print_ratios(&rows);
+
+    let pdgate_errors: u64 = rows
+        .iter()
+        .filter(|r| r.target == Target::Pdgate)
+        .map(|r| r.errors)
+        .sum();
+    if pdgate_errors > 0 {
+        eprintln!(
+            "error: {pdgate_errors} calls through pdgate failed; the policy allows every one of them"
+        );
+        return ExitCode::FAILURE;
+    }
+    ExitCode::SUCCESS
+}
+
+/// Warms up, then runs `concurrency` client tasks against `addr` for `duration`.
+async fn run_load(
+    target: Target,
+    addr: SocketAddr,
+    concurrency: usize,
+    duration: Duration,
+    watch_pid: Option<u32>,
+) -> Result<Row, String> {
+    let mut channels = Vec::new();
+    for _ in 0..concurrency.div_ceil(TASKS_PER_CHANNEL) {
+        channels.push(
+            endpoint(addr)
+                .connect()
+                .await
+                .map_err(|e| format!("cannot connect to {addr}: {e}"))?,
+        );
+    }
+    let measure_from = Instant::now() + WARMUP;
+    let until = measure_from + duration;
+    let tasks: Vec<_> = (0..concurrency)
+        .map(|i| {
+            let client = CustomerDataClient::new(channels[i / TASKS_PER_CHANNEL].clone());
+            tokio::spawn(client_loop(client, measure_from, until))
+        })
+        .collect();
+    // The sampler ends with the run: it checks the deadline itself.
+    let sampler = watch_pid.map(|pid| tokio::spawn(sample_rss(pid, until)));
+
+    let mut latencies = Vec::new();
+    let mut errors = 0;
+    let mut first_error = None;
+    let mut last_done = measure_from;
+    for task in tasks {
+        let result = task.await.map_err(|e| format!("client task: {e}"))?;
+        latencies.extend_from_slice(&result.latencies_us);
+        errors += result.errors;
+        first_error = first_error.or(result.first_error);
+        if let Some(done) = result.last_done {
+            last_done = last_done.max(done);
+        }
+    }
+    let max_rss_kib = match sampler {
+        Some(s) => s.await.map_err(|e| format!("RSS sampler: {e}"))?,
+        None => None,
+    };
+    latencies.sort_unstable();
+    let elapsed = last_done.saturating_duration_since(measure_from);
+    let calls = latencies.len();
+    let throughput = if elapsed.is_zero() {
+        0.0
+    } else {
+        calls as f64 / elapsed.as_secs_f64()
+    };
+    Ok(Row {
+        target,
+        concurrency,
+        calls,
+        errors,
+        first_error,
+        throughput,
+        p50: percentile(&latencies, 0.50),
+        p99: percentile(&latencies, 0.99),
+        p999: percentile(&latencies, 0.999),
+        max_rss_kib,
+    })
+}
+
+/// One client: calls back to back until `until`; only calls started after `measure_from` count.
+async fn client_loop(
+    mut client: CustomerDataClient<Channel>,
+    measure_from: Instant,
+    until: Instant,
+) -> TaskResult {
+    let mut result = TaskResult::default();
+    loop {
+        let start = Instant::now();
+        if start >= until {
+            return result;
+        }
+        let outcome = tokio::time::timeout(CALL_TIMEOUT, client.get_billing_statement(request()))
+            .await
+            .map_err(|_| format!("no answer in {CALL_TIMEOUT:?}"))
+            .and_then(|r| r.map_err(|s| format!("{:?}: {}", s.code(), s.message())));
+        let done = Instant::now();
+        if start < measure_from {
+            continue;
+        }
+        result.last_done = Some(done);
+        match outcome {
+            Ok(_) => {
+                let micros = done.duration_since(start).as_micros();
+                result
+                    .latencies_us
+                    .push(u32::try_from(micros).unwrap_or(u32::MAX));
+            }
+            Err(e) => {
+                result.errors += 1;
+                result.first_error.get_or_insert(e);
+            }
+        }
+    }
+}
+
+/// The call: allowed by the repository's policy (billing-service, service.billing, cust-1).
+fn request() -> tonic::Request<GetBillingStatementRequest> {
+    let mut request = tonic::Request::new(GetBillingStatementRequest {
+        customer_id: "cust-1".to_owned(),
+        month: String::new(),
+    });
+    let md = request.metadata_mut();
+    md.insert("x-caller", MetadataValue::from_static("billing-service"));
+    md.insert("x-purpose", MetadataValue::from_static("service.billing"));
+    md.insert("x-data-subject", MetadataValue::from_static("cust-1"));
+    request
+}
+
+fn endpoint(addr: SocketAddr) -> Endpoint {
+    Endpoint::from_shared(format!("http://{addr}"))
+        .expect("loopback URI")
+        .tcp_nodelay(true)
+        .connect_timeout(Duration::from_secs(2))
+}
+
+/// Nearest-rank percentile of sorted `values` (0 when empty).
+fn percentile(sorted: &[u32], q: f64) -> u32 {
+    if sorted.is_empty() {
+        return 0;
+    }
+    let rank = (q * sorted.len() as f64).ceil() as usize;
+    sorted[rank.clamp(1, sorted.len()) - 1]
+}
+
+/// The highest VmRSS of `pid` seen until `until`, in KiB.
+async fn sample_rss(pid: u32, until: Instant) -> Option<u64> {
+    let mut max = None;
+    while Instant::now() < until {
+        if let Some(rss) = rss_kib(pid) {
+            max = Some(max.map_or(rss, |m: u64| m.max(rss)));
+        }
+        tokio::time::sleep(RSS_SAMPLE_EVERY).await;
+    }
+    max
+}
+
+fn rss_kib(pid: u32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
+    line.split_whitespace().nth(1)?.parse().ok()
+}
+
+// ---------------------------------------------------------------------------------------------
+// The children.
+
+impl Server {
+    async fn stop(&mut self) {
+        let _ = self.child.kill().await;
+        if let Some(log) = self.log.take() {
+            let _ = std::fs::remove_file(log);
+        }
+    }
+}
+
+/// Re-executes this binary as the baseline forwarder; it binds a free loopback port and
+/// reports it on its first line of output.
+async fn start_baseline(upstream: SocketAddr) -> Result<Server, String> {
+    let exe = std::env::current_exe().map_err(|e| format!("cannot find this binary: {e}"))?;
+    let mut child = Command::new(&exe)
+        .env(BASELINE_LISTEN_ENV, "127.0.0.1:0")
+        .env(UPSTREAM_ENV, upstream.to_string())
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .kill_on_drop(true)
+        .spawn()
+        .map_err(|e| format!("cannot start the baseline `{}`: {e}", exe.display()))?;
+    let pid = child.id().ok_or("the baseline exited at once")?;
+    let stdout = child.stdout.take().ok_or("no baseline stdout")?;
+    let mut first = String::new();
+    let mut stdout = BufReader::new(stdout);
+    let read = stdout.read_line(&mut first);
+    match tokio::time::timeout(STARTUP_TIMEOUT, read).await {
+        Ok(Ok(n)) if n > 0 => {}
+        _ => return Err("the baseline did not report its address".to_owned()),
+    }
+    let addr = first
+        .trim()
+        .strip_prefix("listening ")
+        .and_then(|a| a.parse().ok())
+        .ok_or_else(|| format!("the baseline said `{}`", first.trim()))?;
+    let mut server = Server {
+        child,
+        addr,
+        pid,
+        log: None,
+    };
+    wait_serving(&mut server, "baseline").await?;
+    Ok(server)
+}
+
+/// Starts `pdgate serve` on free loopback ports. A port picked free can be taken by someone
+/// else before pdgate binds it (other builds and tests share this machine): retry a few times.
+async fn start_pdgate(binary: &Path, upstream: SocketAddr) -> Result<Server, String> {
+    let policy = Path::new(env!("CARGO_MANIFEST_DIR")).join("policy");
+    let mut last_error = String::new();
+    for attempt in 1..=3 {
+        let addr = free_port()?;
+        let api = free_port()?;
+        let log = std::env::temp_dir().join(format!("pdgate-load-{}.log", std::process::id()));
+        let log_file =
+            std::fs::File::create(&log).map_err(|e| format!("`{}`: {e}", log.display()))?;
+        let child = Command::new(binary)
+            .args(["serve", "--identity", "insecure-header"])
+            .arg("--listen")
+            .arg(addr.to_string())
+            .arg("--api-listen")
+            .arg(api.to_string())
+            .arg("--upstream")
+            .arg(upstream.to_string())
+            .arg("--policy")
+            .arg(&policy)
+            .arg("--max-concurrent-calls")
+            .arg(MAX_CONCURRENT_CALLS.to_string())
+            .env_remove("PDGATE_CONFIG")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log_file)
+            .kill_on_drop(true)
+            .spawn()
+            .map_err(|e| format!("cannot start `{}`: {e}", binary.display()))?;
+        let pid = child.id().ok_or("pdgate exited at once")?;
+        let mut server = Server {
+            child,
+            addr,
+            pid,
+            log: Some(log),
+        };
+        match wait_serving(&mut server, "pdgate").await {
+            Ok(()) => return Ok(server),
+            Err(e) => {
+                server.stop().await;
+                last_error = format!("attempt {attempt}: {e}");
+            }
+        }
+    }
+    Err(last_error)
+}
+
+/// Waits until a call through `server` succeeds. Only `UNAVAILABLE` (not listening yet) is
+/// retried: a denial means the policy or the call is wrong, and measuring it would be useless.
+async fn wait_serving(server: &mut Server, name: &str) -> Result<(), String> {
+    let log = server.log.clone();
+    let log_tail = || {
+        log.as_ref()
+            .and_then(|l| std::fs::read_to_string(l).ok())
+            .map(|text| format!("; its log:\n{text}"))
+            .unwrap_or_default()
+    };
+    let deadline = Instant::now() + STARTUP_TIMEOUT;
+    loop {
+        if let Ok(Some(status)) = server.child.try_wait() {
+            return Err(format!("{name} exited with {status}{}", log_tail()));
+        }
+        if Instant::now() >= deadline {
+            return Err(format!(
+                "{name} did not serve within {STARTUP_TIMEOUT:?}{}",
+                log_tail()
+            ));
+        }
+        if let Ok(channel) = endpoint(server.addr).connect().await {
+            let mut client = CustomerDataClient::new(channel);
+            let call = client.get_billing_statement(request());
+            match tokio::time::timeout(CALL_TIMEOUT, call).await {
+                Ok(Ok(_)) => return Ok(()),
+                Ok(Err(s)) if s.code() == tonic::Code::Unavailable => {}
+                Ok(Err(s)) => {
+                    return Err(format!(
+                        "the allowed call through {name} failed: {:?}: {}",
+                        s.code(),
+                        s.message()
+                    ));
+                }
+                Err(_) => {}
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+fn free_port() -> Result<SocketAddr, String> {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map_err(|e| format!("no free loopback port: {e}"))
+}
+
+/// The child side of the baseline: a tonic server (the same builder as pdgate's data plane)
+/// whose service is the raw upstream `Channel`. It serves until its stdin closes, so it ends
+/// with the harness even if the harness is killed before it can kill the child.
+fn baseline_main(listen: &str) -> ExitCode {
+    let Ok(upstream) = std::env::var(UPSTREAM_ENV) else {
+        eprintln!("error: {BASELINE_LISTEN_ENV} is set but {UPSTREAM_ENV} is not");
+        return ExitCode::from(2);
+    };
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("tokio runtime");
+    let served = runtime.block_on(async {
+        let listener = TcpListener::bind(listen)
+            .await
+            .map_err(|e| format!("cannot bind `{listen}`: {e}"))?;
+        let addr = listener.local_addr().map_err(|e| e.to_string())?;
+        let channel = pdgate::sidecar::upstream_channel(&upstream)
+            .map_err(|e| format!("upstream `{upstream}`: {e}"))?;
+        let (closed_tx, closed_rx) = tokio::sync::oneshot::channel::<()>();
+        std::thread::spawn(move || {
+            let _ = std::io::copy(&mut std::io::stdin(), &mut std::io::sink());
+            let _ = closed_tx.send(());
+        });
+        println!("listening {addr}");
+        // As in `serve_data_plane`: the same builder and incoming, minus the Authorize layer.
+        pdgate::sidecar::server_builder(None)
+            .map_err(|e| e.to_string())?
+            .serve_with_incoming_shutdown(
+                channel,
+                TcpIncoming::from(listener).with_nodelay(Some(true)),
+                async {
+                    let _ = closed_rx.await;
+                },
+            )
+            .await
+            .map_err(|e| e.to_string())
+    });
+    match served {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("baseline: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The report.
+
+fn print_header() {
+    println!(
+        "{:<14} {:>5} {:>9} {:>7} {:>10} {:>8} {:>8} {:>8} {:>9}",
+        "target", "conc", "calls", "errors", "calls/s", "p50 µs", "p99 µs", "p999 µs", "max RSS"
+    );
+}
+
+fn print_row(row: &Row) {
+    let rss = row
+        .max_rss_kib
+        .map_or_else(|| "-".to_owned(), |k| format!("{:.1} MiB", mib(k)));
+    println!(
+        "{:<14} {:>5} {:>9} {:>7} {:>10.0} {:>8} {:>8} {:>8} {:>9}",
+        row.target.label(),
+        row.concurrency,
+        row.calls,
+        row.errors,
+        row.throughput,
+        row.p50,
+        row.p99,
+        row.p999,
+        rss
+    );
+}
+
+fn print_errors(rows: &[Row]) {
+    for row in rows.iter().filter(|r| r.errors > 0) {
+        println!(
+            "errors: {} at concurrency {}: {} (first: {})",
+            row.target.label(),
+            row.concurrency,
+            row.errors,
+            row.first_error.as_deref().unwrap_or("?")
+        );
+    }
+}
+
+fn print_ratios(rows: &[Row]) {
+    let find = |target: Target, concurrency: usize| {
+        rows.iter()
+            .find(|r| r.target == target && r.concurrency == concurrency)
+    };
+    let verdict = |ok: bool| if ok { "met" } else { "missed" };
+    println!("against the issue's targets (reported, not asserted):");
+    match (
+        find(Target::Direct, LATENCY_CONCURRENCY),
+        find(Target::Pdgate, LATENCY_CONCURRENCY),
+    ) {
+        (Some(direct), Some(pdgate)) => {
+            let p50 = f64::from(pdgate.p50) - f64::from(direct.p50);
+            let p99 = f64::from(pdgate.p99) - f64::from(direct.p99);
+            println!(
+                "  pdgate p50 added over direct at concurrency {LATENCY_CONCURRENCY}: {p50:+.0} µs \
+                 (target ≤ {TARGET_P50_ADDED_US} µs: {})",
+                verdict(p50 <= TARGET_P50_ADDED_US)
+            );
+            println!(
+                "  pdgate p99 added over direct at concurrency {LATENCY_CONCURRENCY}: {p99:+.0} µs \
+                 (target ≤ {TARGET_P99_ADDED_US} µs: {})",
+                verdict(p99 <= TARGET_P99_ADDED_US)
+            );
+        }
+        _ => println!("  latency added at concurrency {LATENCY_CONCURRENCY}: not measured"),
+    }
+    if let (Some(baseline), Some(direct)) = (
+        find(Target::Baseline, LATENCY_CONCURRENCY),
+        find(Target::Direct, LATENCY_CONCURRENCY),
+    ) {
+        println!(
+            "  (for context: baseline forwarding adds p50 {:+.0} µs, p99 {:+.0} µs over direct)",
+            f64::from(baseline.p50) - f64::from(direct.p50),
+            f64::from(baseline.p99) - f64::from(direct.p99)
+        );
+    }
+    match (
+        find(Target::Baseline, THROUGHPUT_CONCURRENCY),
+        find(Target::Pdgate, THROUGHPUT_CONCURRENCY),
+    ) {
+        (Some(baseline), Some(pdgate)) if baseline.throughput > 0.0 => {
+            let ratio = pdgate.throughput / baseline.throughput;
+            println!(
+                "  pdgate / baseline throughput at concurrency {THROUGHPUT_CONCURRENCY}: {:.1}% \
+                 (target ≥ {:.0}%: {})",
+                ratio * 100.0,
+                TARGET_THROUGHPUT_RATIO * 100.0,
+                verdict(ratio >= TARGET_THROUGHPUT_RATIO)
+            );
+        }
+        _ => println!("  throughput ratio at concurrency {THROUGHPUT_CONCURRENCY}: not measured"),
+    }
+    match find(Target::Pdgate, THROUGHPUT_CONCURRENCY).and_then(|r| r.max_rss_kib) {
+        Some(kib) => println!(
+            "  pdgate max RSS during the concurrency-{THROUGHPUT_CONCURRENCY} run: {:.1} MiB \
+             (target ≤ {TARGET_RSS_MIB} MiB: {})",
+            mib(kib),
+            verdict(mib(kib) <= TARGET_RSS_MIB)
+        ),
+        None => println!("  pdgate RSS at concurrency {THROUGHPUT_CONCURRENCY}: not measured"),
+    }
+}
+
+fn mib(kib: u64) -> f64 {
+    kib as f64 / 1024.0
+}
