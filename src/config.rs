@@ -2,6 +2,7 @@
 //! unknown keys rejected) with command-line flags on top. The whole configuration is checked
 //! before any port is bound; a bad one names the key and what is allowed.
 
+use crate::audit::{AuditSettings, Fsync, Overflow};
 use crate::decision::CacheSettings;
 use crate::sidecar::IdentityMode;
 use serde::Deserialize;
@@ -29,6 +30,27 @@ pub struct FileConfig {
     pub cache: CacheSection,
     #[serde(default)]
     pub limits: LimitsSection,
+    #[serde(default)]
+    pub audit: AuditSection,
+}
+
+/// The audit trail.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuditSection {
+    /// Directory of the audit log (created if missing).
+    pub dir: Option<PathBuf>,
+    /// `batch` (sync every batch before answering) or `interval`.
+    pub fsync: Option<String>,
+    /// With `fsync = "interval"`: sync at most this long after a write.
+    pub fsync_interval_ms: Option<u64>,
+    /// `deny` (a full queue denies the call) or `wait`.
+    pub on_full: Option<String>,
+    /// With `on_full = "wait"`: how long a call waits for room before it is denied.
+    pub wait_ms: Option<u64>,
+    pub queue_capacity: Option<usize>,
+    pub batch_max: Option<usize>,
+    pub segment_max_mib: Option<u64>,
 }
 
 /// TLS of the data plane and the API port; required by `identity = "mtls"`.
@@ -55,6 +77,95 @@ pub struct TlsFiles {
     pub client_ca_pem: Vec<u8>,
     pub uri_prefix: String,
     pub dns_suffix: Option<String>,
+}
+
+fn resolve_audit(
+    a: AuditSection,
+    err: &dyn Fn(&str, String) -> ConfigError,
+) -> Result<AuditSettings, ConfigError> {
+    let mut settings = AuditSettings::new(a.dir.unwrap_or_else(|| PathBuf::from("audit")));
+    settings.fsync = match a.fsync.as_deref().unwrap_or("batch") {
+        "batch" => {
+            if a.fsync_interval_ms.is_some() {
+                return Err(err(
+                    "audit.fsync_interval_ms",
+                    "applies only with `fsync = \"interval\"`".into(),
+                ));
+            }
+            Fsync::EveryBatch
+        }
+        "interval" => {
+            let ms = a.fsync_interval_ms.unwrap_or(100);
+            if ms == 0 || ms > 60_000 {
+                return Err(err(
+                    "audit.fsync_interval_ms",
+                    format!("`{ms}` is out of range; allowed: 1 to 60000"),
+                ));
+            }
+            Fsync::Interval(Duration::from_millis(ms))
+        }
+        other => {
+            return Err(err(
+                "audit.fsync",
+                format!("`{other}` is not a sync policy; allowed: `batch`, `interval`"),
+            ));
+        }
+    };
+    settings.overflow = match a.on_full.as_deref().unwrap_or("deny") {
+        "deny" => {
+            if a.wait_ms.is_some() {
+                return Err(err(
+                    "audit.wait_ms",
+                    "applies only with `on_full = \"wait\"`".into(),
+                ));
+            }
+            Overflow::Deny
+        }
+        "wait" => {
+            let ms = a.wait_ms.unwrap_or(1000);
+            if ms == 0 || ms > 60_000 {
+                return Err(err(
+                    "audit.wait_ms",
+                    format!("`{ms}` is out of range; allowed: 1 to 60000"),
+                ));
+            }
+            Overflow::Wait(Duration::from_millis(ms))
+        }
+        other => {
+            return Err(err(
+                "audit.on_full",
+                format!("`{other}` is not allowed; allowed: `deny`, `wait`"),
+            ));
+        }
+    };
+    if let Some(n) = a.queue_capacity {
+        if n == 0 || n > 10_000_000 {
+            return Err(err(
+                "audit.queue_capacity",
+                format!("`{n}` is out of range; allowed: 1 to 10000000"),
+            ));
+        }
+        settings.queue_capacity = n;
+    }
+    if let Some(n) = a.batch_max {
+        if n == 0 || n > 100_000 {
+            return Err(err(
+                "audit.batch_max",
+                format!("`{n}` is out of range; allowed: 1 to 100000"),
+            ));
+        }
+        settings.batch_max = n;
+    }
+    if let Some(n) = a.segment_max_mib {
+        if n == 0 || n > 1_048_576 {
+            return Err(err(
+                "audit.segment_max_mib",
+                format!("`{n}` is out of range; allowed: 1 to 1048576"),
+            ));
+        }
+        settings.segment_max_bytes = n * 1024 * 1024;
+    }
+    Ok(settings)
 }
 
 /// moka refuses a time-to-live over 1000 years.
@@ -124,6 +235,7 @@ pub struct Config {
     pub cache: CacheSettings,
     pub max_concurrent_calls: usize,
     pub shutdown_grace: Duration,
+    pub audit: AuditSettings,
 }
 
 /// A configuration problem: which key, what was wrong, what is allowed.
@@ -317,6 +429,7 @@ impl FileConfig {
             ));
         }
         let shutdown_grace = Duration::from_secs(self.limits.shutdown_grace_seconds.unwrap_or(30));
+        let audit = resolve_audit(self.audit, &err)?;
         Ok(Config {
             listen,
             api_listen,
@@ -328,6 +441,7 @@ impl FileConfig {
             cache: CacheSettings { max_entries, ttl },
             max_concurrent_calls,
             shutdown_grace,
+            audit,
         })
     }
 }

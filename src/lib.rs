@@ -22,6 +22,7 @@
 //! knows nothing of either.
 
 pub mod api;
+pub mod audit;
 pub mod cli;
 pub mod config;
 pub mod decision;

@@ -1,6 +1,7 @@
 //! Running the sidecar: both listeners, the policy, the shared state, and shutdown.
 //! `main` checks the whole configuration and binds the ports; [`run`] is what tests drive.
 
+use crate::audit::AuditLog;
 use crate::config::Config;
 use crate::decision::Decider;
 use crate::policy::{PolicySource, Snapshot, compile};
@@ -85,6 +86,7 @@ pub fn shared_state(
     config: &Config,
     policy: Option<Arc<Snapshot>>,
     subjects: Arc<dyn SubjectStates>,
+    audit: AuditLog,
 ) -> Arc<Shared> {
     let decider = Arc::new(Decider::new(config.cache));
     if let Some(policy) = policy {
@@ -100,6 +102,7 @@ pub fn shared_state(
     Arc::new(Shared::new(
         decider,
         subjects,
+        audit,
         config.identity,
         naming,
         config.max_concurrent_calls,

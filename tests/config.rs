@@ -253,8 +253,11 @@ fn example_with_every_key_uncommented_parses_and_resolves_with_mtls() {
     assert!(file.tls.cert.is_some() && file.tls.key.is_some() && file.tls.client_ca.is_some());
     assert!(file.tls.uri_prefix.is_some() && file.tls.dns_suffix.is_some());
 
-    // The TLS files only make sense with mTLS (the example says so).
+    // The TLS files only make sense with mTLS, the sync interval with `fsync = "interval"` and
+    // the wait with `on_full = "wait"` (the example says so).
     file.identity = Some("mtls".into());
+    file.audit.fsync = Some("interval".into());
+    file.audit.on_full = Some("wait".into());
     let config = resolve_example(file).expect("the uncommented example resolves with mtls");
     assert_eq!(config.identity, IdentityMode::Mtls);
     let tls = config.tls.expect("mtls has TLS files");

@@ -1,6 +1,7 @@
 //! `pdgate.v1.AccessControl`: the decision API. A deny is an answer (`allowed: false`), not an
 //! error status.
 
+use crate::audit::{self, RecordKind};
 use crate::decision::Request;
 use crate::proto::v1::access_control_server::{AccessControl, AccessControlServer};
 use crate::proto::v1::{BatchCheckRequest, BatchCheckResponse, CheckRequest, CheckResponse};
@@ -45,17 +46,20 @@ impl AccessControlService {
         }
     }
 
-    fn decide(&self, request: CheckRequest, caller: Option<&str>) -> CheckResponse {
+    /// Decides and audits one request (kind `check`).
+    async fn decide(&self, request: CheckRequest, caller: Option<&str>) -> CheckResponse {
+        let started = std::time::Instant::now();
         let mut request = Request::from(request);
         if let Some(caller) = caller {
             caller.clone_into(&mut request.caller);
         }
-        CheckResponse::from(
-            &self
-                .shared
-                .decider
-                .decide(&request, self.shared.subjects.as_ref()),
-        )
+        let decision = self
+            .shared
+            .decider
+            .decide(&request, self.shared.subjects.as_ref());
+        let mut body = audit::body_of(&decision, &request, RecordKind::Check);
+        body.latency_us = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX);
+        CheckResponse::from(&self.shared.audited(decision, body).await)
     }
 }
 
@@ -68,7 +72,7 @@ impl AccessControl for AccessControlService {
         let certs = request.peer_certs();
         let caller = self.caller(certs.as_deref().map(Vec::as_slice));
         Ok(Response::new(
-            self.decide(request.into_inner(), caller.as_deref()),
+            self.decide(request.into_inner(), caller.as_deref()).await,
         ))
     }
 
@@ -85,11 +89,11 @@ impl AccessControl for AccessControlService {
                 requests.len()
             )));
         }
-        Ok(Response::new(BatchCheckResponse {
-            responses: requests
-                .into_iter()
-                .map(|r| self.decide(r, caller.as_deref()))
-                .collect(),
-        }))
+        // Decided one by one, audited together: the records share the writer's batches.
+        let decisions = requests
+            .into_iter()
+            .map(|r| self.decide(r, caller.as_deref()));
+        let responses = futures_util::future::join_all(decisions).await;
+        Ok(Response::new(BatchCheckResponse { responses }))
     }
 }

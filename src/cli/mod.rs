@@ -1,6 +1,7 @@
 //! The `pdgate` command line. Exit codes: 0 ok or allowed, 1 denied or a failed check,
 //! 2 bad input on the command line.
 
+mod audit;
 mod check;
 mod policy_cmd;
 mod serve;
@@ -48,6 +49,9 @@ enum Command {
     /// Validate and test policy directories.
     #[command(subcommand)]
     Policy(PolicyCommand),
+    /// Inspect the audit trail: verify, query, tail, disclosure report.
+    #[command(subcommand)]
+    Audit(audit::AuditCommand),
 }
 
 #[derive(Debug, Subcommand)]
@@ -103,6 +107,7 @@ pub fn main() -> ExitCode {
             Command::Check(args) => check::run(args).await,
             Command::Serve(args) => serve::serve(args).await,
             Command::Demo(args) => serve::demo(args).await,
+            Command::Audit(command) => audit::run(command),
             Command::Policy(PolicyCommand::Validate(args)) => {
                 policy_cmd::validate(&args.dir, args.json).await
             }

@@ -1,6 +1,7 @@
 //! `pdgate serve` and `pdgate demo`.
 
 use super::{EXIT_DENIED, EXIT_OK, EXIT_USAGE};
+use crate::audit::{AuditLog, AuditSettings};
 use crate::config::{Config, ConfigError, FileConfig};
 use crate::demo::customer::CustomerService;
 use crate::demo::walkthrough;
@@ -129,6 +130,16 @@ pub async fn serve(args: ServeArgs) -> u8 {
             return EXIT_USAGE;
         }
     };
+    // The audit log is part of the configuration: one that cannot be opened is a bad
+    // `audit.dir`, reported before any port is bound.
+    let (audit, writer, head) = match AuditLog::open(config.audit.clone()) {
+        Ok(opened) => opened,
+        Err(e) => {
+            eprintln!("error: `audit.dir`: {e}");
+            return EXIT_USAGE;
+        }
+    };
+    tracing::info!(dir = %config.audit.dir.display(), records = head.seq, "audit log open");
     let listeners = match Listeners::bind(config.listen, config.api_listen).await {
         Ok(l) => l,
         Err(e) => {
@@ -149,9 +160,13 @@ pub async fn serve(args: ServeArgs) -> u8 {
         &config,
         policy,
         Arc::new(crate::subjects::InMemorySubjects::new()),
+        audit,
     );
     tracing::info!(data = %config.listen, api = %config.api_listen, upstream = %config.upstream, "pdgate serving");
-    match server::run(&config, listeners, shared, server::shutdown_signal()).await {
+    let result = server::run(&config, listeners, shared, server::shutdown_signal()).await;
+    // A clean shutdown writes every record still queued.
+    writer.close().await;
+    match result {
         Ok(()) => EXIT_OK,
         Err(e) => {
             eprintln!("error: {e}");
@@ -233,6 +248,12 @@ pub async fn demo(args: DemoArgs) -> u8 {
         cache: crate::decision::CacheSettings::default(),
         max_concurrent_calls: 1024,
         shutdown_grace: std::time::Duration::from_secs(5),
+        // Each demo run starts a fresh audit log of its own.
+        audit: AuditSettings::new(std::env::temp_dir().join(format!(
+            "pdgate-demo-audit-{}-{}",
+            std::process::id(),
+            crate::audit::now_us()
+        ))),
     };
     let Some(policy) = server::load_policy(&config).await else {
         eprintln!(
@@ -248,10 +269,18 @@ pub async fn demo(args: DemoArgs) -> u8 {
     };
     let service = CustomerService::new();
     let upstream_task = tokio::spawn(service.serve(upstream_listener, stopped(stop_rx.clone())));
+    let (audit, audit_writer, _) = match AuditLog::open(config.audit.clone()) {
+        Ok(opened) => opened,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return EXIT_DENIED;
+        }
+    };
     let shared = server::shared_state(
         &config,
         Some(policy),
         Arc::new(walkthrough::demo_subjects()),
+        audit,
     );
     let sidecar_config = config.clone();
     let sidecar_stop = stopped(stop_rx);
@@ -308,6 +337,18 @@ grpcurl -plaintext {api_addr} grpc.health.v1.Health/Check"
     let _ = stop_tx.send(true);
     let sidecar = sidecar_task.await;
     let upstream = upstream_task.await;
+    audit_writer.close().await;
+    let audit_dir = config.audit.dir.display();
+    match crate::audit::read::verify(&config.audit.dir) {
+        Ok(v) if v.ok() => println!(
+            "\nEvery decision above is in the audit log, hash-chained ({} records, chain verified):\n  \
+pdgate audit query --audit {audit_dir} --subject cust-4\n  \
+pdgate audit verify --audit {audit_dir}",
+            v.records
+        ),
+        Ok(v) => println!("\naudit log {audit_dir}: {:?}", v.first_break),
+        Err(e) => println!("\naudit log {audit_dir}: {e}"),
+    }
     let clean = matches!(sidecar, Ok(Ok(()))) && matches!(upstream, Ok(Ok(())));
     match summary {
         Some(s) if s.unexpected.is_empty() && clean => EXIT_OK,

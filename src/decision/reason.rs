@@ -35,10 +35,12 @@ pub enum ReasonCode {
     PolicyUnavailable,
     // The sidecar: the gRPC method has no route in routes.yaml.
     RouteUnknown,
+    // The decision's audit record could not be written: an allow becomes this deny.
+    AuditUnavailable,
 }
 
 impl ReasonCode {
-    pub const ALL: [ReasonCode; 20] = [
+    pub const ALL: [ReasonCode; 21] = [
         Self::PurposeNotDeclared,
         Self::PurposeUnknown,
         Self::CategoryNotDeclared,
@@ -59,6 +61,7 @@ impl ReasonCode {
         Self::SubjectStateUnavailable,
         Self::PolicyUnavailable,
         Self::RouteUnknown,
+        Self::AuditUnavailable,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -83,6 +86,7 @@ impl ReasonCode {
             Self::SubjectStateUnavailable => "SUBJECT_STATE_UNAVAILABLE",
             Self::PolicyUnavailable => "POLICY_UNAVAILABLE",
             Self::RouteUnknown => "ROUTE_UNKNOWN",
+            Self::AuditUnavailable => "AUDIT_UNAVAILABLE",
         }
     }
 

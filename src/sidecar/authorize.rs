@@ -6,6 +6,7 @@ use super::context::{self, AUTHENTICATED_CALLER, CallContext};
 use super::deadline::{self, Bounded};
 use super::rescue;
 use super::{IdentityMode, Shared};
+use crate::audit::{self, RecordBody, RecordKind};
 use crate::decision::{Decision, Reason, ReasonCode, Request};
 use futures_util::future::BoxFuture;
 use http::HeaderValue;
@@ -68,6 +69,7 @@ where
         let shared = self.shared.clone();
         let inner = self.inner.clone();
         Box::pin(async move {
+            let started = std::time::Instant::now();
             // The permit travels with the response body: a call counts as in flight until its
             // last message (a stream) or its trailers are sent, or it is cancelled.
             let Ok(permit) = shared.inflight.clone().try_acquire_owned() else {
@@ -89,7 +91,15 @@ where
                 Ok(ctx) => ctx,
                 Err(e) => return Ok(rescue::invalid_argument(&e, shared.decider.next_id())),
             };
-            let decision = shared.decide(request.uri().path(), ctx.clone());
+            let (decision, decided) = shared.decide_call(request.uri().path(), ctx.clone());
+            let mut body = audit::body_of(&decision, &decided, RecordKind::Access);
+            body.method = Some(request.uri().path().to_owned());
+            if let Some((trace, span)) = traceparent(request.headers()) {
+                body.trace_id = Some(trace);
+                body.span_id = Some(span);
+            }
+            body.latency_us = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX);
+            let decision = shared.audited(decision, body).await;
             if !decision.allowed {
                 tracing::debug!(path = request.uri().path(), decision = %decision.decision_id, "denied");
                 return Ok(rescue::denied(&decision));
@@ -126,6 +136,15 @@ where
             }
         })
     }
+}
+
+/// The trace and parent span ids of a W3C `traceparent` header (`00-<trace>-<span>-<flags>`).
+fn traceparent(headers: &http::HeaderMap) -> Option<(String, String)> {
+    let value = headers.get("traceparent")?.to_str().ok()?;
+    let mut parts = value.split('-');
+    let (_version, trace, span) = (parts.next()?, parts.next()?, parts.next()?);
+    let hex = |s: &str, n: usize| s.len() == n && s.bytes().all(|b| b.is_ascii_hexdigit());
+    (hex(trace, 32) && hex(span, 16)).then(|| (trace.to_owned(), span.to_owned()))
 }
 
 /// A response body that holds its call's in-flight permit until it is finished or dropped.
@@ -174,30 +193,62 @@ impl Shared {
     /// The decision for a call to `path` with context `ctx`: the route and the decision come
     /// from the same policy snapshot.
     pub fn decide(&self, path: &str, ctx: CallContext) -> Decision {
-        let Some(snapshot) = self.decider.policy() else {
-            return self
-                .decider
-                .deny(None, Reason::new(ReasonCode::PolicyUnavailable, "§1", ""));
-        };
-        let Some(route) = snapshot.route(path) else {
-            return self.decider.deny(
-                Some(&snapshot),
-                Reason::new(
-                    ReasonCode::RouteUnknown,
-                    "§6(5)",
-                    format!("method `{path}` has no route in routes.yaml; pdgate denies methods it does not know"),
-                ),
-            );
-        };
-        let request = Request {
+        self.decide_call(path, ctx).0
+    }
+
+    /// The decision and the request it decided (for the audit record). A method without a
+    /// route is decided with no action and no categories.
+    pub fn decide_call(&self, path: &str, ctx: CallContext) -> (Decision, Request) {
+        let mut request = Request {
             caller: ctx.caller,
             purpose: ctx.purpose,
-            action: route.action.as_str().to_owned(),
-            categories: route.categories.clone(),
+            action: String::new(),
+            categories: Vec::new(),
             subjects: ctx.subjects,
             recipient: ctx.recipient,
         };
-        self.decider
-            .decide_under(&snapshot, &request, self.subjects.as_ref())
+        let Some(snapshot) = self.decider.policy() else {
+            let reason = Reason::new(ReasonCode::PolicyUnavailable, "§1", "");
+            return (self.decider.deny(None, reason), request);
+        };
+        let Some(route) = snapshot.route(path) else {
+            let reason = Reason::new(
+                ReasonCode::RouteUnknown,
+                "§6(5)",
+                format!(
+                    "method `{path}` has no route in routes.yaml; pdgate denies methods it does not know"
+                ),
+            );
+            return (self.decider.deny(Some(&snapshot), reason), request);
+        };
+        route.action.as_str().clone_into(&mut request.action);
+        request.categories.clone_from(&route.categories);
+        let decision = self
+            .decider
+            .decide_under(&snapshot, &request, self.subjects.as_ref());
+        (decision, request)
+    }
+
+    /// Writes the decision's audit record and waits until it is written. If it cannot be
+    /// written, an allow becomes a deny (`AUDIT_UNAVAILABLE`): no call goes through unaudited.
+    pub async fn audited(&self, mut decision: Decision, mut body: RecordBody) -> Decision {
+        body.latency_us = body.latency_us.max(1);
+        match self.audit.record(body).await {
+            Ok(_) => decision,
+            Err(e) => {
+                tracing::error!(error = %e, decision = %decision.decision_id, allowed = decision.allowed, "audit record not written");
+                if decision.allowed {
+                    decision.allowed = false;
+                    decision.reasons = vec![Reason::new(
+                        ReasonCode::AuditUnavailable,
+                        "§6(3)",
+                        format!(
+                            "the decision cannot be audited ({e}); calls are denied until it can"
+                        ),
+                    )];
+                }
+                decision
+            }
+        }
     }
 }

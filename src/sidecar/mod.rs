@@ -16,6 +16,7 @@ pub mod deadline;
 pub mod identity;
 pub mod rescue;
 
+use crate::audit::AuditLog;
 use crate::config::TlsFiles;
 use crate::decision::Decider;
 use crate::subjects::SubjectStates;
@@ -39,6 +40,8 @@ pub enum IdentityMode {
 pub struct Shared {
     pub decider: Arc<Decider>,
     pub subjects: Arc<dyn SubjectStates>,
+    /// Every decision is written here before it is answered.
+    pub audit: AuditLog,
     pub identity: IdentityMode,
     /// How certificate names map to callers (mTLS mode).
     pub naming: identity::CallerNaming,
@@ -51,6 +54,7 @@ impl Shared {
     pub fn new(
         decider: Arc<Decider>,
         subjects: Arc<dyn SubjectStates>,
+        audit: AuditLog,
         identity: IdentityMode,
         naming: identity::CallerNaming,
         max_inflight: usize,
@@ -58,6 +62,7 @@ impl Shared {
         Self {
             decider,
             subjects,
+            audit,
             identity,
             naming,
             inflight: Arc::new(Semaphore::new(max_inflight)),

@@ -6,6 +6,7 @@
     reason = "each test file uses a different part of the harness"
 )]
 
+use pdgate::audit::{AuditLog, AuditSettings, AuditWriter};
 use pdgate::config::{Config, TlsFiles};
 use pdgate::decision::CacheSettings;
 use pdgate::demo::customer::CustomerService;
@@ -35,6 +36,10 @@ pub struct Harness {
     stop: watch::Sender<bool>,
     pub sidecar: Option<JoinHandle<Result<(), ServeError>>>,
     upstream: Option<JoinHandle<Result<(), tonic::transport::Error>>>,
+    pub audit_dir: PathBuf,
+    audit_writer: Option<AuditWriter>,
+    /// Keeps the temporary audit directory (when the test did not choose one).
+    _audit_tmp: Option<tempfile::TempDir>,
 }
 
 pub struct Options {
@@ -45,6 +50,8 @@ pub struct Options {
     pub shutdown_grace: Duration,
     /// `Some`: identity mode mTLS with these files.
     pub tls: Option<TlsFiles>,
+    /// `None`: a fresh temporary directory with the default settings.
+    pub audit: Option<AuditSettings>,
 }
 
 impl Default for Options {
@@ -55,6 +62,7 @@ impl Default for Options {
             max_concurrent_calls: 64,
             shutdown_grace: Duration::from_secs(10),
             tls: None,
+            audit: None,
         }
     }
 }
@@ -91,6 +99,15 @@ impl Harness {
         .unwrap();
         let data_addr = listeners.data_addr().unwrap();
         let api_addr = listeners.api_addr().unwrap();
+        let (audit_settings, audit_tmp) = match options.audit {
+            Some(settings) => (settings, None),
+            None => {
+                let tmp = tempfile::tempdir().unwrap();
+                (AuditSettings::new(tmp.path()), Some(tmp))
+            }
+        };
+        let audit_dir = audit_settings.dir.clone();
+        let (audit, audit_writer, _) = AuditLog::open(audit_settings.clone()).unwrap();
         let config = Config {
             listen: data_addr,
             api_listen: api_addr,
@@ -106,9 +123,10 @@ impl Harness {
             cache: CacheSettings::default(),
             max_concurrent_calls: options.max_concurrent_calls,
             shutdown_grace: options.shutdown_grace,
+            audit: audit_settings,
         };
         let policy = server::load_policy(&config).await;
-        let shared = server::shared_state(&config, policy, Arc::new(demo_subjects()));
+        let shared = server::shared_state(&config, policy, Arc::new(demo_subjects()), audit);
         let sidecar_stop = stopped(stop_rx);
         let sidecar =
             tokio::spawn(
@@ -122,6 +140,9 @@ impl Harness {
             stop,
             sidecar: Some(sidecar),
             upstream,
+            audit_dir,
+            audit_writer: Some(audit_writer),
+            _audit_tmp: audit_tmp,
         }
     }
 
@@ -153,7 +174,21 @@ impl Harness {
         if let Some(upstream) = self.upstream.take() {
             let _ = upstream.await;
         }
+        if let Some(writer) = self.audit_writer.take() {
+            writer.close().await;
+        }
         result
+    }
+
+    /// Every audit record written so far.
+    pub fn audit_records(&self) -> Vec<pdgate::audit::AuditRecord> {
+        let mut all = Vec::new();
+        pdgate::audit::read::scan(&self.audit_dir, &Default::default(), |r| {
+            all.push(r);
+            true
+        })
+        .unwrap();
+        all
     }
 
     pub fn signal_shutdown(&self) {

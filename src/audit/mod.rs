@@ -1,0 +1,268 @@
+//! The audit trail: one record per decision (allowed and denied, through the sidecar or the
+//! Check API), hash-chained, append-only, written by a background writer in batches.
+//!
+//! A call waits for its record to be written before it is answered, so a record is never lost
+//! for a call that was answered — not even when the process is killed (the write has reached
+//! the kernel; `fsync = "batch"` also survives a power loss). When the writer's queue is full
+//! or the disk fails, the call is denied (`AUDIT_UNAVAILABLE`), or waits if so configured;
+//! never is a record dropped silently.
+//!
+//! On disk: `segment-NNNNNNNN.jsonl` files of JSON lines (see [`record`]) and `HEAD`, the last
+//! written sequence number and hash, which lets `verify` notice a log cut short.
+
+pub mod read;
+pub mod record;
+mod writer;
+
+pub use record::{AuditRecord, RecordBody, RecordKind, RecordReason};
+pub use writer::{AuditStats, ChainHead};
+
+use crate::decision::Decision;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use tokio::sync::{mpsc, oneshot};
+
+pub const HEAD_FILE: &str = "HEAD";
+const SEGMENT_PREFIX: &str = "segment-";
+const SEGMENT_SUFFIX: &str = ".jsonl";
+
+/// When the writer syncs to stable storage.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fsync {
+    /// After every batch, before its calls are answered.
+    EveryBatch,
+    /// At most this long after a write (a power loss may lose that much; a killed process not).
+    Interval(Duration),
+}
+
+/// What a call does when the writer's queue is full.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Overflow {
+    /// Denied at once (`AUDIT_UNAVAILABLE`).
+    Deny,
+    /// Waits up to this long for room, then is denied.
+    Wait(Duration),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AuditSettings {
+    pub dir: PathBuf,
+    pub fsync: Fsync,
+    pub overflow: Overflow,
+    /// Records waiting for the writer, at most.
+    pub queue_capacity: usize,
+    /// Records written in one write, at most.
+    pub batch_max: usize,
+    /// A segment is closed and a new one begun beyond this size.
+    pub segment_max_bytes: u64,
+}
+
+impl AuditSettings {
+    pub fn new(dir: impl Into<PathBuf>) -> Self {
+        Self {
+            dir: dir.into(),
+            fsync: Fsync::EveryBatch,
+            overflow: Overflow::Deny,
+            queue_capacity: 65_536,
+            batch_max: 1024,
+            segment_max_bytes: 64 * 1024 * 1024,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum AuditError {
+    #[error("audit log `{path}`: {message}")]
+    Io { path: String, message: String },
+    #[error("audit record cannot be encoded: {0}")]
+    Encode(String),
+    #[error("audit log is corrupt: {0}")]
+    Corrupt(String),
+    #[error("audit queue is full ({0} records waiting)")]
+    QueueFull(usize),
+    #[error("audit writer has stopped")]
+    Stopped,
+}
+
+impl AuditError {
+    fn io(path: &Path, e: std::io::Error) -> Self {
+        Self::Io {
+            path: path.display().to_string(),
+            message: e.to_string(),
+        }
+    }
+}
+
+/// The handle the decision path writes through. Cheap to clone.
+#[derive(Clone)]
+pub struct AuditLog {
+    tx: mpsc::Sender<writer::Message>,
+    overflow: Overflow,
+    capacity: usize,
+    healthy: Arc<AtomicBool>,
+    stats: Arc<AuditStats>,
+}
+
+/// Owns the writer thread; [`AuditWriter::close`] writes every queued record and stops it.
+pub struct AuditWriter {
+    tx: mpsc::Sender<writer::Message>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl AuditLog {
+    /// Opens (or creates) the log and starts its writer thread, which runs until
+    /// [`AuditWriter::close`] (or until every handle is dropped).
+    pub fn open(settings: AuditSettings) -> Result<(Self, AuditWriter, ChainHead), AuditError> {
+        let healthy = Arc::new(AtomicBool::new(true));
+        let stats = Arc::new(AuditStats::default());
+        let writer = writer::Writer::open(settings.clone(), healthy.clone(), stats.clone())?;
+        let head = writer.head();
+        let (tx, rx) = mpsc::channel(settings.queue_capacity);
+        let thread = std::thread::Builder::new()
+            .name("pdgate-audit".into())
+            .spawn(move || writer.run(rx))
+            .map_err(|e| AuditError::Io {
+                path: settings.dir.display().to_string(),
+                message: format!("cannot start the writer thread: {e}"),
+            })?;
+        let closer = tx.clone();
+        Ok((
+            Self {
+                tx,
+                overflow: settings.overflow,
+                capacity: settings.queue_capacity,
+                healthy,
+                stats,
+            },
+            AuditWriter {
+                tx: closer,
+                thread: Some(thread),
+            },
+            head,
+        ))
+    }
+
+    /// Writes `body` and waits until it is written; returns its sequence number. An error
+    /// means the record is not in the log: the call must be denied.
+    pub async fn record(&self, body: RecordBody) -> Result<u64, AuditError> {
+        let (ack, written) = oneshot::channel();
+        let pending = writer::Message::Record(writer::Pending {
+            body,
+            ack: Some(ack),
+        });
+        match self.overflow {
+            Overflow::Deny => self.tx.try_send(pending).map_err(|e| match e {
+                mpsc::error::TrySendError::Full(_) => {
+                    self.stats.refused_full.fetch_add(1, Ordering::Relaxed);
+                    AuditError::QueueFull(self.capacity)
+                }
+                mpsc::error::TrySendError::Closed(_) => AuditError::Stopped,
+            })?,
+            Overflow::Wait(limit) => match tokio::time::timeout(limit, self.tx.send(pending)).await
+            {
+                Ok(Ok(())) => {}
+                Ok(Err(_)) => return Err(AuditError::Stopped),
+                Err(_) => {
+                    self.stats.refused_full.fetch_add(1, Ordering::Relaxed);
+                    return Err(AuditError::QueueFull(self.capacity));
+                }
+            },
+        }
+        written.await.map_err(|_| AuditError::Stopped)?
+    }
+
+    /// Whether the last batch was written (false after a write failure, until one succeeds).
+    pub fn healthy(&self) -> bool {
+        self.healthy.load(Ordering::Acquire)
+    }
+
+    /// Records waiting for the writer.
+    pub fn queue_depth(&self) -> usize {
+        self.capacity - self.tx.capacity()
+    }
+
+    pub fn stats(&self) -> &AuditStats {
+        &self.stats
+    }
+}
+
+impl AuditWriter {
+    /// Writes every record queued so far, syncs, and stops the writer; records offered later
+    /// are refused. Call it after the servers have stopped.
+    pub async fn close(mut self) {
+        let _ = self.tx.send(writer::Message::Close).await;
+        if let Some(thread) = self.thread.take() {
+            let _ = tokio::task::spawn_blocking(move || thread.join()).await;
+        }
+    }
+}
+
+/// The body of a decision's record.
+pub fn body_of(
+    decision: &Decision,
+    request: &crate::decision::Request,
+    kind: RecordKind,
+) -> RecordBody {
+    RecordBody {
+        time_us: now_us(),
+        kind: Some(kind),
+        decision_id: decision.decision_id.to_string(),
+        trace_id: None,
+        span_id: None,
+        caller: request.caller.clone(),
+        purpose: request.purpose.clone(),
+        action: request.action.clone(),
+        method: None,
+        categories: request.categories.clone(),
+        subjects: request.subjects.clone(),
+        recipient: request.recipient.clone(),
+        decision: if decision.allowed { "allow" } else { "deny" }.to_owned(),
+        reasons: decision
+            .reasons
+            .iter()
+            .map(|r| RecordReason {
+                code: r.code.as_str().to_owned(),
+                clause: r.clause.to_string(),
+            })
+            .collect(),
+        matched_rules: decision
+            .matched_rules
+            .iter()
+            .map(|m| format!("policy.csv:{}", m.line))
+            .collect(),
+        policy_version: decision.policy_version.map(|v| v.to_string()),
+        cache_hit: decision.cache_hit,
+        latency_us: 0,
+    }
+}
+
+pub fn now_us() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_micros()).unwrap_or(u64::MAX))
+}
+
+pub(crate) fn segment_name(number: u64) -> String {
+    format!("{SEGMENT_PREFIX}{number:08}{SEGMENT_SUFFIX}")
+}
+
+/// The segments in `dir`, in order.
+pub fn segment_paths(dir: &Path) -> Result<Vec<(u64, PathBuf)>, AuditError> {
+    let entries = std::fs::read_dir(dir).map_err(|e| AuditError::io(dir, e))?;
+    let mut segments: Vec<(u64, PathBuf)> = entries
+        .filter_map(Result::ok)
+        .filter_map(|e| {
+            let name = e.file_name().to_string_lossy().into_owned();
+            let number = name
+                .strip_prefix(SEGMENT_PREFIX)?
+                .strip_suffix(SEGMENT_SUFFIX)?
+                .parse()
+                .ok()?;
+            Some((number, e.path()))
+        })
+        .collect();
+    segments.sort();
+    Ok(segments)
+}

@@ -1,0 +1,331 @@
+//! The audit writer: a dedicated thread that appends records in batches (group commit), chains
+//! them, syncs them as configured, and acknowledges each record once it is written. A batch
+//! that cannot be written is cut back off the file and every record in it is refused, so the
+//! calls they belong to are denied: nothing is dropped silently.
+
+use super::record::{AuditRecord, GENESIS, RecordBody, seal, split_line};
+use super::{AuditError, AuditSettings, Fsync, HEAD_FILE, segment_name, segment_paths};
+use std::fs::{File, OpenOptions};
+use std::io::{BufRead, BufReader, Seek, SeekFrom, Write};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::Instant;
+use tokio::sync::{mpsc, oneshot};
+
+/// A record on its way to the writer, with whom to tell when it is written.
+pub(super) struct Pending {
+    pub body: RecordBody,
+    pub ack: Option<oneshot::Sender<Result<u64, AuditError>>>,
+}
+
+/// What the writer receives: records, then at shutdown the order to finish.
+#[expect(
+    clippy::large_enum_variant,
+    reason = "records are nearly every message; boxing them would cost an allocation per decision"
+)]
+pub(super) enum Message {
+    Record(Pending),
+    /// Write everything received before this, sync, and stop.
+    Close,
+}
+
+/// Counters shared between the writer and the handle (and, later, the metrics endpoint).
+#[derive(Debug, Default)]
+pub struct AuditStats {
+    pub written: AtomicU64,
+    pub write_failures: AtomicU64,
+    pub refused_full: AtomicU64,
+    pub batches: AtomicU64,
+}
+
+/// Where the chain stands: the last record's sequence number and hash.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ChainHead {
+    pub seq: u64,
+    pub hash: [u8; 32],
+}
+
+struct Segment {
+    path: PathBuf,
+    file: File,
+    len: u64,
+    number: u64,
+}
+
+pub(super) struct Writer {
+    dir: PathBuf,
+    settings: AuditSettings,
+    segment: Segment,
+    head: ChainHead,
+    head_file: File,
+    healthy: Arc<AtomicBool>,
+    stats: Arc<AuditStats>,
+    last_sync: Instant,
+    dirty: bool,
+}
+
+impl Writer {
+    /// Opens the log in `settings.dir` (created if missing) and finds the head of the chain.
+    pub(super) fn open(
+        settings: AuditSettings,
+        healthy: Arc<AtomicBool>,
+        stats: Arc<AuditStats>,
+    ) -> Result<Self, AuditError> {
+        let dir = settings.dir.clone();
+        std::fs::create_dir_all(&dir).map_err(|e| AuditError::io(&dir, e))?;
+        let segments = segment_paths(&dir)?;
+        let (number, head) = match segments.last() {
+            Some((number, path)) => (
+                *number,
+                recover_tail(path)?.unwrap_or(previous_head(&segments)?),
+            ),
+            None => (
+                1,
+                ChainHead {
+                    seq: 0,
+                    hash: GENESIS,
+                },
+            ),
+        };
+        let segment = open_segment(&dir, number)?;
+        let head_path = dir.join(HEAD_FILE);
+        let head_file = OpenOptions::new()
+            .create(true)
+            .write(true)
+            .truncate(false)
+            .open(&head_path)
+            .map_err(|e| AuditError::io(&head_path, e))?;
+        let mut writer = Self {
+            dir,
+            settings,
+            segment,
+            head,
+            head_file,
+            healthy,
+            stats,
+            last_sync: Instant::now(),
+            dirty: false,
+        };
+        writer.write_head()?;
+        Ok(writer)
+    }
+
+    pub(super) fn head(&self) -> ChainHead {
+        self.head
+    }
+
+    /// Runs until every sender is gone, then syncs and returns.
+    pub(super) fn run(mut self, mut rx: mpsc::Receiver<Message>) {
+        let mut batch = Vec::with_capacity(self.settings.batch_max);
+        let mut closing = false;
+        while !closing {
+            match rx.blocking_recv() {
+                Some(Message::Record(first)) => batch.push(first),
+                Some(Message::Close) | None => break,
+            }
+            while batch.len() < self.settings.batch_max {
+                match rx.try_recv() {
+                    Ok(Message::Record(p)) => batch.push(p),
+                    Ok(Message::Close) => {
+                        closing = true;
+                        break;
+                    }
+                    Err(_) => break,
+                }
+            }
+            let result = self.write_batch(&batch);
+            match &result {
+                Ok(_) => {
+                    self.healthy.store(true, Ordering::Release);
+                    self.stats
+                        .written
+                        .fetch_add(batch.len() as u64, Ordering::Relaxed);
+                }
+                Err(e) => {
+                    self.healthy.store(false, Ordering::Release);
+                    self.stats
+                        .write_failures
+                        .fetch_add(batch.len() as u64, Ordering::Relaxed);
+                    tracing::error!(error = %e, records = batch.len(), "audit batch not written; its calls are denied");
+                }
+            }
+            self.stats.batches.fetch_add(1, Ordering::Relaxed);
+            for (i, pending) in batch.drain(..).enumerate() {
+                if let Some(ack) = pending.ack {
+                    let _ = ack.send(match &result {
+                        Ok(first) => Ok(first + i as u64),
+                        Err(e) => Err(e.clone()),
+                    });
+                }
+            }
+        }
+        // Later senders find the channel closed and are refused (their calls denied).
+        rx.close();
+        if let Err(e) = self.sync() {
+            tracing::error!(error = %e, "audit log not synced at shutdown");
+        }
+    }
+
+    /// Appends `batch` as one write; returns the first sequence number. On failure the file is
+    /// cut back to where it was and the chain does not advance.
+    fn write_batch(&mut self, batch: &[Pending]) -> Result<u64, AuditError> {
+        if self.segment.len >= self.settings.segment_max_bytes {
+            self.rotate()?;
+        }
+        let mut buf = String::with_capacity(batch.len() * 512);
+        let mut head = self.head;
+        for pending in batch {
+            let record = AuditRecord {
+                seq: head.seq + 1,
+                prev: hex::encode(head.hash),
+                body: pending.body.clone(),
+            };
+            let (line, hash) =
+                seal(&record, &head.hash).map_err(|e| AuditError::Encode(e.to_string()))?;
+            buf.push_str(&line);
+            head = ChainHead {
+                seq: record.seq,
+                hash,
+            };
+        }
+        let start = self.segment.len;
+        if let Err(e) = self.segment.file.write_all(buf.as_bytes()) {
+            // Cut any partial write back off, so the chain on disk stays whole.
+            let cut = self
+                .segment
+                .file
+                .set_len(start)
+                .and_then(|()| self.segment.file.seek(SeekFrom::Start(start)).map(|_| ()));
+            if let Err(cut) = cut {
+                tracing::error!(error = %cut, "audit segment cannot be cut back after a failed write");
+            }
+            return Err(AuditError::io(&self.segment.path, e));
+        }
+        self.segment.len += buf.len() as u64;
+        self.dirty = true;
+        let first = self.head.seq + 1;
+        self.head = head;
+        match self.settings.fsync {
+            Fsync::EveryBatch => self.sync()?,
+            Fsync::Interval(every) => {
+                if self.last_sync.elapsed() >= every {
+                    self.sync()?;
+                }
+            }
+        }
+        self.write_head()?;
+        Ok(first)
+    }
+
+    fn sync(&mut self) -> Result<(), AuditError> {
+        if self.dirty {
+            self.segment
+                .file
+                .sync_data()
+                .map_err(|e| AuditError::io(&self.segment.path, e))?;
+            self.dirty = false;
+        }
+        self.last_sync = Instant::now();
+        Ok(())
+    }
+
+    /// `HEAD` holds the last written sequence number and hash: `verify` uses it to notice a
+    /// log cut short. Fixed width, rewritten in place.
+    fn write_head(&mut self) -> Result<(), AuditError> {
+        let text = format!("{:020} {}\n", self.head.seq, hex::encode(self.head.hash));
+        let path = self.dir.join(HEAD_FILE);
+        self.head_file
+            .seek(SeekFrom::Start(0))
+            .and_then(|_| self.head_file.write_all(text.as_bytes()))
+            .map_err(|e| AuditError::io(&path, e))
+    }
+
+    fn rotate(&mut self) -> Result<(), AuditError> {
+        self.sync()?;
+        self.segment = open_segment(&self.dir, self.segment.number + 1)?;
+        tracing::info!(segment = %self.segment.path.display(), "audit segment rotated");
+        Ok(())
+    }
+}
+
+fn open_segment(dir: &Path, number: u64) -> Result<Segment, AuditError> {
+    let path = dir.join(segment_name(number));
+    let file = OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&path)
+        .map_err(|e| AuditError::io(&path, e))?;
+    let len = file.metadata().map_err(|e| AuditError::io(&path, e))?.len();
+    Ok(Segment {
+        path,
+        file,
+        len,
+        number,
+    })
+}
+
+/// The chain head at the end of `path`. A last line without its newline was never
+/// acknowledged (the process died mid-write): it is cut off. Returns `None` for an empty file.
+fn recover_tail(path: &Path) -> Result<Option<ChainHead>, AuditError> {
+    let file = File::open(path).map_err(|e| AuditError::io(path, e))?;
+    let meta = file.metadata().map_err(|e| AuditError::io(path, e))?;
+    if !meta.is_file() {
+        // A device or a pipe holds no records to recover; whether it takes writes, the first
+        // batch will tell (and fail closed if not).
+        tracing::warn!(segment = %path.display(), "audit segment is not a regular file");
+        return Ok(None);
+    }
+    let mut reader = BufReader::new(file);
+    let mut line = String::new();
+    let mut last: Option<ChainHead> = None;
+    let mut complete_len = 0u64;
+    loop {
+        line.clear();
+        let n = reader
+            .read_line(&mut line)
+            .map_err(|e| AuditError::io(path, e))?;
+        if n == 0 {
+            break;
+        }
+        if !line.ends_with('\n') {
+            tracing::warn!(segment = %path.display(), bytes = n, "cutting an unfinished audit line left by a crash (never acknowledged)");
+            let file = OpenOptions::new()
+                .write(true)
+                .open(path)
+                .map_err(|e| AuditError::io(path, e))?;
+            file.set_len(complete_len)
+                .map_err(|e| AuditError::io(path, e))?;
+            break;
+        }
+        complete_len += n as u64;
+        let record: AuditRecord = serde_json::from_str(&line).map_err(|e| {
+            AuditError::Corrupt(format!("{}: unreadable record: {e}", path.display()))
+        })?;
+        let (_, hash) = split_line(&line).ok_or_else(|| {
+            AuditError::Corrupt(format!(
+                "{}: record {} has no hash",
+                path.display(),
+                record.seq
+            ))
+        })?;
+        last = Some(ChainHead {
+            seq: record.seq,
+            hash,
+        });
+    }
+    Ok(last)
+}
+
+/// The head at the end of the segment before the last (the last one is empty).
+fn previous_head(segments: &[(u64, PathBuf)]) -> Result<ChainHead, AuditError> {
+    for (_, path) in segments.iter().rev().skip(1) {
+        if let Some(head) = recover_tail(path)? {
+            return Ok(head);
+        }
+    }
+    Ok(ChainHead {
+        seq: 0,
+        hash: GENESIS,
+    })
+}

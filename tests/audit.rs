@@ -1,0 +1,612 @@
+//! The audit trail: one record per decision, written before the call is answered; a chain
+//! that `verify` checks for every kind of tampering; faults that deny calls instead of losing
+//! records (a full disk, an unusable directory); nothing lost to SIGKILL or a clean shutdown.
+
+#![allow(
+    clippy::expect_used,
+    clippy::unwrap_used,
+    clippy::panic,
+    reason = "test code: a failed setup aborts the test"
+)]
+
+mod common;
+
+use common::{Harness, Options, call, decision_id, reason};
+use pdgate::audit::read::{self, Filter};
+use pdgate::audit::{AuditLog, AuditSettings, Overflow, RecordBody};
+use pdgate::proto::demo::{GetBillingStatementRequest, GetProfileRequest};
+use pdgate::proto::v1::CheckRequest;
+use pdgate::proto::v1::access_control_client::AccessControlClient;
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::Duration;
+use tonic::Code;
+
+fn billing(subject: &str) -> tonic::Request<GetBillingStatementRequest> {
+    call(
+        GetBillingStatementRequest {
+            customer_id: subject.into(),
+            month: String::new(),
+        },
+        "billing-service",
+        "service.billing",
+        &[subject],
+    )
+}
+
+#[tokio::test]
+async fn every_decision_is_recorded_before_the_answer() {
+    let h = Harness::start().await;
+    let mut client = h.client().await;
+    let mut allowed = billing("cust-1");
+    allowed.metadata_mut().insert(
+        "traceparent",
+        "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
+            .parse()
+            .unwrap(),
+    );
+    let response = client.get_billing_statement(allowed).await.unwrap();
+    let allowed_id = decision_id(response.metadata()).unwrap();
+    let status = client
+        .get_profile(call(
+            GetProfileRequest {
+                customer_id: "cust-1".into(),
+            },
+            "marketing-service",
+            "marketing.email",
+            &["cust-1"],
+        ))
+        .await
+        .unwrap_err();
+    let denied_id = decision_id(status.metadata()).unwrap();
+
+    // The records are there as soon as the answers are: nothing waits in a queue.
+    let records = h.audit_records();
+    assert_eq!(records.len(), 2);
+    let (a, d) = (&records[0].body, &records[1].body);
+    assert_eq!(a.decision_id, allowed_id);
+    assert_eq!(a.decision, "allow");
+    assert_eq!(a.caller, "billing-service");
+    assert_eq!(a.purpose, "service.billing");
+    assert_eq!(a.action, "read");
+    assert_eq!(a.categories, vec!["customer.billing"]);
+    assert_eq!(a.subjects, vec!["cust-1"]);
+    assert_eq!(
+        a.method.as_deref(),
+        Some("/demo.customer.v1.CustomerData/GetBillingStatement")
+    );
+    assert_eq!(
+        a.trace_id.as_deref(),
+        Some("4bf92f3577b34da6a3ce929d0e0e4736")
+    );
+    assert_eq!(a.span_id.as_deref(), Some("00f067aa0ba902b7"));
+    assert_eq!(a.policy_version.as_ref().map(String::len), Some(64));
+    assert!(
+        a.matched_rules.iter().all(|m| m.starts_with("policy.csv:")) && !a.matched_rules.is_empty()
+    );
+    assert!(a.latency_us > 0 && a.time_us > 0);
+    assert_eq!(d.decision_id, denied_id);
+    assert_eq!(d.decision, "deny");
+    assert_eq!(d.reasons[0].code, "CONSENT_REQUIRED");
+    assert_eq!(d.reasons[0].clause, "§1(2)");
+    // Identifiers only: the personal data that came back is not in the log.
+    let profile = client
+        .get_profile(call(
+            GetProfileRequest {
+                customer_id: "cust-2".into(),
+            },
+            "marketing-service",
+            "marketing.email",
+            &["cust-2"],
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    let text = std::fs::read_to_string(h.audit_dir.join("segment-00000001.jsonl")).unwrap();
+    assert_eq!(text.lines().count(), 3);
+    for personal in [
+        &profile.name,
+        &profile.email,
+        &profile.address,
+        &profile.phone,
+    ] {
+        assert!(
+            !personal.is_empty() && !text.contains(personal.as_str()),
+            "`{personal}` is in the audit log"
+        );
+    }
+    assert!(read::verify(&h.audit_dir).unwrap().ok());
+}
+
+#[tokio::test]
+async fn check_api_decisions_are_recorded_too() {
+    let h = Harness::start().await;
+    let mut api = AccessControlClient::new(h.channel(h.api_addr).await);
+    let response = api
+        .check(CheckRequest {
+            caller: "billing-service".into(),
+            purpose: "service.billing".into(),
+            action: "read".into(),
+            categories: vec!["customer.billing".into()],
+            subjects: vec!["cust-9".into()],
+            recipient: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let records = h.audit_records();
+    assert_eq!(records.len(), 1);
+    assert_eq!(records[0].body.kind, Some(pdgate::audit::RecordKind::Check));
+    assert_eq!(records[0].body.decision_id, response.decision_id);
+    assert_eq!(records[0].body.subjects, vec!["cust-9"]);
+}
+
+#[tokio::test]
+async fn a_full_disk_denies_calls_instead_of_losing_records() {
+    // The segment the writer appends to is /dev/full: every write fails with ENOSPC.
+    let dir = tempfile::tempdir().unwrap();
+    std::os::unix::fs::symlink("/dev/full", dir.path().join("segment-00000001.jsonl")).unwrap();
+    let h = Harness::with(Options {
+        audit: Some(AuditSettings::new(dir.path())),
+        ..Options::default()
+    })
+    .await;
+    let status = h
+        .client()
+        .await
+        .get_billing_statement(billing("cust-1"))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::PermissionDenied);
+    assert_eq!(reason(&status), "AUDIT_UNAVAILABLE");
+    assert_eq!(
+        h.service.calls(),
+        0,
+        "an unaudited call reached the upstream"
+    );
+    // A call that is denied anyway stays denied, with its own reason.
+    let status = h
+        .client()
+        .await
+        .get_profile(call(
+            GetProfileRequest {
+                customer_id: "cust-1".into(),
+            },
+            "marketing-service",
+            "marketing.email",
+            &["cust-1"],
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(reason(&status), "CONSENT_REQUIRED");
+}
+
+#[tokio::test]
+async fn refused_records_are_exactly_the_missing_ones() {
+    // A queue of one and 300 records at once: some are refused. Every refused record's call
+    // would be denied; every accepted one is in the log. None is dropped silently.
+    let dir = tempfile::tempdir().unwrap();
+    let mut settings = AuditSettings::new(dir.path());
+    settings.queue_capacity = 1;
+    let (log, writer, _) = AuditLog::open(settings).unwrap();
+    let results = futures_util::future::join_all((0..300).map(|i| {
+        let log = log.clone();
+        async move { log.record(body(i)).await }
+    }))
+    .await;
+    let accepted = results.iter().filter(|r| r.is_ok()).count();
+    for r in &results {
+        if let Err(e) = r {
+            assert!(matches!(e, pdgate::audit::AuditError::QueueFull(1)), "{e}");
+        }
+    }
+    drop(log);
+    writer.close().await;
+    let v = read::verify(dir.path()).unwrap();
+    assert!(v.ok(), "{v:?}");
+    assert_eq!(v.records as usize, accepted);
+
+    // Waiting instead of refusing: all 300 get in.
+    let dir = tempfile::tempdir().unwrap();
+    let mut settings = AuditSettings::new(dir.path());
+    settings.queue_capacity = 1;
+    settings.overflow = Overflow::Wait(Duration::from_secs(10));
+    let (log, writer, _) = AuditLog::open(settings).unwrap();
+    let results = futures_util::future::join_all((0..300).map(|i| {
+        let log = log.clone();
+        async move { log.record(body(i)).await }
+    }))
+    .await;
+    assert!(results.iter().all(Result::is_ok));
+    drop(log);
+    writer.close().await;
+    assert_eq!(read::verify(dir.path()).unwrap().records, 300);
+}
+
+#[tokio::test]
+async fn a_clean_shutdown_writes_everything_and_a_restart_continues_the_chain() {
+    let dir = tempfile::tempdir().unwrap();
+    let (log, writer, head) = AuditLog::open(AuditSettings::new(dir.path())).unwrap();
+    assert_eq!(head.seq, 0);
+    for i in 0..50 {
+        log.record(body(i)).await.unwrap();
+    }
+    drop(log);
+    writer.close().await;
+    let (log, writer, head) = AuditLog::open(AuditSettings::new(dir.path())).unwrap();
+    assert_eq!(head.seq, 50);
+    assert_eq!(log.record(body(50)).await.unwrap(), 51);
+    writer.close().await;
+    let v = read::verify(dir.path()).unwrap();
+    assert!(v.ok(), "{v:?}");
+    assert_eq!(v.records, 51);
+}
+
+#[tokio::test]
+async fn segments_rotate_and_the_chain_runs_across_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut settings = AuditSettings::new(dir.path());
+    settings.segment_max_bytes = 2_000;
+    settings.batch_max = 4;
+    let (log, writer, _) = AuditLog::open(settings).unwrap();
+    for i in 0..60 {
+        log.record(body(i)).await.unwrap();
+    }
+    drop(log);
+    writer.close().await;
+    let v = read::verify(dir.path()).unwrap();
+    assert!(v.ok(), "{v:?}");
+    assert_eq!(v.records, 60);
+    assert!(v.segments > 3, "{} segments", v.segments);
+}
+
+fn body(i: u64) -> RecordBody {
+    RecordBody {
+        time_us: 1_700_000_000_000_000 + i,
+        decision_id: format!("decision-{i}"),
+        caller: "billing-service".into(),
+        purpose: "service.billing".into(),
+        action: "read".into(),
+        categories: vec!["customer.billing".into()],
+        subjects: vec![format!("cust-{}", i % 7)],
+        decision: "allow".into(),
+        ..RecordBody::default()
+    }
+}
+
+/// A log of 20 records in a fresh directory.
+async fn twenty_records() -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    let (log, writer, _) = AuditLog::open(AuditSettings::new(dir.path())).unwrap();
+    for i in 0..20 {
+        log.record(body(i)).await.unwrap();
+    }
+    drop(log);
+    writer.close().await;
+    dir
+}
+
+fn edit_lines(dir: &Path, edit: impl FnOnce(&mut Vec<String>)) {
+    let path = dir.join("segment-00000001.jsonl");
+    let text = std::fs::read_to_string(&path).unwrap();
+    let mut lines: Vec<String> = text.lines().map(|l| format!("{l}\n")).collect();
+    edit(&mut lines);
+    std::fs::write(&path, lines.concat()).unwrap();
+}
+
+#[tokio::test]
+async fn verify_names_the_first_modified_deleted_inserted_or_reordered_record() {
+    let whole = twenty_records().await;
+    let v = read::verify(whole.path()).unwrap();
+    assert!(v.ok(), "{v:?}");
+    assert_eq!(v.records, 20);
+
+    type Edit = Box<dyn FnOnce(&mut Vec<String>)>;
+    let cases: Vec<(&str, Edit, usize, &str)> = vec![
+        (
+            "modified",
+            Box::new(|l| l[4] = l[4].replace("billing-service", "billing-servicf")),
+            5,
+            "was modified",
+        ),
+        (
+            "a decision flipped",
+            Box::new(|l| l[9] = l[9].replace("\"allow\"", "\"deny\"")),
+            10,
+            "was modified",
+        ),
+        (
+            "a field added",
+            Box::new(|l| l[2] = l[2].replacen("{", "{\"note\":\"x\",", 1)),
+            3,
+            "was modified",
+        ),
+        (
+            "deleted",
+            Box::new(|l| {
+                l.remove(4);
+            }),
+            5,
+            "deleted",
+        ),
+        (
+            "inserted",
+            Box::new(|l| {
+                let copy = l[4].clone();
+                l.insert(5, copy);
+            }),
+            6,
+            "inserted",
+        ),
+        ("reordered", Box::new(|l| l.swap(6, 7)), 7, "reordered"),
+    ];
+    for (what, edit, line, needle) in cases {
+        let copy = tempfile::tempdir().unwrap();
+        for f in ["segment-00000001.jsonl", "HEAD"] {
+            std::fs::copy(whole.path().join(f), copy.path().join(f)).unwrap();
+        }
+        edit_lines(copy.path(), edit);
+        let v = read::verify(copy.path()).unwrap();
+        let b = v
+            .first_break
+            .unwrap_or_else(|| panic!("{what}: not detected"));
+        assert_eq!(b.line, Some(line), "{what}: {b:?}");
+        assert!(b.what.contains(needle), "{what}: {b:?}");
+    }
+}
+
+#[tokio::test]
+async fn verify_notices_a_log_cut_short() {
+    let whole = twenty_records().await;
+    // The last three records removed, whole lines: only HEAD can tell.
+    let copy = tempfile::tempdir().unwrap();
+    for f in ["segment-00000001.jsonl", "HEAD"] {
+        std::fs::copy(whole.path().join(f), copy.path().join(f)).unwrap();
+    }
+    edit_lines(copy.path(), |l| l.truncate(17));
+    let b = read::verify(copy.path())
+        .unwrap()
+        .first_break
+        .expect("cut detected");
+    assert!(
+        b.what.contains("ends at record 17 but HEAD says 20"),
+        "{b:?}"
+    );
+    // Cut in the middle of a line.
+    let path = copy.path().join("segment-00000001.jsonl");
+    let text = std::fs::read(&path).unwrap();
+    std::fs::write(&path, &text[..text.len() - 30]).unwrap();
+    let b = read::verify(copy.path())
+        .unwrap()
+        .first_break
+        .expect("cut detected");
+    assert!(b.what.contains("unfinished"), "{b:?}");
+    // HEAD removed: a cut could no longer be told, so that is a break too.
+    std::fs::copy(whole.path().join("segment-00000001.jsonl"), &path).unwrap();
+    std::fs::remove_file(copy.path().join("HEAD")).unwrap();
+    let b = read::verify(copy.path())
+        .unwrap()
+        .first_break
+        .expect("missing HEAD detected");
+    assert!(b.what.contains("HEAD"), "{b:?}");
+}
+
+#[tokio::test]
+async fn query_filters_by_each_field() {
+    let h = Harness::start().await;
+    let mut client = h.client().await;
+    client
+        .get_billing_statement(billing("cust-1"))
+        .await
+        .unwrap();
+    client
+        .get_billing_statement(billing("cust-2"))
+        .await
+        .unwrap();
+    let _ = client
+        .get_profile(call(
+            GetProfileRequest {
+                customer_id: "cust-1".into(),
+            },
+            "marketing-service",
+            "marketing.email",
+            &["cust-1"],
+        ))
+        .await;
+    let count = |filter: Filter| {
+        let mut n = 0;
+        read::scan(&h.audit_dir, &filter, |_| {
+            n += 1;
+            true
+        })
+        .unwrap();
+        n
+    };
+    assert_eq!(count(Filter::default()), 3);
+    assert_eq!(
+        count(Filter {
+            subject: Some("cust-1".into()),
+            ..Filter::default()
+        }),
+        2
+    );
+    assert_eq!(
+        count(Filter {
+            caller: Some("marketing-service".into()),
+            ..Filter::default()
+        }),
+        1
+    );
+    assert_eq!(
+        count(Filter {
+            purpose: Some("marketing".into()),
+            ..Filter::default()
+        }),
+        1
+    );
+    assert_eq!(
+        count(Filter {
+            purpose: Some("service".into()),
+            ..Filter::default()
+        }),
+        2
+    );
+    assert_eq!(
+        count(Filter {
+            category: Some("customer".into()),
+            ..Filter::default()
+        }),
+        3
+    );
+    assert_eq!(
+        count(Filter {
+            decision: Some("deny".into()),
+            ..Filter::default()
+        }),
+        1
+    );
+    assert_eq!(
+        count(Filter {
+            reason: Some("CONSENT_REQUIRED".into()),
+            ..Filter::default()
+        }),
+        1
+    );
+    assert_eq!(
+        count(Filter {
+            since_us: Some(u64::MAX),
+            ..Filter::default()
+        }),
+        0
+    );
+    let first = h.audit_records()[0].body.decision_id.clone();
+    assert_eq!(
+        count(Filter {
+            decision_id: Some(first),
+            ..Filter::default()
+        }),
+        1
+    );
+}
+
+#[test]
+fn an_audit_directory_under_a_regular_file_stops_serve_before_binding() {
+    let tmp = tempfile::tempdir().unwrap();
+    let file = tmp.path().join("a-file");
+    std::fs::write(&file, "not a directory").unwrap();
+    let config = tmp.path().join("pdgate.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "policy = {:?}\nlisten = \"127.0.0.1:0\"\napi_listen = \"127.0.0.1:0\"\n[audit]\ndir = {:?}\n",
+            common::policy_dir(),
+            file.join("audit")
+        ),
+    )
+    .unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_pdgate"))
+        .args(["serve", "--config", config.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("audit.dir"),
+        "{out:?}"
+    );
+}
+
+#[tokio::test]
+async fn sigkill_loses_no_record_of_an_answered_call() {
+    // The upstream runs here; pdgate runs as its own process, killed with SIGKILL mid-traffic.
+    let service = pdgate::demo::customer::CustomerService::new();
+    let upstream = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let upstream_addr = upstream.local_addr().unwrap();
+    tokio::spawn(service.clone().serve(upstream, std::future::pending()));
+    let free = || {
+        std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+    };
+    let (data, api) = (free(), free());
+    let audit = tempfile::tempdir().unwrap();
+    let config = audit.path().join("pdgate.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "listen = \"{data}\"\napi_listen = \"{api}\"\nupstream = \"{upstream_addr}\"\npolicy = {:?}\n[audit]\ndir = {:?}\nfsync = \"batch\"\n",
+            common::policy_dir(),
+            audit.path().join("log")
+        ),
+    )
+    .unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_pdgate"))
+        .args(["serve", "--config", config.to_str().unwrap()])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut client = None;
+    for _ in 0..200 {
+        if let Ok(ch) = tonic::transport::Channel::from_shared(format!("http://{data}"))
+            .unwrap()
+            .connect()
+            .await
+        {
+            client = Some(pdgate::proto::demo::customer_data_client::CustomerDataClient::new(ch));
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let client = client.expect("pdgate started");
+    // Concurrent calls, then SIGKILL while more are in flight.
+    let mut answered = Vec::new();
+    for round in 0..5 {
+        let calls = (0..20).map(|_| {
+            let mut c = client.clone();
+            async move { c.get_billing_statement(billing("cust-1")).await }
+        });
+        for response in futures_util::future::join_all(calls)
+            .await
+            .into_iter()
+            .flatten()
+        {
+            answered.push(decision_id(response.metadata()).unwrap());
+        }
+        if round == 3 {
+            let mut c = client.clone();
+            tokio::spawn(async move {
+                for _ in 0..50 {
+                    let _ = c.get_billing_statement(billing("cust-2")).await;
+                }
+            });
+            Command::new("kill")
+                .args(["-KILL", &child.id().to_string()])
+                .status()
+                .unwrap();
+        }
+    }
+    let _ = child.wait();
+    assert!(answered.len() >= 80, "{} answered", answered.len());
+    let log = audit.path().join("log");
+    let mut recorded = std::collections::HashSet::new();
+    read::scan(&log, &Filter::default(), |r| {
+        recorded.insert(r.body.decision_id);
+        true
+    })
+    .unwrap();
+    for id in &answered {
+        assert!(
+            recorded.contains(id),
+            "answered call {id} has no audit record"
+        );
+    }
+    let v = read::verify(&log).unwrap();
+    assert!(
+        v.ok()
+            || v.first_break
+                .as_ref()
+                .is_some_and(|b| b.what.contains("unfinished")),
+        "{v:?}"
+    );
+}
