@@ -712,6 +712,8 @@ async fn serve_reports_serving_and_exits_0_on_sigterm() {
     let closed = free_port().to_string();
     let policy = policy_dir().display().to_string();
     let grace = Duration::from_secs(2);
+    let audit = tempfile::tempdir().unwrap();
+    let audit_dir = audit.path().display().to_string();
     let mut child = Running(
         pdgate()
             .args([
@@ -728,6 +730,8 @@ async fn serve_reports_serving_and_exits_0_on_sigterm() {
                 &policy,
                 "--shutdown-grace-seconds",
                 &grace.as_secs().to_string(),
+                "--audit-dir",
+                &audit_dir,
             ])
             .spawn()
             .expect("start pdgate serve"),

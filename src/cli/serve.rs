@@ -55,6 +55,9 @@ pub struct ServeArgs {
     /// Seconds calls in flight get to finish after SIGTERM [default: 30].
     #[arg(long, value_name = "SECONDS")]
     shutdown_grace_seconds: Option<u64>,
+    /// Directory of the audit log [default: audit].
+    #[arg(long, value_name = "DIR", env = "PDGATE_AUDIT")]
+    audit_dir: Option<PathBuf>,
 }
 
 impl ServeArgs {
@@ -98,6 +101,7 @@ impl ServeArgs {
             "limits.shutdown_grace_seconds",
             "--shutdown-grace-seconds",
         );
+        flag(self.audit_dir.is_some(), "audit.dir", "--audit-dir");
         file.listen = self.listen.or(file.listen);
         file.api_listen = self.api_listen.or(file.api_listen);
         file.upstream = self.upstream.or(file.upstream);
@@ -112,6 +116,7 @@ impl ServeArgs {
         file.limits.shutdown_grace_seconds = self
             .shutdown_grace_seconds
             .or(file.limits.shutdown_grace_seconds);
+        file.audit.dir = self.audit_dir.or(file.audit.dir);
         file.resolve(&origin).map_err(|mut e| {
             if let Some((_, name)) = from_flags.iter().find(|(key, _)| *key == e.key) {
                 e.origin = "command line".to_owned();
