@@ -652,6 +652,8 @@ fn serve_checks_the_whole_config_before_binding() {
     let api = free_port().to_string();
     let policy = policy_dir().display().to_string();
     let closed = free_port().to_string();
+    let audit = tempfile::tempdir().unwrap();
+    let audit_dir = audit.path().display().to_string();
     let serve = |extra: &[&str]| {
         let mut args = vec![
             "serve",
@@ -661,6 +663,8 @@ fn serve_checks_the_whole_config_before_binding() {
             &api,
             "--policy",
             &policy,
+            "--audit-dir",
+            &audit_dir,
         ];
         args.extend_from_slice(extra);
         run(&args)
