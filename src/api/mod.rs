@@ -2,6 +2,7 @@
 //! passing their calls through, `grpc.health.v1`, and server reflection (so grpcurl works).
 
 pub mod access;
+pub mod envoy;
 
 use crate::sidecar::Shared;
 use std::future::Future;
@@ -41,6 +42,7 @@ pub async fn serve_api(
     crate::sidecar::server_builder(tls)?
         .add_service(health)
         .add_service(reflection)
+        .add_service(envoy::EnvoyAuthorization::new(shared.clone()).into_server())
         .add_service(access::AccessControlService::new(shared).into_server())
         .serve_with_incoming_shutdown(
             TcpIncoming::from(listener).with_nodelay(Some(true)),

@@ -14,6 +14,12 @@ pub type Response = http::Response<Body>;
 /// `PERMISSION_DENIED`, the reason codes and clauses in the message and, as a
 /// `google.rpc.ErrorInfo` (reason = first code, domain `pdgate`), in `grpc-status-details-bin`.
 pub fn denied(decision: &Decision) -> Response {
+    with_decision_id(denied_status(decision), decision.decision_id)
+}
+
+/// The status of a denial, for callers that answer in another shape than a gRPC response
+/// (the Envoy ext_authz server), so that a denial reads the same however it is asked for.
+pub fn denied_status(decision: &Decision) -> Status {
     let reasons: Vec<String> = decision
         .reasons
         .iter()
@@ -47,17 +53,21 @@ pub fn denied(decision: &Decision) -> Response {
         .reasons
         .first()
         .map_or("DENIED", |r| r.code.as_str());
-    let status = Status::with_error_details(
+    Status::with_error_details(
         Code::PermissionDenied,
         message,
         ErrorDetails::with_error_info(first, "pdgate", metadata),
-    );
-    with_decision_id(status, decision.decision_id)
+    )
 }
 
 /// `INVALID_ARGUMENT`: the call's metadata cannot be read as intended.
 pub fn invalid_argument(error: &impl std::fmt::Display, id: DecisionId) -> Response {
-    with_decision_id(Status::invalid_argument(error.to_string()), id)
+    with_decision_id(invalid_argument_status(error), id)
+}
+
+/// The status of malformed metadata, for the Envoy ext_authz server (see [`denied_status`]).
+pub fn invalid_argument_status(error: &impl std::fmt::Display) -> Status {
+    Status::invalid_argument(error.to_string())
 }
 
 /// `RESOURCE_EXHAUSTED`: too many calls in flight; the call was shed before any decision.
