@@ -610,3 +610,23 @@ async fn sigkill_loses_no_record_of_an_answered_call() {
         "{v:?}"
     );
 }
+
+#[tokio::test]
+async fn interval_sync_writes_everything_and_the_chain_stays_whole() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut settings = AuditSettings::new(dir.path());
+    settings.fsync = pdgate::audit::Fsync::Interval(Duration::from_millis(20));
+    settings.segment_max_bytes = 3_000;
+    let (log, writer, _) = AuditLog::open(settings).unwrap();
+    for i in 0..40 {
+        log.record(body(i)).await.unwrap();
+    }
+    // Quiet for longer than the interval: the syncer runs with no new batch to trigger it.
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert!(log.healthy());
+    drop(log);
+    writer.close().await;
+    let v = read::verify(dir.path()).unwrap();
+    assert!(v.ok(), "{v:?}");
+    assert_eq!(v.records, 40);
+}
