@@ -11,6 +11,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     for proto in &protos {
         println!("cargo:rerun-if-changed={}", proto.display());
     }
+    // `sqlx::migrate!` embeds migrations/ at compile time, and a proc macro cannot ask to be
+    // rerun when a file is added there: rerunning this script rebuilds the crate.
+    println!("cargo:rerun-if-changed=migrations");
     let mut config = tonic_prost_build::Config::new();
     config.protoc_executable(protoc_bin_vendored::protoc_bin_path()?);
     let includes = [PathBuf::from("proto"), protoc_bin_vendored::include_path()?];

@@ -5,6 +5,7 @@
 use crate::audit::{AuditSettings, Fsync, Overflow};
 use crate::decision::CacheSettings;
 use crate::sidecar::IdentityMode;
+use crate::telemetry::TelemetrySettings;
 use serde::Deserialize;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -32,6 +33,21 @@ pub struct FileConfig {
     pub limits: LimitsSection,
     #[serde(default)]
     pub audit: AuditSection,
+    #[serde(default)]
+    pub telemetry: TelemetrySection,
+}
+
+/// OpenTelemetry export (off unless `otlp_endpoint` is set). `/metrics` on the API port is
+/// always served and needs no key.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TelemetrySection {
+    /// An OTLP/gRPC collector, `http://HOST:PORT`.
+    pub otlp_endpoint: Option<String>,
+    /// `service.name` of the exported spans and metrics.
+    pub service_name: Option<String>,
+    /// Seconds between metric exports.
+    pub metrics_interval_seconds: Option<u64>,
 }
 
 /// The audit trail.
@@ -168,6 +184,66 @@ fn resolve_audit(
     Ok(settings)
 }
 
+fn resolve_telemetry(
+    t: TelemetrySection,
+    err: &dyn Fn(&str, String) -> ConfigError,
+) -> Result<TelemetrySettings, ConfigError> {
+    let mut settings = TelemetrySettings::default();
+    let Some(endpoint) = t.otlp_endpoint else {
+        // Without an endpoint nothing is exported: a name or an interval would do nothing,
+        // and was most likely meant to come with an endpoint that is missing.
+        for (key, given) in [
+            ("telemetry.service_name", t.service_name.is_some()),
+            (
+                "telemetry.metrics_interval_seconds",
+                t.metrics_interval_seconds.is_some(),
+            ),
+        ] {
+            if given {
+                return Err(err(key, "applies only with `otlp_endpoint`".into()));
+            }
+        }
+        return Ok(settings);
+    };
+    if !otlp_endpoint_is_valid(&endpoint) {
+        return Err(err(
+            "telemetry.otlp_endpoint",
+            format!(
+                "`{endpoint}` is not an http:// URI with a host and a port, e.g. `http://127.0.0.1:4317` (OTLP over gRPC; https is not supported: run the collector on loopback or in the pod)"
+            ),
+        ));
+    }
+    settings.otlp_endpoint = Some(endpoint);
+    if let Some(name) = t.service_name {
+        if name.trim().is_empty() || name.len() > 255 {
+            return Err(err(
+                "telemetry.service_name",
+                format!("`{name}` is not allowed; allowed: 1 to 255 characters, not all blank"),
+            ));
+        }
+        settings.service_name = name;
+    }
+    if let Some(seconds) = t.metrics_interval_seconds {
+        if seconds == 0 || seconds > 3600 {
+            return Err(err(
+                "telemetry.metrics_interval_seconds",
+                format!("`{seconds}` is out of range; allowed: 1 to 3600"),
+            ));
+        }
+        settings.metrics_interval = Duration::from_secs(seconds);
+    }
+    Ok(settings)
+}
+
+/// `http://host:port` (a path is allowed; the exporter adds none for gRPC).
+fn otlp_endpoint_is_valid(endpoint: &str) -> bool {
+    endpoint.starts_with("http://")
+        && endpoint
+            .parse::<http::Uri>()
+            .is_ok_and(|u| u.host().is_some_and(|h| !h.is_empty()) && u.port_u16().is_some())
+        && tonic::transport::Endpoint::from_shared(endpoint.to_owned()).is_ok()
+}
+
 /// moka refuses a time-to-live over 1000 years.
 const MAX_CACHE_TTL: Duration = Duration::from_secs(1000 * 365 * 24 * 3600);
 
@@ -236,6 +312,7 @@ pub struct Config {
     pub max_concurrent_calls: usize,
     pub shutdown_grace: Duration,
     pub audit: AuditSettings,
+    pub telemetry: TelemetrySettings,
 }
 
 /// A configuration problem: which key, what was wrong, what is allowed.
@@ -430,6 +507,7 @@ impl FileConfig {
         }
         let shutdown_grace = Duration::from_secs(self.limits.shutdown_grace_seconds.unwrap_or(30));
         let audit = resolve_audit(self.audit, &err)?;
+        let telemetry = resolve_telemetry(self.telemetry, &err)?;
         Ok(Config {
             listen,
             api_listen,
@@ -442,6 +520,7 @@ impl FileConfig {
             max_concurrent_calls,
             shutdown_grace,
             audit,
+            telemetry,
         })
     }
 }

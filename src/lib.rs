@@ -15,6 +15,12 @@
 //!   [`decision::finish`]) and [`decision::Decider`], which holds the current snapshot and the
 //!   moka decision cache. Deciding never fails: what cannot be evaluated is a deny.
 //! - [`subjects`]: the data subject's consent and requests, as decisions read them.
+//! - [`registry`]: the persistent subject registry with the history of every change, in a
+//!   SQLite file (embedded default) or PostgreSQL (fleet), and [`registry::Preloaded`], which
+//!   reads a request's subjects before the (synchronous) decision.
+//! - [`telemetry`]: the metrics registry (`GET /metrics` on the API port) and, with an OTLP
+//!   endpoint configured, one span per decision parented on the caller's `traceparent`, and
+//!   spans and metrics exported over OTLP/gRPC.
 //! - [`cli`]: the `pdgate` command line; `main.rs` only calls [`cli::main`].
 //! - [`proto`]: the gRPC types generated from `proto/`.
 //!
@@ -29,6 +35,8 @@ pub mod decision;
 pub mod demo;
 pub mod policy;
 pub mod proto;
+pub mod registry;
 pub mod server;
 pub mod sidecar;
 pub mod subjects;
+pub mod telemetry;

@@ -7,6 +7,8 @@ use crate::decision::Decider;
 use crate::policy::{PolicySource, Snapshot, compile};
 use crate::sidecar::{self, Shared};
 use crate::subjects::SubjectStates;
+use crate::telemetry::metrics::Metrics;
+use crate::telemetry::{Telemetry, TelemetryError};
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -48,6 +50,8 @@ pub enum ServeError {
     DataPlane(tonic::transport::Error),
     #[error("API server: {0}")]
     Api(Box<dyn std::error::Error + Send + Sync>),
+    #[error("`telemetry.otlp_endpoint`: {0}")]
+    Telemetry(#[from] TelemetryError),
 }
 
 /// Loads the configured policy. An invalid policy is logged with every problem and `None` is
@@ -81,14 +85,21 @@ pub async fn load_policy(config: &Config) -> Option<Arc<Snapshot>> {
     }
 }
 
-/// Builds the shared state for `config` with `policy` (if any).
+/// Builds the shared state for `config` with `policy` (if any), and starts the OTLP
+/// exporters when `config.telemetry` names an endpoint (inside the tokio runtime: their
+/// channels live on it). [`run`] stops them when the servers have stopped.
 pub fn shared_state(
     config: &Config,
     policy: Option<Arc<Snapshot>>,
     subjects: Arc<dyn SubjectStates>,
     audit: AuditLog,
-) -> Arc<Shared> {
+) -> Result<Arc<Shared>, ServeError> {
     let decider = Arc::new(Decider::new(config.cache));
+    let metrics = Arc::new(Metrics::new(decider.cache_stats().clone(), audit.clone()));
+    let telemetry = Telemetry::start(&config.telemetry, metrics)?;
+    if let Some(endpoint) = &config.telemetry.otlp_endpoint {
+        tracing::info!(%endpoint, service = %config.telemetry.service_name, "exporting spans and metrics over OTLP");
+    }
     if let Some(policy) = policy {
         decider.set_policy(policy);
     }
@@ -99,19 +110,32 @@ pub fn shared_state(
         ),
         dns_suffix: config.tls.as_ref().and_then(|t| t.dns_suffix.clone()),
     };
-    Arc::new(Shared::new(
+    Ok(Arc::new(Shared::new(
         decider,
         subjects,
         audit,
         config.identity,
         naming,
         config.max_concurrent_calls,
-    ))
+        telemetry,
+    )))
 }
 
 /// Serves the data plane and the API until `shutdown` completes; then both stop accepting
-/// and calls in flight get `config.shutdown_grace` to finish.
+/// and calls in flight get `config.shutdown_grace` to finish. Last, the telemetry still
+/// buffered is exported and the exporters stop.
 pub async fn run(
+    config: &Config,
+    listeners: Listeners,
+    shared: Arc<Shared>,
+    shutdown: impl Future<Output = ()> + Send,
+) -> Result<(), ServeError> {
+    let result = serve(config, listeners, shared.clone(), shutdown).await;
+    shared.telemetry.shutdown().await;
+    result
+}
+
+async fn serve(
     config: &Config,
     listeners: Listeners,
     shared: Arc<Shared>,

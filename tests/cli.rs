@@ -20,6 +20,11 @@ fn pdgate(args: &[&str]) -> Output {
     let out = Command::new(env!("CARGO_BIN_EXE_pdgate"))
         .args(args)
         .env_remove("PDGATE_POLICY")
+        // `check` reads the subject registry when no inline state is given: point it at a file
+        // that never exists (read as nothing recorded), not at whatever `subjects.db` or
+        // database the environment holds.
+        .env("PDGATE_SUBJECTS", "target/cli-tests-no-such-subjects.db")
+        .env_remove("PDGATE_DATABASE_URL")
         .current_dir(env!("CARGO_MANIFEST_DIR"))
         .output()
         .expect("run pdgate");

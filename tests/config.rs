@@ -158,6 +158,11 @@ fn example_parses_resolves_and_shows_the_defaults() {
     assert_eq!(config.cache, defaults.cache);
     assert_eq!(config.max_concurrent_calls, defaults.max_concurrent_calls);
     assert_eq!(config.shutdown_grace, defaults.shutdown_grace);
+    assert_eq!(config.telemetry, defaults.telemetry);
+    assert_eq!(
+        config.telemetry.otlp_endpoint, None,
+        "export is off by default"
+    );
 }
 
 #[test]
@@ -259,6 +264,10 @@ fn example_with_every_key_uncommented_parses_and_resolves_with_mtls() {
     file.audit.fsync = Some("interval".into());
     file.audit.on_full = Some("wait".into());
     let config = resolve_example(file).expect("the uncommented example resolves with mtls");
+    assert_eq!(
+        config.telemetry.otlp_endpoint.as_deref(),
+        Some("http://127.0.0.1:4317")
+    );
     assert_eq!(config.identity, IdentityMode::Mtls);
     let tls = config.tls.expect("mtls has TLS files");
     assert_eq!(tls.uri_prefix, DEFAULT_URI_PREFIX);
@@ -468,6 +477,52 @@ fn every_bad_value_names_its_key() {
             with(|f| f.limits.max_concurrent_calls = Some(1_000_001)),
             "limits.max_concurrent_calls",
         ),
+        (
+            "no scheme",
+            with(|f| f.telemetry.otlp_endpoint = Some("127.0.0.1:4317".into())),
+            "telemetry.otlp_endpoint",
+        ),
+        (
+            "https",
+            with(|f| f.telemetry.otlp_endpoint = Some("https://collector:4317".into())),
+            "telemetry.otlp_endpoint",
+        ),
+        (
+            "no port",
+            with(|f| f.telemetry.otlp_endpoint = Some("http://collector".into())),
+            "telemetry.otlp_endpoint",
+        ),
+        (
+            "empty",
+            with(|f| f.telemetry.otlp_endpoint = Some(String::new())),
+            "telemetry.otlp_endpoint",
+        ),
+        (
+            "name without endpoint",
+            with(|f| f.telemetry.service_name = Some("pdgate-eu".into())),
+            "telemetry.service_name",
+        ),
+        (
+            "interval without endpoint",
+            with(|f| f.telemetry.metrics_interval_seconds = Some(10)),
+            "telemetry.metrics_interval_seconds",
+        ),
+        (
+            "blank name",
+            with(|f| {
+                f.telemetry.otlp_endpoint = Some("http://127.0.0.1:4317".into());
+                f.telemetry.service_name = Some(" ".into());
+            }),
+            "telemetry.service_name",
+        ),
+        (
+            "zero",
+            with(|f| {
+                f.telemetry.otlp_endpoint = Some("http://127.0.0.1:4317".into());
+                f.telemetry.metrics_interval_seconds = Some(0);
+            }),
+            "telemetry.metrics_interval_seconds",
+        ),
     ];
     for (what, file, key) in cases {
         let err = file.resolve("test.toml").expect_err(what);
@@ -521,6 +576,14 @@ fn values_the_example_calls_allowed_resolve() {
         (
             "no grace",
             with(|f| f.limits.shutdown_grace_seconds = Some(0)),
+        ),
+        (
+            "otlp to a host name, every telemetry key",
+            with(|f| {
+                f.telemetry.otlp_endpoint = Some("http://otel-collector.monitoring:4317".into());
+                f.telemetry.service_name = Some("customer-data-pdgate".into());
+                f.telemetry.metrics_interval_seconds = Some(3600);
+            }),
         ),
     ];
     for (what, file) in cases {
@@ -692,6 +755,15 @@ fn serve_checks_the_whole_config_before_binding() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("`cache.max_entries`"), "{stderr}");
     assert!(stderr.contains(&bad), "{stderr}");
+
+    // A bad OTLP endpoint: the same, naming the flag.
+    let out = serve(&["--upstream", &closed, "--otlp-endpoint", "collector:4317"]);
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("command line: `--otlp-endpoint`"),
+        "the flag is named: {stderr}"
+    );
 
     // An unknown key: the same, naming the key.
     let unknown = write_config(&dir, "[limits]\nmax_calls = 10\n");

@@ -295,3 +295,61 @@ async fn access_control_check_decides_for_the_peer_not_the_claimed_caller() {
     );
     assert_eq!(response.reasons[0].code, "PURPOSE_NOT_REGISTERED");
 }
+
+#[tokio::test]
+async fn the_metrics_endpoint_is_behind_mtls_too() {
+    use http_body::Body as _;
+    use tower::ServiceExt;
+    let pki = Pki { ca: Ca::new() };
+    let h = pki.sidecar().await;
+    // No plaintext: an HTTP/1 request to the TLS port gets no metrics.
+    let mut plain = tokio::net::TcpStream::connect(h.api_addr).await.unwrap();
+    tokio::io::AsyncWriteExt::write_all(
+        &mut plain,
+        b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+    )
+    .await
+    .unwrap();
+    let mut answer = Vec::new();
+    let _ = tokio::time::timeout(
+        Duration::from_secs(5),
+        tokio::io::AsyncReadExt::read_to_end(&mut plain, &mut answer),
+    )
+    .await;
+    assert!(!String::from_utf8_lossy(&answer).contains("pdgate_decisions_total"));
+
+    // With a client certificate from the client CA, over HTTP/2 (TLS offers h2 only).
+    let channel = pki
+        .channel(h.api_addr, Some(pki.ca.leaf(vec![uri("billing-service")])))
+        .await
+        .unwrap();
+    let request = http::Request::get("https://localhost/metrics")
+        .body(tonic::body::Body::empty())
+        .unwrap();
+    let response = channel.oneshot(request).await.unwrap();
+    assert_eq!(response.status(), http::StatusCode::OK);
+    let mut body = response.into_body();
+    let mut text = Vec::new();
+    while let Some(frame) =
+        std::future::poll_fn(|cx| std::pin::Pin::new(&mut body).poll_frame(cx)).await
+    {
+        if let Ok(bytes) = frame.unwrap().into_data() {
+            text.extend_from_slice(&bytes);
+        }
+    }
+    assert!(
+        String::from_utf8(text)
+            .unwrap()
+            .contains("# TYPE pdgate_decisions_total counter")
+    );
+    // Without a certificate: the handshake fails, or the request does, as for every API.
+    if let Ok(channel) = pki.channel(h.api_addr, None).await {
+        let request = http::Request::get("https://localhost/metrics")
+            .body(tonic::body::Body::empty())
+            .unwrap();
+        assert!(
+            channel.oneshot(request).await.is_err(),
+            "a client without a certificate read the metrics"
+        );
+    }
+}

@@ -38,6 +38,7 @@ use crate::sidecar::context::{
     self, AUTHENTICATED_CALLER, CALLER, DECISION_ID, MetadataError, PURPOSE, RECIPIENT, SUBJECT,
 };
 use crate::sidecar::{IdentityMode, Shared, rescue};
+use crate::telemetry::CallSpan;
 use envoy_types::ext_authz::v3::pb::{
     Authorization, AuthorizationServer, CheckRequest, CheckResponse, HeaderAppendAction,
     HttpStatusCode,
@@ -55,6 +56,11 @@ use tonic::{Response, Status};
 /// Set on a denial: the reason codes, comma-separated, for proxies and logs that do not read
 /// the body.
 pub const REASONS: &str = "x-pdgate-reasons";
+
+/// The RPC name of an Envoy check's span (`rpc.method`).
+const ENVOY_CHECK: &str = "envoy.service.auth.v3.Authorization/Check";
+const TRACEPARENT: &str = "traceparent";
+const TRACESTATE: &str = "tracestate";
 
 /// The metadata keys pdgate reads; Envoy sends every header, pdgate looks at these only.
 const READ: [&str; 4] = [PURPOSE, SUBJECT, RECIPIENT, CALLER];
@@ -88,13 +94,21 @@ impl EnvoyAuthorization {
         AuthorizationServer::new(self)
     }
 
-    async fn answer(&self, request: &CheckRequest) -> CheckResponse {
+    async fn answer(&self, request: &CheckRequest, metadata: &HeaderMap) -> CheckResponse {
         let started = std::time::Instant::now();
+        let mut span = if self.shared.telemetry.tracing() {
+            self.shared
+                .telemetry
+                .start_span(&trace_parent(metadata, request), ENVOY_CHECK)
+        } else {
+            None
+        };
         let attributes = request.attributes.as_ref();
         let Some(http) = attributes
             .and_then(|a| a.request.as_ref())
             .and_then(|r| r.http.as_ref())
         else {
+            mark(&mut span, &CheckRequestError::NoHttpRequest);
             return invalid(
                 &CheckRequestError::NoHttpRequest,
                 self.shared.decider.next_id(),
@@ -113,7 +127,10 @@ impl EnvoyAuthorization {
         };
         let ctx = match call_headers(http).and_then(|h| Ok(context::extract(&h, authenticated)?)) {
             Ok(ctx) => ctx,
-            Err(e) => return invalid(&e, self.shared.decider.next_id()),
+            Err(e) => {
+                mark(&mut span, &e);
+                return invalid(&e, self.shared.decider.next_id());
+            }
         };
         // The service routes on the path alone; a query string must not make the method
         // unknown, nor name another one.
@@ -127,8 +144,16 @@ impl EnvoyAuthorization {
         let (decision, decided) = self.shared.decide_call(path, ctx);
         let mut body = audit::body_of(&decision, &decided, RecordKind::Access);
         body.method = Some(path.to_owned());
+        if let Some((trace, span)) = span.as_ref().and_then(CallSpan::ids) {
+            body.trace_id = Some(trace);
+            body.span_id = Some(span);
+        }
         body.latency_us = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX);
         let decision = self.shared.audited(decision, body).await;
+        self.shared.observe(&decision, &decided.purpose, started);
+        if let Some(span) = &mut span {
+            span.record_decision(&decision, &decided, Some(path));
+        }
         if decision.allowed {
             allowed(
                 &decision,
@@ -148,7 +173,57 @@ impl Authorization for EnvoyAuthorization {
         &self,
         request: tonic::Request<CheckRequest>,
     ) -> Result<Response<CheckResponse>, Status> {
-        Ok(Response::new(self.answer(request.get_ref()).await))
+        Ok(Response::new(
+            self.answer(request.get_ref(), request.metadata().as_ref())
+                .await,
+        ))
+    }
+}
+
+/// The trace context pdgate's span continues: Envoy's own, when Envoy traces its ext_authz
+/// calls (the gRPC call's `traceparent`), else the checked request's.
+fn trace_parent(metadata: &HeaderMap, request: &CheckRequest) -> HeaderMap {
+    let mut parent = HeaderMap::new();
+    let from_call = metadata.contains_key(TRACEPARENT);
+    let http = request
+        .attributes
+        .as_ref()
+        .and_then(|a| a.request.as_ref())
+        .and_then(|r| r.http.as_ref());
+    for key in [TRACEPARENT, TRACESTATE] {
+        let value = if from_call {
+            metadata.get(key).cloned()
+        } else {
+            http.and_then(|h| checked_header(h, key))
+        };
+        if let Some(value) = value {
+            parent.insert(key, value);
+        }
+    }
+    parent
+}
+
+/// Header `key` of the checked request, from raw headers or the joined map.
+fn checked_header(http: &HttpRequest, key: &str) -> Option<HeaderValue> {
+    if let Some(raw) = http.header_map.as_ref().filter(|m| !m.headers.is_empty()) {
+        let header = raw
+            .headers
+            .iter()
+            .find(|h| h.key.eq_ignore_ascii_case(key))?;
+        let bytes = if header.raw_value.is_empty() {
+            header.value.as_bytes()
+        } else {
+            &header.raw_value
+        };
+        return HeaderValue::from_bytes(bytes).ok();
+    }
+    HeaderValue::from_str(http.headers.get(key)?).ok()
+}
+
+/// Records a refusal (`INVALID_ARGUMENT`) on the check's span, if there is one.
+fn mark(span: &mut Option<CallSpan>, error: &CheckRequestError) {
+    if let Some(span) = span {
+        span.record_status(tonic::Code::InvalidArgument, &error.to_string());
     }
 }
 

@@ -1,8 +1,10 @@
 //! pdgate's own API port: `AccessControl` (Check, BatchCheck) for services that ask instead of
-//! passing their calls through, `grpc.health.v1`, and server reflection (so grpcurl works).
+//! passing their calls through, `grpc.health.v1`, server reflection (so grpcurl works), and
+//! `GET /metrics` (Prometheus text, over HTTP/1 or HTTP/2).
 
 pub mod access;
 pub mod envoy;
+pub mod metrics;
 
 use crate::sidecar::Shared;
 use std::future::Future;
@@ -39,7 +41,11 @@ pub async fn serve_api(
         .register_encoded_file_descriptor_set(crate::proto::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1()?;
+    let metrics = metrics::MetricsEndpointLayer::new(shared.telemetry.metrics().clone());
     crate::sidecar::server_builder(tls)?
+        // HTTP/1 for `GET /metrics` (a Prometheus scrape); gRPC stays on HTTP/2.
+        .accept_http1(true)
+        .layer(metrics)
         .add_service(health)
         .add_service(reflection)
         .add_service(envoy::EnvoyAuthorization::new(shared.clone()).into_server())

@@ -1,17 +1,21 @@
 //! `pdgate check`: decide one request against a policy directory, as the sidecar would.
 
+use super::subjects::{StoreArgs, warn_absent};
 use super::{EXIT_DENIED, EXIT_OK, EXIT_USAGE, policy_cmd::report_invalid, print_json};
 use crate::decision::{CacheSettings, Decider, Decision, Request};
-use crate::policy;
-use crate::subjects::{InMemorySubjects, SubjectState};
+use crate::policy::{self, Snapshot};
+use crate::registry::Preloaded;
+use crate::subjects::{InMemorySubjects, SubjectState, SubjectStates};
 use clap::Args;
 use std::path::PathBuf;
 use std::sync::Arc;
 
 #[derive(Debug, Args)]
 #[command(
-    after_help = "The flags after --subject give that subject's state for this check \
-(no flag: no consent, nothing suspended).\n\n\
+    after_help = "The subject's state is read from the registry (--store, default subjects.db, \
+or --database-url), as `pdgate subjects` recorded it; a registry that cannot be read denies \
+SUBJECT_STATE_UNAVAILABLE. The flags --consent, --comms-consent, --suspend-use and \
+--suspend-provision give the state inline instead (the registry is not read).\n\n\
 An unknown caller, purpose, category or action is not an input error: it is denied with its \
 reason code (exit 1), exactly as the sidecar decides it.\n\n\
 Examples:\n  \
@@ -67,6 +71,9 @@ pub struct CheckArgs {
     /// The subject asked to stop providing their data to third parties.
     #[arg(long, requires = "subjects")]
     suspend_provision: bool,
+    /// Where the subject's state is read when no inline state flag is given.
+    #[command(flatten)]
+    store: StoreArgs,
     /// Policy directory.
     #[arg(
         long,
@@ -95,17 +102,29 @@ pub async fn run(args: CheckArgs) -> u8 {
             return EXIT_DENIED;
         }
     };
-    let state = SubjectState {
-        consent: args.consent.iter().cloned().collect(),
-        comms_consent: args.comms_consent.iter().cloned().collect(),
-        use_suspended: args.suspend_use,
-        provision_suspended: args.suspend_provision,
+    let inline = !args.consent.is_empty()
+        || !args.comms_consent.is_empty()
+        || args.suspend_use
+        || args.suspend_provision;
+    let subjects = if inline || args.subjects.is_empty() {
+        let state = SubjectState {
+            consent: args.consent.iter().cloned().collect(),
+            comms_consent: args.comms_consent.iter().cloned().collect(),
+            use_suspended: args.suspend_use,
+            provision_suspended: args.suspend_provision,
+        };
+        let inline: InMemorySubjects = args
+            .subjects
+            .iter()
+            .map(|s| (s.clone(), state.clone()))
+            .collect();
+        Subjects::Inline(inline)
+    } else {
+        match read_registry(&args.store, &args.subjects).await {
+            Ok(loaded) => loaded,
+            Err(code) => return code,
+        }
     };
-    let subjects: InMemorySubjects = args
-        .subjects
-        .iter()
-        .map(|s| (s.clone(), state.clone()))
-        .collect();
     let request = Request {
         caller: args.caller,
         purpose: args.purpose,
@@ -114,8 +133,14 @@ pub async fn run(args: CheckArgs) -> u8 {
         subjects: args.subjects,
         recipient: args.recipient,
     };
-    let decider = Decider::with_policy(snapshot, CacheSettings::default());
-    let decision = decider.decide(&request, &subjects);
+    let decider = Decider::with_policy(snapshot.clone(), CacheSettings::default());
+    let decision = decider.decide(&request, subjects.states());
+    if let Subjects::Registry { loaded, absent } = &subjects
+        && loaded.consulted()
+    {
+        // Only when the decision read a state: otherwise the registry did not matter to it.
+        warn_about_registry(&args.store, loaded, *absent, &snapshot);
+    }
     if args.json {
         match serde_json::to_value(&decision) {
             Ok(v) => print_json(&v),
@@ -131,6 +156,84 @@ pub async fn run(args: CheckArgs) -> u8 {
         EXIT_OK
     } else {
         EXIT_DENIED
+    }
+}
+
+/// Where this check reads the subjects' state.
+enum Subjects {
+    /// Given on the command line.
+    Inline(InMemorySubjects),
+    /// Read from the registry before deciding; `absent` when the SQLite file does not exist.
+    Registry { loaded: Preloaded, absent: bool },
+}
+
+impl Subjects {
+    fn states(&self) -> &dyn SubjectStates {
+        match self {
+            Self::Inline(s) => s,
+            Self::Registry { loaded, .. } => loaded,
+        }
+    }
+}
+
+/// Reads the subjects' state from the registry. A store that cannot be opened or read is not
+/// an input error: the subjects read as unavailable, so a decision that needs their state is
+/// denied (`SUBJECT_STATE_UNAVAILABLE`) and one that does not is unaffected, as in the sidecar.
+/// A malformed database URL is an input error (exit 2).
+async fn read_registry(store: &StoreArgs, subjects: &[String]) -> Result<Subjects, u8> {
+    match store.open(false).await {
+        Ok(Some(registry)) => {
+            let loaded = Preloaded::load(registry.as_ref(), subjects).await;
+            registry.close().await;
+            Ok(Subjects::Registry {
+                loaded,
+                absent: false,
+            })
+        }
+        // Read-only: a registry never written to is empty, and checking creates no file.
+        Ok(None) => Ok(Subjects::Registry {
+            loaded: Preloaded::absent(subjects),
+            absent: true,
+        }),
+        Err(e) if e.is_input() => {
+            eprintln!("error: {e}");
+            Err(EXIT_USAGE)
+        }
+        Err(e) => Ok(Subjects::Registry {
+            loaded: Preloaded::unavailable(subjects, &e.to_string()),
+            absent: false,
+        }),
+    }
+}
+
+/// Says on stderr why the registry answered as it did: a store that could not be read, no
+/// store at all, or a consent to a purpose the policy does not have (it never matches; the
+/// registry records purposes as given).
+fn warn_about_registry(store: &StoreArgs, loaded: &Preloaded, absent: bool, snapshot: &Snapshot) {
+    if absent {
+        warn_absent(store);
+    }
+    let mut failures: Vec<_> = loaded.failures().collect();
+    failures.sort_by_key(|(subject, _)| *subject);
+    for (subject, e) in failures {
+        eprintln!("warning: the state of subject `{subject}` could not be read: {e}");
+    }
+    let mut states: Vec<_> = loaded.states().collect();
+    states.sort_by_key(|(subject, _)| *subject);
+    for (subject, state) in states {
+        let consents = state.consent.iter().map(|p| (p, ""));
+        let comms = state
+            .comms_consent
+            .iter()
+            .map(|p| (p, "the use of communications data for "));
+        for (purpose, kind) in consents.chain(comms) {
+            if snapshot.purposes().id(purpose).is_none() {
+                eprintln!(
+                    "warning: subject `{subject}` consented to {kind}`{purpose}`, which is not a \
+                     purpose of the policy: that consent never matches"
+                );
+            }
+        }
     }
 }
 

@@ -5,6 +5,7 @@ mod audit;
 mod check;
 mod policy_cmd;
 mod serve;
+mod subjects;
 
 use clap::{Args, Parser, Subcommand};
 use std::path::PathBuf;
@@ -52,6 +53,9 @@ enum Command {
     /// Inspect the audit trail: verify, query, tail, disclosure report.
     #[command(subcommand)]
     Audit(audit::AuditCommand),
+    /// Record and inspect data subjects' consent and requests (§7) in the registry.
+    #[command(subcommand)]
+    Subjects(subjects::SubjectsCommand),
 }
 
 #[derive(Debug, Subcommand)]
@@ -108,6 +112,7 @@ pub fn main() -> ExitCode {
             Command::Serve(args) => serve::serve(args).await,
             Command::Demo(args) => serve::demo(args).await,
             Command::Audit(command) => audit::run(command),
+            Command::Subjects(command) => subjects::run(command).await,
             Command::Policy(PolicyCommand::Validate(args)) => {
                 policy_cmd::validate(&args.dir, args.json).await
             }

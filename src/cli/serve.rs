@@ -58,6 +58,10 @@ pub struct ServeArgs {
     /// Directory of the audit log [default: audit].
     #[arg(long, value_name = "DIR", env = "PDGATE_AUDIT")]
     audit_dir: Option<PathBuf>,
+    /// Export spans and metrics over OTLP/gRPC to this collector, http://HOST:PORT
+    /// [default: none, nothing exported].
+    #[arg(long, value_name = "URL")]
+    otlp_endpoint: Option<String>,
 }
 
 impl ServeArgs {
@@ -102,6 +106,11 @@ impl ServeArgs {
             "--shutdown-grace-seconds",
         );
         flag(self.audit_dir.is_some(), "audit.dir", "--audit-dir");
+        flag(
+            self.otlp_endpoint.is_some(),
+            "telemetry.otlp_endpoint",
+            "--otlp-endpoint",
+        );
         file.listen = self.listen.or(file.listen);
         file.api_listen = self.api_listen.or(file.api_listen);
         file.upstream = self.upstream.or(file.upstream);
@@ -117,6 +126,7 @@ impl ServeArgs {
             .shutdown_grace_seconds
             .or(file.limits.shutdown_grace_seconds);
         file.audit.dir = self.audit_dir.or(file.audit.dir);
+        file.telemetry.otlp_endpoint = self.otlp_endpoint.or(file.telemetry.otlp_endpoint);
         file.resolve(&origin).map_err(|mut e| {
             if let Some((_, name)) = from_flags.iter().find(|(key, _)| *key == e.key) {
                 e.origin = "command line".to_owned();
@@ -145,6 +155,22 @@ pub async fn serve(args: ServeArgs) -> u8 {
         }
     };
     tracing::info!(dir = %config.audit.dir.display(), records = head.seq, "audit log open");
+    let policy = server::load_policy(&config).await;
+    // Before any port is bound: an OTLP exporter that cannot be built is a bad
+    // `telemetry.otlp_endpoint`.
+    let shared = match server::shared_state(
+        &config,
+        policy,
+        Arc::new(crate::subjects::InMemorySubjects::new()),
+        audit,
+    ) {
+        Ok(shared) => shared,
+        Err(e) => {
+            eprintln!("error: {e}");
+            writer.close().await;
+            return EXIT_USAGE;
+        }
+    };
     let listeners = match Listeners::bind(config.listen, config.api_listen).await {
         Ok(l) => l,
         Err(e) => {
@@ -152,6 +178,8 @@ pub async fn serve(args: ServeArgs) -> u8 {
                 "error: cannot bind `{}` / `{}`: {e}",
                 config.listen, config.api_listen
             );
+            shared.telemetry.shutdown().await;
+            writer.close().await;
             return EXIT_DENIED;
         }
     };
@@ -160,13 +188,6 @@ pub async fn serve(args: ServeArgs) -> u8 {
             "identity mode insecure-header: callers name themselves in x-caller; development only"
         );
     }
-    let policy = server::load_policy(&config).await;
-    let shared = server::shared_state(
-        &config,
-        policy,
-        Arc::new(crate::subjects::InMemorySubjects::new()),
-        audit,
-    );
     tracing::info!(data = %config.listen, api = %config.api_listen, upstream = %config.upstream, "pdgate serving");
     let result = server::run(&config, listeners, shared, server::shutdown_signal()).await;
     // A clean shutdown writes every record still queued.
@@ -259,6 +280,7 @@ pub async fn demo(args: DemoArgs) -> u8 {
             std::process::id(),
             crate::audit::now_us()
         ))),
+        telemetry: crate::telemetry::TelemetrySettings::default(),
     };
     let Some(policy) = server::load_policy(&config).await else {
         eprintln!(
@@ -281,12 +303,18 @@ pub async fn demo(args: DemoArgs) -> u8 {
             return EXIT_DENIED;
         }
     };
-    let shared = server::shared_state(
+    let shared = match server::shared_state(
         &config,
         Some(policy),
         Arc::new(walkthrough::demo_subjects()),
         audit,
-    );
+    ) {
+        Ok(shared) => shared,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return EXIT_DENIED;
+        }
+    };
     let sidecar_config = config.clone();
     let sidecar_stop = stopped(stop_rx);
     let sidecar_task =

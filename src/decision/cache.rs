@@ -14,6 +14,7 @@ use moka::sync::Cache;
 use rustc_hash::FxBuildHasher;
 use smallvec::SmallVec;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 /// Everything a subject-independent decision depends on.
@@ -47,11 +48,21 @@ impl Default for CacheSettings {
     }
 }
 
+/// Lookups of the decision cache since start, read by the metrics (`/metrics`, OTLP). Only
+/// requests that reach the cache count: one denied before it (an unknown purpose, say) is
+/// neither a hit nor a miss.
+#[derive(Debug, Default)]
+pub struct CacheStats {
+    pub hits: AtomicU64,
+    pub misses: AtomicU64,
+}
+
 /// Holds the current policy snapshot and the decision cache; decides requests.
 pub struct Decider {
     policy: ArcSwapOption<Snapshot>,
     cache: Cache<CacheKey, Arc<Outcome>, FxBuildHasher>,
     ids: DecisionIds,
+    stats: Arc<CacheStats>,
 }
 
 impl Decider {
@@ -63,6 +74,7 @@ impl Decider {
                 .time_to_live(settings.ttl)
                 .build_with_hasher(FxBuildHasher),
             ids: DecisionIds::default(),
+            stats: Arc::default(),
         }
     }
 
@@ -119,6 +131,12 @@ impl Decider {
                 (entry.into_value(), hit)
             }
         };
+        let counter = if hit {
+            &self.stats.hits
+        } else {
+            &self.stats.misses
+        };
+        counter.fetch_add(1, Ordering::Relaxed);
         engine::finish(snapshot, &outcome, request, subjects, id, hit)
     }
 
@@ -140,6 +158,19 @@ impl Decider {
     pub fn decide_uncached(&self, request: &Request, subjects: &dyn SubjectStates) -> Decision {
         let guard = self.policy.load();
         engine::decide_fresh(guard.as_deref(), request, subjects, self.ids.next())
+    }
+
+    /// Whether the current policy defines purpose `name` (false with no policy loaded).
+    pub fn knows_purpose(&self, name: &str) -> bool {
+        self.policy
+            .load()
+            .as_deref()
+            .is_some_and(|p| p.purposes().id(name).is_some())
+    }
+
+    /// Hits and misses of the cache so far; shared, so that the metrics read them live.
+    pub fn cache_stats(&self) -> &Arc<CacheStats> {
+        &self.stats
     }
 
     /// Entries currently cached (approximate, as moka counts).

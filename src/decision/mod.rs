@@ -7,7 +7,7 @@ mod cache;
 mod engine;
 mod reason;
 
-pub use cache::{CacheKey, CacheSettings, Decider};
+pub use cache::{CacheKey, CacheSettings, CacheStats, Decider};
 pub use engine::{Outcome, Requirements, decide_fresh, evaluate, finish};
 pub use reason::{Reason, ReasonCode};
 

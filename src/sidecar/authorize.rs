@@ -8,6 +8,7 @@ use super::rescue;
 use super::{IdentityMode, Shared};
 use crate::audit::{self, RecordBody, RecordKind};
 use crate::decision::{Decision, Reason, ReasonCode, Request};
+use crate::telemetry::CallSpan;
 use futures_util::future::BoxFuture;
 use http::HeaderValue;
 use std::convert::Infallible;
@@ -15,6 +16,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use tokio::sync::OwnedSemaphorePermit;
+use tonic::Code;
 use tonic::body::Body;
 use tonic::transport::server::{TcpConnectInfo, TlsConnectInfo};
 use tower::{Layer, Service, ServiceExt};
@@ -78,6 +80,11 @@ where
                     shared.decider.next_id(),
                 ));
             };
+            // The call's span, with OTLP on; `None` (and nothing allocated) otherwise.
+            let path = request.uri().path();
+            let mut span = shared
+                .telemetry
+                .start_span(request.headers(), path.strip_prefix('/').unwrap_or(path));
             let authenticated = match shared.identity {
                 IdentityMode::InsecureHeader => None,
                 // x-caller is ignored: only the verified certificate names the caller.
@@ -85,21 +92,37 @@ where
             };
             let deadline = match deadline::parse(request.headers()) {
                 Ok(timeout) => timeout.map(|t| tokio::time::Instant::now() + t),
-                Err(e) => return Ok(rescue::invalid_argument(&e, shared.decider.next_id())),
+                Err(e) => {
+                    mark(&mut span, Code::InvalidArgument, &e);
+                    return Ok(rescue::invalid_argument(&e, shared.decider.next_id()));
+                }
             };
             let ctx = match context::extract(request.headers(), authenticated) {
                 Ok(ctx) => ctx,
-                Err(e) => return Ok(rescue::invalid_argument(&e, shared.decider.next_id())),
+                Err(e) => {
+                    mark(&mut span, Code::InvalidArgument, &e);
+                    return Ok(rescue::invalid_argument(&e, shared.decider.next_id()));
+                }
             };
             let (decision, decided) = shared.decide_call(request.uri().path(), ctx.clone());
             let mut body = audit::body_of(&decision, &decided, RecordKind::Access);
             body.method = Some(request.uri().path().to_owned());
-            if let Some((trace, span)) = traceparent(request.headers()) {
+            // pdgate's own span when it makes one (same trace as the caller's), else the
+            // caller's span as its traceparent names it.
+            let trace = span
+                .as_ref()
+                .and_then(CallSpan::ids)
+                .or_else(|| traceparent(request.headers()));
+            if let Some((trace, span)) = trace {
                 body.trace_id = Some(trace);
                 body.span_id = Some(span);
             }
             body.latency_us = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX);
             let decision = shared.audited(decision, body).await;
+            shared.observe(&decision, &decided.purpose, started);
+            if let Some(span) = &mut span {
+                span.record_decision(&decision, &decided, Some(request.uri().path()));
+            }
             if !decision.allowed {
                 tracing::debug!(path = request.uri().path(), decision = %decision.decision_id, "denied");
                 return Ok(rescue::denied(&decision));
@@ -114,11 +137,19 @@ where
             if let Ok(v) = HeaderValue::from_str(&ctx.caller) {
                 headers.insert(AUTHENTICATED_CALLER, v);
             }
+            // With a span, the upstream continues the trace as pdgate's child; without one,
+            // the caller's traceparent passes through untouched.
+            if let Some(span) = &span {
+                span.inject(headers);
+            }
             let forwarded = inner.oneshot(request);
             let outcome = match deadline {
                 Some(at) => match tokio::time::timeout_at(at, forwarded).await {
                     Ok(outcome) => outcome,
-                    Err(_) => return Ok(rescue::deadline_exceeded(decision.decision_id)),
+                    Err(_) => {
+                        mark(&mut span, Code::DeadlineExceeded, &"deadline exceeded");
+                        return Ok(rescue::deadline_exceeded(decision.decision_id));
+                    }
                 },
                 None => forwarded.await,
             };
@@ -129,10 +160,14 @@ where
                         Body::new(InFlight {
                             body: Bounded::new(body, deadline),
                             _permit: permit,
+                            _span: span,
                         })
                     }))
                 }
-                Err(e) => Ok(rescue::upstream_unavailable(&e, decision.decision_id)),
+                Err(e) => {
+                    mark(&mut span, Code::Unavailable, &e);
+                    Ok(rescue::upstream_unavailable(&e, decision.decision_id))
+                }
             }
         })
     }
@@ -147,10 +182,19 @@ fn traceparent(headers: &http::HeaderMap) -> Option<(String, String)> {
     (hex(trace, 32) && hex(span, 16)).then(|| (trace.to_owned(), span.to_owned()))
 }
 
-/// A response body that holds its call's in-flight permit until it is finished or dropped.
+/// Records a status pdgate answered with on the call's span, if there is one.
+fn mark(span: &mut Option<CallSpan>, code: Code, message: &dyn std::fmt::Display) {
+    if let Some(span) = span {
+        span.record_status(code, &message.to_string());
+    }
+}
+
+/// A response body that holds its call's in-flight permit, and its span, until it is finished
+/// or dropped: the span ends with the call's last message, streams included.
 struct InFlight {
     body: Bounded,
     _permit: OwnedSemaphorePermit,
+    _span: Option<CallSpan>,
 }
 
 impl http_body::Body for InFlight {

@@ -20,6 +20,8 @@ use crate::audit::AuditLog;
 use crate::config::TlsFiles;
 use crate::decision::Decider;
 use crate::subjects::SubjectStates;
+use crate::telemetry::Telemetry;
+use crate::telemetry::metrics::{PURPOSE_NONE, PURPOSE_UNKNOWN};
 use std::future::Future;
 use std::sync::Arc;
 use tokio::net::TcpListener;
@@ -48,6 +50,9 @@ pub struct Shared {
     /// Calls in flight; a call that finds none left is shed (`RESOURCE_EXHAUSTED`).
     pub inflight: Arc<Semaphore>,
     pub max_inflight: usize,
+    /// Metrics, and spans when OTLP is on. Its exporters are stopped by `server::run` when
+    /// the servers have stopped.
+    pub telemetry: Telemetry,
 }
 
 impl Shared {
@@ -58,6 +63,7 @@ impl Shared {
         identity: IdentityMode,
         naming: identity::CallerNaming,
         max_inflight: usize,
+        telemetry: Telemetry,
     ) -> Self {
         Self {
             decider,
@@ -67,7 +73,28 @@ impl Shared {
             naming,
             inflight: Arc::new(Semaphore::new(max_inflight)),
             max_inflight,
+            telemetry,
         }
+    }
+
+    /// Counts a final (audited) decision in the metrics, with the time since the call
+    /// arrived. The purpose label is the declared purpose only when the policy defines it, so
+    /// callers cannot make new series by sending new names.
+    pub fn observe(
+        &self,
+        decision: &crate::decision::Decision,
+        purpose: &str,
+        started: std::time::Instant,
+    ) {
+        let label = if purpose.is_empty() {
+            PURPOSE_NONE
+        } else if self.decider.knows_purpose(purpose) {
+            purpose
+        } else {
+            PURPOSE_UNKNOWN
+        };
+        self.telemetry
+            .record_decision(decision, label, started.elapsed());
     }
 }
 

@@ -14,6 +14,7 @@ use pdgate::demo::walkthrough::demo_subjects;
 use pdgate::proto::demo::customer_data_client::CustomerDataClient;
 use pdgate::server::{self, Listeners, ServeError};
 use pdgate::sidecar::IdentityMode;
+use pdgate::telemetry::TelemetrySettings;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -52,6 +53,8 @@ pub struct Options {
     pub tls: Option<TlsFiles>,
     /// `None`: a fresh temporary directory with the default settings.
     pub audit: Option<AuditSettings>,
+    /// Off by default (no OTLP endpoint): `/metrics` only.
+    pub telemetry: TelemetrySettings,
 }
 
 impl Default for Options {
@@ -63,6 +66,7 @@ impl Default for Options {
             shutdown_grace: Duration::from_secs(10),
             tls: None,
             audit: None,
+            telemetry: TelemetrySettings::default(),
         }
     }
 }
@@ -124,9 +128,11 @@ impl Harness {
             max_concurrent_calls: options.max_concurrent_calls,
             shutdown_grace: options.shutdown_grace,
             audit: audit_settings,
+            telemetry: options.telemetry,
         };
         let policy = server::load_policy(&config).await;
-        let shared = server::shared_state(&config, policy, Arc::new(demo_subjects()), audit);
+        let shared =
+            server::shared_state(&config, policy, Arc::new(demo_subjects()), audit).unwrap();
         let sidecar_stop = stopped(stop_rx);
         let sidecar =
             tokio::spawn(

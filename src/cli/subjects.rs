@@ -1,0 +1,417 @@
+//! `pdgate subjects`: record and inspect the data subjects' consent and requests (§7), directly
+//! in the registry: the embedded SQLite file (`--store`) or PostgreSQL (`--database-url`).
+
+use super::{EXIT_DENIED, EXIT_OK, EXIT_USAGE, print_json};
+use crate::registry::{
+    Action, Change, Event, PostgresRegistry, RegistryError, SqliteRegistry, SubjectRecord,
+    SubjectRegistry,
+};
+use clap::{ArgGroup, Args, Subcommand};
+use serde_json::json;
+use std::path::PathBuf;
+
+#[derive(Debug, Subcommand)]
+#[command(after_help = "Examples:\n  \
+pdgate subjects consent cust-1 --purpose marketing --actor alice --source REQ-123\n  \
+pdgate subjects consent cust-1 --purpose marketing.email --comms --actor alice\n  \
+pdgate subjects suspend cust-1 --provision --actor alice --source REQ-124\n  \
+pdgate subjects history cust-1 --json")]
+pub enum SubjectsCommand {
+    /// Record the subject's consent to a purpose (it covers the purpose's children).
+    Consent(ConsentArgs),
+    /// Record the withdrawal of the subject's consent to a purpose.
+    Withdraw(ConsentArgs),
+    /// Record the subject's request to stop the use of their data (--use) or its provision to
+    /// third parties (--provision).
+    Suspend(SuspendArgs),
+    /// End a suspension of use (--use) or of third-party provision (--provision).
+    Resume(SuspendArgs),
+    /// Record the subject's request for the deletion of their data.
+    Delete(DeleteArgs),
+    /// Print the subject's current state and its version.
+    Show(ReadArgs),
+    /// Print every change to the subject, oldest first, with time, actor and source.
+    History(ReadArgs),
+}
+
+/// Where the registry is. Shared with `pdgate check`, which reads it.
+#[derive(Debug, Args)]
+pub(super) struct StoreArgs {
+    /// The embedded registry: a SQLite file, created by the first change.
+    #[arg(
+        long = "store",
+        value_name = "PATH",
+        env = "PDGATE_SUBJECTS",
+        default_value = "subjects.db"
+    )]
+    store: PathBuf,
+    /// A PostgreSQL registry (fleet) instead of the file, e.g.
+    /// `postgres://pdgate@db:5432/pdgate`.
+    #[arg(
+        long,
+        value_name = "URL",
+        env = "PDGATE_DATABASE_URL",
+        hide_env_values = true,
+        conflicts_with = "store"
+    )]
+    database_url: Option<String>,
+}
+
+/// Who makes a change.
+#[derive(Debug, Args)]
+struct Who {
+    /// Who makes the change (a person of the privacy office, a service): recorded in the
+    /// history.
+    #[arg(long, value_name = "NAME")]
+    actor: String,
+    /// Where the change comes from, e.g. the privacy office's request id.
+    #[arg(long, value_name = "REF")]
+    source: Option<String>,
+    /// Print one JSON object (the new state) instead of text.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct ConsentArgs {
+    /// The data subject's id, as in x-data-subject.
+    #[arg(value_name = "SUBJECT")]
+    subject: String,
+    /// The purpose of use, e.g. `marketing` or `marketing.email`.
+    #[arg(long, value_name = "PURPOSE")]
+    purpose: String,
+    /// Consent to the use of communications data (§5) for the purpose, which is recorded apart
+    /// from ordinary consent.
+    #[arg(long)]
+    comms: bool,
+    #[command(flatten)]
+    who: Who,
+    #[command(flatten)]
+    store: StoreArgs,
+}
+
+#[derive(Debug, Args)]
+#[command(group(ArgGroup::new("what").required(true).args(["use", "provision"])))]
+pub struct SuspendArgs {
+    #[arg(value_name = "SUBJECT")]
+    subject: String,
+    /// The use of the subject's data, for every purpose except answering their own requests,
+    /// billing for service given and fraud.
+    #[arg(long = "use", id = "use")]
+    use_: bool,
+    /// The provision of the subject's data to third parties.
+    #[arg(long)]
+    provision: bool,
+    #[command(flatten)]
+    who: Who,
+    #[command(flatten)]
+    store: StoreArgs,
+}
+
+#[derive(Debug, Args)]
+pub struct DeleteArgs {
+    #[arg(value_name = "SUBJECT")]
+    subject: String,
+    #[command(flatten)]
+    who: Who,
+    #[command(flatten)]
+    store: StoreArgs,
+}
+
+#[derive(Debug, Args)]
+pub struct ReadArgs {
+    #[arg(value_name = "SUBJECT")]
+    subject: String,
+    /// Print one JSON object instead of text.
+    #[arg(long)]
+    json: bool,
+    #[command(flatten)]
+    store: StoreArgs,
+}
+
+impl StoreArgs {
+    /// Opens the registry. With `create`, a missing SQLite file is created; without it, a
+    /// missing file is `Ok(None)` (nothing recorded yet), so that reading leaves no file behind.
+    pub(super) async fn open(
+        &self,
+        create: bool,
+    ) -> Result<Option<Box<dyn SubjectRegistry>>, RegistryError> {
+        if let Some(url) = &self.database_url {
+            return Ok(Some(Box::new(PostgresRegistry::connect(url).await?)));
+        }
+        let store = if create {
+            Some(SqliteRegistry::open(&self.store).await?)
+        } else {
+            SqliteRegistry::open_existing(&self.store).await?
+        };
+        Ok(store.map(|s| Box::new(s) as Box<dyn SubjectRegistry>))
+    }
+
+    /// The SQLite file, for the message that it does not exist.
+    pub(super) fn path(&self) -> &std::path::Path {
+        &self.store
+    }
+}
+
+pub async fn run(command: SubjectsCommand) -> u8 {
+    match command {
+        SubjectsCommand::Consent(a) => {
+            let action = Action::Consent {
+                purpose: a.purpose,
+                communications: a.comms,
+            };
+            change(&a.store, a.subject, action, a.who).await
+        }
+        SubjectsCommand::Withdraw(a) => {
+            let action = Action::Withdraw {
+                purpose: a.purpose,
+                communications: a.comms,
+            };
+            change(&a.store, a.subject, action, a.who).await
+        }
+        SubjectsCommand::Suspend(a) => {
+            let action = if a.use_ {
+                Action::SuspendUse
+            } else {
+                Action::SuspendProvision
+            };
+            change(&a.store, a.subject, action, a.who).await
+        }
+        SubjectsCommand::Resume(a) => {
+            let action = if a.use_ {
+                Action::ResumeUse
+            } else {
+                Action::ResumeProvision
+            };
+            change(&a.store, a.subject, action, a.who).await
+        }
+        SubjectsCommand::Delete(a) => {
+            change(&a.store, a.subject, Action::RequestDeletion, a.who).await
+        }
+        SubjectsCommand::Show(a) => show(a).await,
+        SubjectsCommand::History(a) => history(a).await,
+    }
+}
+
+/// Exit code for a registry error, after printing it.
+fn failed(e: &RegistryError) -> u8 {
+    eprintln!("error: {e}");
+    if e.is_input() {
+        EXIT_USAGE
+    } else {
+        EXIT_DENIED
+    }
+}
+
+async fn change(store: &StoreArgs, subject: String, action: Action, who: Who) -> u8 {
+    let change = Change {
+        subject,
+        action,
+        actor: who.actor,
+        source: who.source,
+    };
+    // Refused before the store is opened, so bad input never creates a file.
+    if let Err(e) = change.validate() {
+        return failed(&RegistryError::Invalid(e));
+    }
+    let registry = match store.open(true).await {
+        Ok(Some(r)) => r,
+        Ok(None) => return failed(&not_created(store)),
+        Err(e) => return failed(&e),
+    };
+    let applied = registry.apply(&change).await;
+    registry.close().await;
+    let record = match applied {
+        Ok(r) => r,
+        Err(e) => return failed(&e),
+    };
+    if who.json {
+        print_json(&record_json(&change.subject, Some(&record)));
+    } else {
+        let source = change
+            .source
+            .as_deref()
+            .map_or_else(String::new, |s| format!(", source {s}"));
+        println!(
+            "recorded {} for `{}` (version {}, by {}{source})",
+            change.action, change.subject, record.version, change.actor
+        );
+        print_record(&change.subject, Some(&record));
+    }
+    for note in withdrawal_notes(&change.action, &record) {
+        eprintln!("note: {note}");
+    }
+    EXIT_OK
+}
+
+/// `open(true)` always yields a store; this is the error if it ever does not.
+fn not_created(store: &StoreArgs) -> RegistryError {
+    RegistryError::Corrupt {
+        location: format!("`{}`", store.path().display()),
+        detail: "the file was not created".into(),
+    }
+}
+
+/// The registry does not know the purpose tree, but purpose ids are dotted paths: after a
+/// withdrawal, say which consents of the same kind still cover the purpose (a parent) or remain
+/// below it (children), so the privacy office can tell whether the subject's wish is met.
+fn withdrawal_notes(action: &Action, record: &SubjectRecord) -> Vec<String> {
+    let Action::Withdraw {
+        purpose,
+        communications,
+    } = action
+    else {
+        return Vec::new();
+    };
+    let consents = if *communications {
+        &record.state.comms_consent
+    } else {
+        &record.state.consent
+    };
+    let mut notes = Vec::new();
+    for other in consents {
+        if purpose.starts_with(&format!("{other}.")) {
+            notes.push(format!(
+                "the consent to `{other}` still covers `{purpose}`: withdraw `{other}` to stop it"
+            ));
+        } else if other.starts_with(&format!("{purpose}.")) {
+            notes.push(format!(
+                "the consent to `{other}` (below `{purpose}`) remains: withdraw it too if the subject asked"
+            ));
+        }
+    }
+    notes
+}
+
+async fn show(args: ReadArgs) -> u8 {
+    if let Err(e) = crate::registry::validate_subject(&args.subject) {
+        return failed(&RegistryError::Invalid(e));
+    }
+    let record = match args.store.open(false).await {
+        Ok(None) => {
+            warn_absent(&args.store);
+            None
+        }
+        Ok(Some(registry)) => {
+            let got = registry.get(&args.subject).await;
+            registry.close().await;
+            match got {
+                Ok(r) => r,
+                Err(e) => return failed(&e),
+            }
+        }
+        Err(e) => return failed(&e),
+    };
+    if args.json {
+        print_json(&record_json(&args.subject, record.as_ref()));
+    } else {
+        print_record(&args.subject, record.as_ref());
+    }
+    EXIT_OK
+}
+
+async fn history(args: ReadArgs) -> u8 {
+    if let Err(e) = crate::registry::validate_subject(&args.subject) {
+        return failed(&RegistryError::Invalid(e));
+    }
+    let events = match args.store.open(false).await {
+        Ok(None) => {
+            warn_absent(&args.store);
+            Vec::new()
+        }
+        Ok(Some(registry)) => {
+            let got = registry.history(&args.subject).await;
+            registry.close().await;
+            match got {
+                Ok(events) => events,
+                Err(e) => return failed(&e),
+            }
+        }
+        Err(e) => return failed(&e),
+    };
+    if args.json {
+        print_json(&json!({ "subject": args.subject, "events": events }));
+    } else {
+        print_history(&args.subject, &events);
+    }
+    EXIT_OK
+}
+
+pub(super) fn warn_absent(store: &StoreArgs) {
+    eprintln!(
+        "warning: no subject registry at `{}` (it is created by the first change, or give \
+         --store PATH / --database-url URL): nothing is recorded for anyone",
+        store.path().display()
+    );
+}
+
+/// `{"subject", "recorded", "version", "state", "deletion_requested"}`; version 0 and the
+/// default state for a subject never changed.
+fn record_json(subject: &str, record: Option<&SubjectRecord>) -> serde_json::Value {
+    let none = SubjectRecord::default();
+    let r = record.unwrap_or(&none);
+    json!({
+        "subject": subject,
+        "recorded": record.is_some(),
+        "version": r.version,
+        "state": r.state,
+        "deletion_requested": r.deletion_requested,
+    })
+}
+
+fn print_record(subject: &str, record: Option<&SubjectRecord>) {
+    let Some(r) = record else {
+        println!("`{subject}`: no record (no consent, nothing suspended)");
+        return;
+    };
+    let list = |set: &std::collections::BTreeSet<String>| {
+        if set.is_empty() {
+            "none".to_owned()
+        } else {
+            set.iter()
+                .map(|p| format!("`{p}`"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        }
+    };
+    let suspended = |b: bool| if b { "SUSPENDED" } else { "not suspended" };
+    println!("`{subject}` version {}", r.version);
+    println!("  consent: {}", list(&r.state.consent));
+    println!(
+        "  consent to communications data: {}",
+        list(&r.state.comms_consent)
+    );
+    println!("  use: {}", suspended(r.state.use_suspended));
+    println!(
+        "  third-party provision: {}",
+        suspended(r.state.provision_suspended)
+    );
+    if r.deletion_requested {
+        println!("  deletion: REQUESTED");
+    }
+}
+
+fn print_history(subject: &str, events: &[Event]) {
+    if events.is_empty() {
+        println!("`{subject}`: no changes recorded");
+        return;
+    }
+    println!(
+        "`{subject}`: {} change{}",
+        events.len(),
+        if events.len() == 1 { "" } else { "s" }
+    );
+    for e in events {
+        let source = e
+            .source
+            .as_deref()
+            .map_or_else(String::new, |s| format!(", source {s}"));
+        println!(
+            "  v{:<4} {}  {} (by {}{source})",
+            e.version,
+            humantime::format_rfc3339_micros(e.at),
+            e.action,
+            e.actor
+        );
+    }
+}
