@@ -500,6 +500,16 @@ async fn start_pdgate(binary: &Path, upstream: SocketAddr) -> Result<Server, Str
             .arg(&policy)
             .arg("--max-concurrent-calls")
             .arg(MAX_CONCURRENT_CALLS.to_string())
+            // The audit log of a load run is thrown away; never the working directory's.
+            .arg("--audit-dir")
+            .arg(std::env::temp_dir().join(format!("pdgate-load-audit-{}", std::process::id())))
+            // PDGATE_LOAD_CONFIG: a pdgate.toml for what flags cannot set (e.g. `[audit] fsync`);
+            // the flags above still win.
+            .args(
+                std::env::var_os("PDGATE_LOAD_CONFIG")
+                    .map(|c| vec![std::ffi::OsString::from("--config"), c])
+                    .unwrap_or_default(),
+            )
             .env_remove("PDGATE_CONFIG")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
