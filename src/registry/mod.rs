@@ -357,6 +357,40 @@ impl RecordBuilder {
     }
 }
 
+/// One history row as both stores select it: version, time in µs, actor, source, change,
+/// purpose, communications.
+pub(crate) type EventRow = (
+    i64,
+    i64,
+    String,
+    Option<String>,
+    String,
+    Option<String>,
+    bool,
+);
+
+/// A history row of `subject` as an [`Event`]; a row pdgate did not write is `Corrupt`.
+pub(crate) fn event_from_row(
+    location: &str,
+    subject: &str,
+    (stored_version, at_us, actor, source, change, purpose, communications): EventRow,
+) -> Result<Event, RegistryError> {
+    let action = Action::from_row(&change, purpose, communications).ok_or_else(|| {
+        RegistryError::Corrupt {
+            location: location.to_owned(),
+            detail: format!("unknown change `{change}` in the history of `{subject}`"),
+        }
+    })?;
+    Ok(Event {
+        subject: subject.to_owned(),
+        version: version(location, stored_version)?,
+        at: event_time(location, at_us)?,
+        actor,
+        source,
+        action,
+    })
+}
+
 /// A stored version (a positive integer) as `u64`.
 fn version(location: &str, stored: i64) -> Result<u64, RegistryError> {
     u64::try_from(stored)

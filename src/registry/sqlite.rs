@@ -2,8 +2,8 @@
 //! wait for a write.
 
 use super::{
-    Action, Change, Event, RecordBuilder, RegistryError, SubjectRecord, SubjectRegistry,
-    event_time, now_us, validate_subject, version,
+    Action, Change, Event, EventRow, RecordBuilder, RegistryError, SubjectRecord, SubjectRegistry,
+    event_from_row, now_us, validate_subject, version,
 };
 use sqlx::sqlite::{
     SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
@@ -220,7 +220,7 @@ impl SubjectRegistry for SqliteRegistry {
 
     async fn history(&self, subject: &str) -> Result<Vec<Event>, RegistryError> {
         validate_subject(subject)?;
-        let rows = sqlx::query(
+        let rows: Vec<EventRow> = sqlx::query_as(
             "SELECT version, at_us, actor, source, change, purpose, communications
              FROM subject_events WHERE subject = ?1 ORDER BY version",
         )
@@ -228,30 +228,8 @@ impl SubjectRegistry for SqliteRegistry {
         .fetch_all(&self.pool)
         .await
         .map_err(|e| self.unavailable(e))?;
-        rows.iter()
-            .map(|row| {
-                let get_err = |e| self.unavailable(e);
-                let change: String = row.try_get(4).map_err(get_err)?;
-                let purpose: Option<String> = row.try_get(5).map_err(get_err)?;
-                let communications: bool = row.try_get(6).map_err(get_err)?;
-                let action =
-                    Action::from_row(&change, purpose, communications).ok_or_else(|| {
-                        RegistryError::Corrupt {
-                            location: self.location.clone(),
-                            detail: format!(
-                                "unknown change `{change}` in the history of `{subject}`"
-                            ),
-                        }
-                    })?;
-                Ok(Event {
-                    subject: subject.to_owned(),
-                    version: version(&self.location, row.try_get(0).map_err(get_err)?)?,
-                    at: event_time(&self.location, row.try_get(1).map_err(get_err)?)?,
-                    actor: row.try_get(2).map_err(get_err)?,
-                    source: row.try_get(3).map_err(get_err)?,
-                    action,
-                })
-            })
+        rows.into_iter()
+            .map(|row| event_from_row(&self.location, subject, row))
             .collect()
     }
 

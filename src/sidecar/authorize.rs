@@ -104,7 +104,7 @@ where
                     return Ok(rescue::invalid_argument(&e, shared.decider.next_id()));
                 }
             };
-            let (decision, decided) = shared.decide_call(request.uri().path(), ctx.clone());
+            let (decision, decided) = shared.decide_call(request.uri().path(), ctx);
             let mut body = audit::body_of(&decision, &decided, RecordKind::Access);
             body.method = Some(request.uri().path().to_owned());
             // pdgate's own span when it makes one (same trace as the caller's), else the
@@ -134,7 +134,7 @@ where
             if shared.identity == IdentityMode::Mtls {
                 headers.remove(context::CALLER);
             }
-            if let Ok(v) = HeaderValue::from_str(&ctx.caller) {
+            if let Ok(v) = HeaderValue::from_str(&decided.caller) {
                 headers.insert(AUTHENTICATED_CALLER, v);
             }
             // With a span, the upstream continues the trace as pdgate's child; without one,
