@@ -6,6 +6,9 @@ use std::path::PathBuf;
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let protos = [
         PathBuf::from("proto/pdgate/v1/access.proto"),
+        PathBuf::from("proto/pdgate/v1/policy_admin.proto"),
+        PathBuf::from("proto/pdgate/v1/subject_rights.proto"),
+        PathBuf::from("proto/pdgate/v1/audit_log.proto"),
         PathBuf::from("proto/demo/customer/v1/customer.proto"),
     ];
     for proto in &protos {

@@ -2,6 +2,7 @@
 //! unknown keys rejected) with command-line flags on top. The whole configuration is checked
 //! before any port is bound; a bad one names the key and what is allowed.
 
+use crate::api::admin::{AdminRole, AdminRoles};
 use crate::audit::{AuditSettings, Fsync, Overflow};
 use crate::decision::CacheSettings;
 use crate::sidecar::IdentityMode;
@@ -35,6 +36,103 @@ pub struct FileConfig {
     pub audit: AuditSection,
     #[serde(default)]
     pub telemetry: TelemetrySection,
+    #[serde(default)]
+    pub admin: AdminSection,
+    #[serde(default)]
+    pub subjects: SubjectsSection,
+    #[serde(default)]
+    pub fleet: FleetSection,
+    #[serde(default)]
+    pub reload: ReloadSection,
+}
+
+/// The subject registry as decisions read it.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SubjectsSection {
+    /// The embedded SQLite registry (created on first run); not with `[fleet]`.
+    pub path: Option<PathBuf>,
+    /// How old a cached subject state may be, while the store cannot be read, before
+    /// subject-dependent decisions are denied `SUBJECT_STATE_UNAVAILABLE`.
+    pub stale_after_ms: Option<u64>,
+    /// Subjects whose state is kept in memory.
+    pub cache_max_entries: Option<u64>,
+}
+
+/// PostgreSQL shared by a fleet of sidecars: policy versions and the subject registry.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FleetSection {
+    pub database_url: Option<String>,
+    /// Longest a statement may run before it is cancelled (and the read counts as failed).
+    pub statement_timeout_ms: Option<u64>,
+}
+
+/// Reloading the policy without a restart.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ReloadSection {
+    /// Watch the policy directory and reload when its files change.
+    pub watch: Option<bool>,
+    /// Wait for the files to be quiet this long before reloading (editors write in steps).
+    pub debounce_ms: Option<u64>,
+    /// Versions kept for `Rollback`, the active one included.
+    pub keep_versions: Option<usize>,
+}
+
+/// The subject registry, resolved.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SubjectsSettings {
+    /// The SQLite file; unused in fleet mode.
+    pub path: PathBuf,
+    pub stale_after: Duration,
+    pub cache_max_entries: u64,
+}
+
+impl Default for SubjectsSettings {
+    fn default() -> Self {
+        Self {
+            path: PathBuf::from("subjects.db"),
+            stale_after: Duration::from_secs(5),
+            cache_max_entries: 100_000,
+        }
+    }
+}
+
+/// Fleet mode, resolved.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FleetSettings {
+    pub database_url: String,
+    pub statement_timeout: Duration,
+}
+
+/// Policy reloads, resolved.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReloadSettings {
+    pub watch: bool,
+    pub debounce: Duration,
+    pub keep_versions: usize,
+}
+
+impl Default for ReloadSettings {
+    fn default() -> Self {
+        Self {
+            watch: true,
+            debounce: Duration::from_millis(500),
+            keep_versions: 10,
+        }
+    }
+}
+
+/// Who holds the administrative roles of the API port (see `api::admin`). Each key lists the
+/// identities (caller names, as certificates or `x-caller` give them) holding that role.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdminSection {
+    pub policy_admin: Option<Vec<String>>,
+    pub auditor: Option<Vec<String>>,
+    pub operator: Option<Vec<String>>,
+    pub privacy_office: Option<Vec<String>>,
 }
 
 /// OpenTelemetry export (off unless `otlp_endpoint` is set). `/metrics` on the API port is
@@ -313,6 +411,12 @@ pub struct Config {
     pub shutdown_grace: Duration,
     pub audit: AuditSettings,
     pub telemetry: TelemetrySettings,
+    /// Who may call the admin services; nobody by default.
+    pub admin_roles: AdminRoles,
+    pub subjects: SubjectsSettings,
+    /// `Some`: fleet mode (PostgreSQL); `None`: embedded (files and SQLite).
+    pub fleet: Option<FleetSettings>,
+    pub reload: ReloadSettings,
 }
 
 /// A configuration problem: which key, what was wrong, what is allowed.
@@ -508,6 +612,10 @@ impl FileConfig {
         let shutdown_grace = Duration::from_secs(self.limits.shutdown_grace_seconds.unwrap_or(30));
         let audit = resolve_audit(self.audit, &err)?;
         let telemetry = resolve_telemetry(self.telemetry, &err)?;
+        let admin_roles = resolve_admin(self.admin, &err)?;
+        let fleet = resolve_fleet(self.fleet, &err)?;
+        let subjects = resolve_subjects(self.subjects, fleet.is_some(), &err)?;
+        let reload = resolve_reload(self.reload, &err)?;
         Ok(Config {
             listen,
             api_listen,
@@ -521,6 +629,145 @@ impl FileConfig {
             shutdown_grace,
             audit,
             telemetry,
+            admin_roles,
+            subjects,
+            fleet,
+            reload,
         })
     }
+}
+
+/// `value` within `min..=max`, or an error naming `key` and the range.
+fn in_range(
+    key: &str,
+    value: u64,
+    min: u64,
+    max: u64,
+    err: &dyn Fn(&str, String) -> ConfigError,
+) -> Result<u64, ConfigError> {
+    if (min..=max).contains(&value) {
+        Ok(value)
+    } else {
+        Err(err(
+            key,
+            format!("`{value}` is out of range; allowed: {min} to {max}"),
+        ))
+    }
+}
+
+fn resolve_subjects(
+    s: SubjectsSection,
+    fleet: bool,
+    err: &dyn Fn(&str, String) -> ConfigError,
+) -> Result<SubjectsSettings, ConfigError> {
+    let mut settings = SubjectsSettings::default();
+    if let Some(path) = s.path {
+        if fleet {
+            return Err(err(
+                "subjects.path",
+                "the SQLite registry is not used in fleet mode (`[fleet] database_url` is set): subject state lives in PostgreSQL; remove one of them".into(),
+            ));
+        }
+        if path.as_os_str().is_empty() || path.is_dir() {
+            return Err(err(
+                "subjects.path",
+                format!("`{}` is not a file path", path.display()),
+            ));
+        }
+        settings.path = path;
+    }
+    if let Some(ms) = s.stale_after_ms {
+        settings.stale_after =
+            Duration::from_millis(in_range("subjects.stale_after_ms", ms, 1, 3_600_000, err)?);
+    }
+    if let Some(n) = s.cache_max_entries {
+        settings.cache_max_entries =
+            in_range("subjects.cache_max_entries", n, 1, 100_000_000, err)?;
+    }
+    Ok(settings)
+}
+
+fn resolve_fleet(
+    f: FleetSection,
+    err: &dyn Fn(&str, String) -> ConfigError,
+) -> Result<Option<FleetSettings>, ConfigError> {
+    let Some(url) = f.database_url else {
+        if f.statement_timeout_ms.is_some() {
+            return Err(err(
+                "fleet.statement_timeout_ms",
+                "applies only with `database_url`".into(),
+            ));
+        }
+        return Ok(None);
+    };
+    if !(url.starts_with("postgres://") || url.starts_with("postgresql://")) {
+        return Err(err(
+            "fleet.database_url",
+            "expected a PostgreSQL URL, `postgres://USER@HOST:PORT/DATABASE`".into(),
+        ));
+    }
+    let ms = f.statement_timeout_ms.unwrap_or(2000);
+    let ms = in_range("fleet.statement_timeout_ms", ms, 1, 600_000, err)?;
+    Ok(Some(FleetSettings {
+        database_url: url,
+        statement_timeout: Duration::from_millis(ms),
+    }))
+}
+
+fn resolve_reload(
+    r: ReloadSection,
+    err: &dyn Fn(&str, String) -> ConfigError,
+) -> Result<ReloadSettings, ConfigError> {
+    let mut settings = ReloadSettings::default();
+    if let Some(watch) = r.watch {
+        settings.watch = watch;
+    }
+    if let Some(ms) = r.debounce_ms {
+        settings.debounce =
+            Duration::from_millis(in_range("reload.debounce_ms", ms, 10, 60_000, err)?);
+    }
+    if let Some(n) = r.keep_versions {
+        let n = in_range("reload.keep_versions", n as u64, 1, 1000, err)?;
+        settings.keep_versions = usize::try_from(n).unwrap_or(1000);
+    }
+    Ok(settings)
+}
+
+fn resolve_admin(
+    a: AdminSection,
+    err: &dyn Fn(&str, String) -> ConfigError,
+) -> Result<AdminRoles, ConfigError> {
+    let sections = [
+        ("admin.policy_admin", AdminRole::PolicyAdmin, a.policy_admin),
+        ("admin.auditor", AdminRole::Auditor, a.auditor),
+        ("admin.operator", AdminRole::Operator, a.operator),
+        (
+            "admin.privacy_office",
+            AdminRole::PrivacyOffice,
+            a.privacy_office,
+        ),
+    ];
+    for (key, _, identities) in &sections {
+        for identity in identities.iter().flatten() {
+            let valid = !identity.is_empty()
+                && identity.len() <= 256
+                && !identity
+                    .chars()
+                    .any(|c| c.is_whitespace() || c.is_control());
+            if !valid {
+                return Err(err(
+                    key,
+                    format!(
+                        "`{identity}` is not an identity; expected a caller name as its certificate or `x-caller` gives it (1 to 256 characters, no spaces)"
+                    ),
+                ));
+            }
+        }
+    }
+    AdminRoles::new(
+        sections
+            .iter()
+            .map(|(_, role, ids)| (*role, ids.as_deref().unwrap_or_default())),
+    )
+    .map_err(|message| err("admin", message))
 }

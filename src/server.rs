@@ -110,7 +110,7 @@ pub fn shared_state(
         ),
         dns_suffix: config.tls.as_ref().and_then(|t| t.dns_suffix.clone()),
     };
-    Ok(Arc::new(Shared::new(
+    let mut shared = Shared::new(
         decider,
         subjects,
         audit,
@@ -118,7 +118,9 @@ pub fn shared_state(
         naming,
         config.max_concurrent_calls,
         telemetry,
-    )))
+    );
+    shared.admin_roles = config.admin_roles.clone();
+    Ok(Arc::new(shared))
 }
 
 /// Serves the data plane and the API until `shutdown` completes; then both stop accepting

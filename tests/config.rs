@@ -159,6 +159,14 @@ fn example_parses_resolves_and_shows_the_defaults() {
     assert_eq!(config.max_concurrent_calls, defaults.max_concurrent_calls);
     assert_eq!(config.shutdown_grace, defaults.shutdown_grace);
     assert_eq!(config.telemetry, defaults.telemetry);
+    assert_eq!(config.subjects, defaults.subjects);
+    assert_eq!(config.fleet, None, "embedded mode by default");
+    assert_eq!(config.reload, defaults.reload);
+    assert_eq!(config.admin_roles, defaults.admin_roles);
+    assert!(
+        !config.admin_roles.knows("security-team"),
+        "nobody holds an admin role by default"
+    );
     assert_eq!(
         config.telemetry.otlp_endpoint, None,
         "export is off by default"
@@ -263,12 +271,21 @@ fn example_with_every_key_uncommented_parses_and_resolves_with_mtls() {
     file.identity = Some("mtls".into());
     file.audit.fsync = Some("interval".into());
     file.audit.on_full = Some("wait".into());
+    // The SQLite registry's path and fleet mode exclude each other (the example says so).
+    assert!(file.subjects.path.is_some() && file.fleet.database_url.is_some());
+    file.subjects.path = None;
     let config = resolve_example(file).expect("the uncommented example resolves with mtls");
     assert_eq!(
         config.telemetry.otlp_endpoint.as_deref(),
         Some("http://127.0.0.1:4317")
     );
     assert_eq!(config.identity, IdentityMode::Mtls);
+    assert!(config.fleet.is_some());
+    assert!(
+        config
+            .admin_roles
+            .has("security-team", pdgate::api::admin::AdminRole::PolicyAdmin)
+    );
     let tls = config.tls.expect("mtls has TLS files");
     assert_eq!(tls.uri_prefix, DEFAULT_URI_PREFIX);
     assert_eq!(tls.dns_suffix.as_deref(), Some("svc.cluster.local"));
@@ -522,6 +539,52 @@ fn every_bad_value_names_its_key() {
                 f.telemetry.metrics_interval_seconds = Some(0);
             }),
             "telemetry.metrics_interval_seconds",
+        ),
+        (
+            "one identity both policy admin and auditor",
+            with(|f| {
+                f.admin.policy_admin = Some(vec!["sec".into()]);
+                f.admin.auditor = Some(vec!["sec".into()]);
+            }),
+            "admin",
+        ),
+        (
+            "blank identity",
+            with(|f| f.admin.operator = Some(vec![" ".into()])),
+            "admin.operator",
+        ),
+        (
+            "sqlite path in fleet mode",
+            with(|f| {
+                f.fleet.database_url = Some("postgres://postgres@127.0.0.1/test".into());
+                f.subjects.path = Some("subjects.db".into());
+            }),
+            "subjects.path",
+        ),
+        (
+            "not a postgres url",
+            with(|f| f.fleet.database_url = Some("mysql://db/x".into())),
+            "fleet.database_url",
+        ),
+        (
+            "timeout without database",
+            with(|f| f.fleet.statement_timeout_ms = Some(100)),
+            "fleet.statement_timeout_ms",
+        ),
+        (
+            "zero staleness",
+            with(|f| f.subjects.stale_after_ms = Some(0)),
+            "subjects.stale_after_ms",
+        ),
+        (
+            "no versions kept",
+            with(|f| f.reload.keep_versions = Some(0)),
+            "reload.keep_versions",
+        ),
+        (
+            "debounce too short",
+            with(|f| f.reload.debounce_ms = Some(1)),
+            "reload.debounce_ms",
         ),
     ];
     for (what, file, key) in cases {

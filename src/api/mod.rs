@@ -3,6 +3,7 @@
 //! `GET /metrics` (Prometheus text, over HTTP/1 or HTTP/2).
 
 pub mod access;
+pub mod admin;
 pub mod envoy;
 pub mod metrics;
 

@@ -235,6 +235,8 @@ pub fn body_of(
         policy_version: decision.policy_version.map(|v| v.to_string()),
         cache_hit: decision.cache_hit,
         latency_us: 0,
+        detail: None,
+        shadow_decision: None,
     }
 }
 

@@ -56,6 +56,13 @@ pub struct RecordBody {
     pub policy_version: Option<String>,
     pub cache_hit: bool,
     pub latency_us: u64,
+    /// What an admin action did, in words (`applied version … (was …): comment`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub detail: Option<String>,
+    /// With a shadow policy loaded: `allow` or `deny` as the shadow decided, recorded only when
+    /// it differs from the enforced decision.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub shadow_decision: Option<String>,
 }
 
 /// A record as stored: its place in the chain, the body, and the hashes.

@@ -1,6 +1,7 @@
 //! The `pdgate` command line. Exit codes: 0 ok or allowed, 1 denied or a failed check,
 //! 2 bad input on the command line.
 
+mod admin_client;
 mod audit;
 mod check;
 mod policy_cmd;

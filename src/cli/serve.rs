@@ -281,6 +281,13 @@ pub async fn demo(args: DemoArgs) -> u8 {
             crate::audit::now_us()
         ))),
         telemetry: crate::telemetry::TelemetrySettings::default(),
+        admin_roles: crate::api::admin::AdminRoles::default(),
+        subjects: crate::config::SubjectsSettings::default(),
+        fleet: None,
+        reload: crate::config::ReloadSettings {
+            watch: false,
+            ..crate::config::ReloadSettings::default()
+        },
     };
     let Some(policy) = server::load_policy(&config).await else {
         eprintln!(

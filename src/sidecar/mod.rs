@@ -50,6 +50,8 @@ pub struct Shared {
     /// Calls in flight; a call that finds none left is shed (`RESOURCE_EXHAUSTED`).
     pub inflight: Arc<Semaphore>,
     pub max_inflight: usize,
+    /// Who may call the admin services (`PolicyAdmin`, `AuditLog`, `SubjectRights`).
+    pub admin_roles: crate::api::admin::AdminRoles,
     /// Metrics, and spans when OTLP is on. Its exporters are stopped by `server::run` when
     /// the servers have stopped.
     pub telemetry: Telemetry,
@@ -73,6 +75,7 @@ impl Shared {
             naming,
             inflight: Arc::new(Semaphore::new(max_inflight)),
             max_inflight,
+            admin_roles: crate::api::admin::AdminRoles::default(),
             telemetry,
         }
     }

@@ -6,8 +6,9 @@
     reason = "each test file uses a different part of the harness"
 )]
 
+use pdgate::api::admin::{AdminRole, AdminRoles};
 use pdgate::audit::{AuditLog, AuditSettings, AuditWriter};
-use pdgate::config::{Config, TlsFiles};
+use pdgate::config::{Config, ReloadSettings, SubjectsSettings, TlsFiles};
 use pdgate::decision::CacheSettings;
 use pdgate::demo::customer::CustomerService;
 use pdgate::demo::walkthrough::demo_subjects;
@@ -55,6 +56,27 @@ pub struct Options {
     pub audit: Option<AuditSettings>,
     /// Off by default (no OTLP endpoint): `/metrics` only.
     pub telemetry: TelemetrySettings,
+    /// Default: [`test_admin_roles`].
+    pub admin_roles: AdminRoles,
+}
+
+/// The admin identities of the tests: `security-team` (policy-admin), `audit-team` (auditor),
+/// `sre` (operator), `privacy-office` (privacy-office). Anyone else holds no role.
+pub fn test_admin_roles() -> AdminRoles {
+    let one = |name: &str| vec![name.to_owned()];
+    let (admins, auditors, operators, privacy) = (
+        one("security-team"),
+        one("audit-team"),
+        one("sre"),
+        one("privacy-office"),
+    );
+    AdminRoles::new([
+        (AdminRole::PolicyAdmin, admins.as_slice()),
+        (AdminRole::Auditor, auditors.as_slice()),
+        (AdminRole::Operator, operators.as_slice()),
+        (AdminRole::PrivacyOffice, privacy.as_slice()),
+    ])
+    .unwrap()
 }
 
 impl Default for Options {
@@ -67,6 +89,7 @@ impl Default for Options {
             tls: None,
             audit: None,
             telemetry: TelemetrySettings::default(),
+            admin_roles: test_admin_roles(),
         }
     }
 }
@@ -129,6 +152,13 @@ impl Harness {
             shutdown_grace: options.shutdown_grace,
             audit: audit_settings,
             telemetry: options.telemetry,
+            admin_roles: options.admin_roles,
+            subjects: SubjectsSettings::default(),
+            fleet: None,
+            reload: ReloadSettings {
+                watch: false,
+                ..ReloadSettings::default()
+            },
         };
         let policy = server::load_policy(&config).await;
         let shared =
