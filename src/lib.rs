@@ -21,6 +21,7 @@
 //! - [`telemetry`]: the metrics registry (`GET /metrics` on the API port) and, with an OTLP
 //!   endpoint configured, one span per decision parented on the caller's `traceparent`, and
 //!   spans and metrics exported over OTLP/gRPC.
+//! - [`replay`]: what-if replay of an audit log under a candidate policy (`pdgate policy diff`).
 //! - [`cli`]: the `pdgate` command line; `main.rs` only calls [`cli::main`].
 //! - [`proto`]: the gRPC types generated from `proto/`.
 //!
@@ -36,6 +37,7 @@ pub mod demo;
 pub mod policy;
 pub mod proto;
 pub mod registry;
+pub mod replay;
 pub mod server;
 pub mod sidecar;
 pub mod subjects;

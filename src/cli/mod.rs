@@ -5,6 +5,7 @@ mod admin_client;
 mod audit;
 mod check;
 mod policy_cmd;
+mod policy_diff;
 mod serve;
 mod subjects;
 
@@ -65,6 +66,9 @@ enum PolicyCommand {
     Validate(PolicyDirArgs),
     /// Run the policy tests in DIR/tests/*.yaml against the policy in DIR.
     Test(PolicyTestArgs),
+    /// Replay the decisions of an audit log under a candidate policy and report those that
+    /// would flip, grouped by purpose, category, caller and clause.
+    Diff(policy_diff::DiffArgs),
 }
 
 #[derive(Debug, Args)]
@@ -117,6 +121,7 @@ pub fn main() -> ExitCode {
             Command::Policy(PolicyCommand::Validate(args)) => {
                 policy_cmd::validate(&args.dir, args.json).await
             }
+            Command::Policy(PolicyCommand::Diff(args)) => policy_diff::run(args).await,
             Command::Policy(PolicyCommand::Test(args)) => {
                 policy_cmd::test(&args.policy.dir, args.tests.as_deref(), args.policy.json).await
             }
