@@ -151,8 +151,15 @@ fn print_text(args: &DiffArgs, r: &Replay) {
         return;
     }
     println!(
-        "{} decisions flip: {} allow -> deny, {} deny -> allow (newly allowed)",
-        r.flips, r.allow_to_deny, r.deny_to_allow
+        "{} {}: {} allow -> deny, {} deny -> allow (newly allowed)",
+        r.flips,
+        if r.flips == 1 {
+            "decision flips"
+        } else {
+            "decisions flip"
+        },
+        r.allow_to_deny,
+        r.deny_to_allow
     );
     let group = |title: &str, counts: &BTreeMap<String, u64>| {
         let mut sorted: Vec<(&String, &u64)> = counts.iter().collect();
