@@ -1,6 +1,8 @@
 //! Decision cost as the policy grows: the cached path (`decide/hit`), the uncached path
 //! (`decide/miss`: resolve + evaluate + finish), plain casbin on the same request
-//! (`casbin/enforce`), and compiling a policy (`reload`).
+//! (`casbin/enforce`), compiling a policy (`reload`), and what a shadow policy adds to a
+//! decision (`shadow/hit/none`: no shadow loaded, one atomic load; `shadow/hit/loaded`: every
+//! decision also made under the shadow, from the same cache).
 //!
 //! Every point uses the same request, decided the same way at every size: the default policy,
 //! then the default policy grown to about 1k, 10k and 100k grant rows by
@@ -209,5 +211,35 @@ fn reload(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, decision, reload);
+/// The cost of a shadow policy on the cached path, default policy: none loaded (the path
+/// every sidecar takes unless the security team loads one) and one loaded (a second version of
+/// the same rules, so both decide alike and the comparison is the whole extra cost).
+fn shadow(c: &mut Criterion) {
+    let rt = Runtime::new().expect("tokio runtime");
+    let subjects = subjects();
+    let base = default_snapshot(&rt);
+    let mut shadow_source = base.source().clone();
+    shadow_source
+        .policy
+        .push_str("\n# shadow: same rules, another version\n");
+    let shadow = rt
+        .block_on(policy::compile(shadow_source))
+        .expect("the shadow compiles");
+    let decider = Decider::with_policy(Arc::new(base), CacheSettings::default());
+    let request = request();
+    let mut group = c.benchmark_group("shadow");
+    assert!(decider.decide(&request, &subjects).allowed);
+    group.bench_function("hit/none", |b| {
+        b.iter(|| decider.decide(black_box(&request), &subjects));
+    });
+    decider.set_shadow(Arc::new(shadow));
+    let decision = decider.decide(&request, &subjects);
+    assert!(decision.allowed && decision.shadow_allowed.is_none());
+    group.bench_function("hit/loaded", |b| {
+        b.iter(|| decider.decide(black_box(&request), &subjects));
+    });
+    group.finish();
+}
+
+criterion_group!(benches, decision, reload, shadow);
 criterion_main!(benches);

@@ -1,7 +1,8 @@
 //! Subject-registry benchmark: what reading a subject's state costs on the decision path, from
-//! an in-memory cache (moka, as the versioned subject cache will be) against a read from the
-//! store (SQLite; PostgreSQL too when `PDGATE_TEST_DATABASE_URL` reaches one), and what a change
-//! costs. Prints the figures; asserts nothing.
+//! the sidecar's versioned cache (`SubjectCache`: a hit, and a miss that reads the store) and
+//! from the store itself (SQLite; PostgreSQL too when `PDGATE_TEST_DATABASE_URL` reaches one),
+//! what a change costs, and (PostgreSQL) how long a change made through one sidecar's cache
+//! takes to reach another's by NOTIFY. Prints the figures; asserts nothing.
 //!
 //!     cargo bench --bench registry
 //!
@@ -14,7 +15,8 @@
 )]
 
 use pdgate::registry::{
-    Action, Change, PostgresRegistry, Preloaded, SqliteRegistry, SubjectRecord, SubjectRegistry,
+    Action, Change, PostgresRegistry, Preloaded, SqliteRegistry, SubjectCache,
+    SubjectCacheSettings, SubjectRecord, SubjectRegistry,
 };
 use pdgate::subjects::SubjectStates;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
@@ -165,6 +167,41 @@ fn cache_hits(records: &[(String, Arc<SubjectRecord>)], n: usize) -> (Duration, 
     (sync_per, future_per)
 }
 
+/// The decision path through the sidecar's cache: on a hit, the synchronous lookup a decision
+/// makes; on a miss, reading the subject from the store into the cache, then the lookup.
+async fn cache_path(
+    registry: Arc<dyn SubjectRegistry>,
+    subjects: usize,
+    n: usize,
+) -> (Latencies, Latencies) {
+    let settings = SubjectCacheSettings {
+        // No change feed runs here: keep entries answerable for the whole run.
+        stale_after: Duration::from_secs(3600),
+        refresh_after: Duration::from_secs(3600),
+        ..SubjectCacheSettings::default()
+    };
+    let cache = SubjectCache::new(registry, settings);
+    let n = n.min(subjects);
+    let mut misses = Vec::with_capacity(n);
+    for i in 0..n {
+        let names = [subject(i)];
+        let started = Instant::now();
+        if cache.needs_load(&names[0]) {
+            cache.load(&names).await;
+        }
+        black_box(cache.state(&names[0]).unwrap());
+        misses.push(started.elapsed());
+    }
+    let mut hits = Vec::with_capacity(200_000);
+    for i in 0..200_000 {
+        let name = subject((i * 7919) % n);
+        let started = Instant::now();
+        black_box(cache.state(&name).unwrap());
+        hits.push(started.elapsed());
+    }
+    (Latencies(hits), Latencies(misses))
+}
+
 async fn bench_store(name: &str, registry: Arc<dyn SubjectRegistry>, subjects: usize) {
     let started = Instant::now();
     fill(registry.as_ref(), subjects).await;
@@ -179,6 +216,9 @@ async fn bench_store(name: &str, registry: Arc<dyn SubjectRegistry>, subjects: u
     preloads(registry.as_ref(), subjects, 20_000)
         .await
         .report(&format!("{name} check path (Preloaded::load + state)"));
+    let (hits, misses) = cache_path(registry.clone(), subjects, 5_000).await;
+    hits.report(&format!("{name} decision path, cache hit"));
+    misses.report(&format!("{name} decision path, cache miss (load + state)"));
     for tasks in [1, 8, 64] {
         let rate = concurrent_reads(registry.clone(), subjects, tasks, 20_000 / tasks).await;
         println!(
@@ -251,9 +291,81 @@ fn main() {
         let pg = PostgresRegistry::from_pool(pool).await.unwrap();
         // Fewer subjects: each change is a round trip to the server.
         bench_store("postgres", Arc::new(pg), subjects.min(2_000)).await;
+        let sep = if url.contains('?') { '&' } else { '?' };
+        propagation(
+            &format!("{url}{sep}options=-c%20search_path%3D{schema}"),
+            50,
+        )
+        .await;
         sqlx::query(&format!("DROP SCHEMA {schema} CASCADE"))
             .execute(&mut admin)
             .await
             .unwrap();
     });
+}
+
+/// Two sidecars' caches on one database, each with its NOTIFY listener: the delay between a
+/// change applied through the first and the second answering the new state, over `n` changes.
+async fn propagation(url: &str, n: usize) {
+    let open = || {
+        let store =
+            PostgresRegistry::connect_lazy(url, Duration::from_secs(2), Duration::from_secs(1))
+                .unwrap();
+        let cache = Arc::new(SubjectCache::new(
+            Arc::new(store.clone()),
+            SubjectCacheSettings::default(),
+        ));
+        let feed = cache.spawn_postgres_feed(store);
+        (cache, feed)
+    };
+    let (one, feed_one) = open();
+    let (two, feed_two) = open();
+    let name = format!("propagation-{}", std::process::id());
+    let names = [name.clone()];
+    // Let both listeners connect (each drops its cache when it does).
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let mut delays = Vec::with_capacity(n);
+    let mut after_commit = Vec::with_capacity(n);
+    for i in 0..n {
+        let consented = i % 2 == 0;
+        let purpose = "marketing".to_owned();
+        let action = if consented {
+            Action::Consent {
+                purpose,
+                communications: false,
+            }
+        } else {
+            Action::Withdraw {
+                purpose,
+                communications: false,
+            }
+        };
+        // Sidecar 2 holds the old state.
+        two.load(&names).await;
+        let change = Change {
+            subject: name.clone(),
+            action,
+            actor: "bench".into(),
+            source: None,
+        };
+        let started = Instant::now();
+        one.apply(&change).await.unwrap();
+        let committed = Instant::now();
+        loop {
+            if two.needs_load(&name) {
+                two.load(&names).await;
+            }
+            let now = two.state(&name).ok().flatten();
+            if now.is_some_and(|s| s.consent.contains("marketing") == consented) {
+                break;
+            }
+            tokio::time::sleep(Duration::from_micros(100)).await;
+        }
+        delays.push(started.elapsed());
+        after_commit.push(committed.elapsed());
+    }
+    Latencies(delays).report("postgres change via sidecar 1 seen by sidecar 2 (from apply)");
+    Latencies(after_commit).report("  the same, from the apply's return (commit)");
+    feed_one.abort();
+    feed_two.abort();
 }

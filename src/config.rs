@@ -165,6 +165,11 @@ pub struct AuditSection {
     pub queue_capacity: Option<usize>,
     pub batch_max: Option<usize>,
     pub segment_max_mib: Option<u64>,
+    /// Sealed segments kept besides the active one (default: all).
+    pub retain_segments: Option<usize>,
+    /// Sealed segments whose last record is older than this many days are deleted (default:
+    /// never).
+    pub retain_days: Option<u64>,
 }
 
 /// TLS of the data plane and the API port; required by `identity = "mtls"`.
@@ -278,6 +283,24 @@ fn resolve_audit(
             ));
         }
         settings.segment_max_bytes = n * 1024 * 1024;
+    }
+    if let Some(n) = a.retain_segments {
+        if n == 0 || n > 1_000_000 {
+            return Err(err(
+                "audit.retain_segments",
+                format!("`{n}` is out of range; allowed: 1 to 1000000 (leave it out to keep all)"),
+            ));
+        }
+        settings.retention.segments = Some(n);
+    }
+    if let Some(days) = a.retain_days {
+        if days == 0 || days > 36_500 {
+            return Err(err(
+                "audit.retain_days",
+                format!("`{days}` is out of range; allowed: 1 to 36500 (leave it out to keep all)"),
+            ));
+        }
+        settings.retention.max_age = Some(Duration::from_secs(days * 86_400));
     }
     Ok(settings)
 }

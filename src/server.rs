@@ -5,6 +5,7 @@ use crate::audit::AuditLog;
 use crate::config::Config;
 use crate::decision::Decider;
 use crate::policy::{PolicySource, Snapshot, compile};
+use crate::registry::{PostgresRegistry, SqliteRegistry, SubjectCache, SubjectCacheSettings};
 use crate::sidecar::{self, Shared};
 use crate::subjects::SubjectStates;
 use crate::telemetry::metrics::Metrics;
@@ -50,6 +51,8 @@ pub enum ServeError {
     DataPlane(tonic::transport::Error),
     #[error("API server: {0}")]
     Api(Box<dyn std::error::Error + Send + Sync>),
+    #[error("`fleet.database_url`: {0}")]
+    Fleet(String),
     #[error("`telemetry.otlp_endpoint`: {0}")]
     Telemetry(#[from] TelemetryError),
 }
@@ -85,6 +88,55 @@ pub async fn load_policy(config: &Config) -> Option<Arc<Snapshot>> {
     }
 }
 
+/// Opens the subject registry `config` names — PostgreSQL in fleet mode (lazily: the sidecar
+/// starts while the database is down), else the SQLite file `subjects.path` (created on first
+/// run) — behind the decision path's cache, and starts its change feed. The feed's task ends
+/// when the cache is dropped (after the servers stop).
+pub async fn open_subject_cache(
+    config: &Config,
+) -> Result<Arc<SubjectCache>, crate::registry::RegistryError> {
+    let mut settings = SubjectCacheSettings {
+        stale_after: config.subjects.stale_after,
+        max_entries: config.subjects.cache_max_entries,
+        ..SubjectCacheSettings::default()
+    };
+    match &config.fleet {
+        Some(fleet) => {
+            // A read in the decision path waits at most this long, below the server-side
+            // statement timeout when that is long: a call should not hang on a dead database.
+            settings.read_timeout = fleet.statement_timeout.min(Duration::from_secs(1));
+            let store = PostgresRegistry::connect_lazy(
+                &fleet.database_url,
+                fleet.statement_timeout,
+                settings.read_timeout,
+            )?;
+            let cache = Arc::new(SubjectCache::new(Arc::new(store.clone()), settings));
+            drop(cache.spawn_postgres_feed(store));
+            Ok(cache)
+        }
+        None => {
+            // A few polls missed (100 ms each) and the state is read again.
+            settings.refresh_after = Duration::from_millis(300);
+            let store = SqliteRegistry::open(&config.subjects.path).await?;
+            let cache = Arc::new(SubjectCache::new(Arc::new(store.clone()), settings));
+            drop(cache.spawn_sqlite_feed(store).await?);
+            Ok(cache)
+        }
+    }
+}
+
+/// [`shared_state`] with subject state from `cache` (see [`open_subject_cache`]).
+pub fn shared_state_with_registry(
+    config: &Config,
+    policy: Option<Arc<Snapshot>>,
+    cache: Arc<SubjectCache>,
+    audit: AuditLog,
+) -> Result<Arc<Shared>, ServeError> {
+    let mut shared = build_shared(config, policy, cache.clone(), audit)?;
+    shared.subject_cache = Some(cache);
+    Ok(Arc::new(shared))
+}
+
 /// Builds the shared state for `config` with `policy` (if any), and starts the OTLP
 /// exporters when `config.telemetry` names an endpoint (inside the tokio runtime: their
 /// channels live on it). [`run`] stops them when the servers have stopped.
@@ -94,8 +146,20 @@ pub fn shared_state(
     subjects: Arc<dyn SubjectStates>,
     audit: AuditLog,
 ) -> Result<Arc<Shared>, ServeError> {
+    build_shared(config, policy, subjects, audit).map(Arc::new)
+}
+
+fn build_shared(
+    config: &Config,
+    policy: Option<Arc<Snapshot>>,
+    subjects: Arc<dyn SubjectStates>,
+    audit: AuditLog,
+) -> Result<Shared, ServeError> {
     let decider = Arc::new(Decider::new(config.cache));
-    let metrics = Arc::new(Metrics::new(decider.cache_stats().clone(), audit.clone()));
+    let metrics = Arc::new(
+        Metrics::new(decider.cache_stats().clone(), audit.clone())
+            .with_shadow_stats(decider.shadow_stats().clone()),
+    );
     let telemetry = Telemetry::start(&config.telemetry, metrics)?;
     if let Some(endpoint) = &config.telemetry.otlp_endpoint {
         tracing::info!(%endpoint, service = %config.telemetry.service_name, "exporting spans and metrics over OTLP");
@@ -120,7 +184,38 @@ pub fn shared_state(
         telemetry,
     );
     shared.admin_roles = config.admin_roles.clone();
-    Ok(Arc::new(shared))
+    // Embedded: the policy directory is the store, Apply and Rollback write into it (see
+    // policy::store). Fleet: PostgreSQL is, and its listener wakes the watch on every NOTIFY;
+    // the listener runs as long as the runtime (it holds only the store's connection).
+    let store: Arc<dyn crate::policy::PolicyStore> = match &config.fleet {
+        Some(fleet) => {
+            let store = crate::policy::PostgresPolicyStore::connect_lazy(
+                &fleet.database_url,
+                fleet.statement_timeout,
+            )
+            .map_err(|e| ServeError::Fleet(e.to_string()))?;
+            drop(tokio::spawn(store.clone().listen(std::future::pending())));
+            Arc::new(store)
+        }
+        None => Arc::new(crate::policy::FileStore::new(
+            config.policy.clone(),
+            config.routes.clone(),
+        )),
+    };
+    let policies = crate::policy::PolicyManager::new(
+        shared.decider.clone(),
+        store,
+        config.reload.keep_versions,
+        Some(shared.telemetry.metrics().clone()),
+    );
+    // The tests kept with the start version, for a rollback to it; unreadable tests are
+    // reported by the first reload that needs them.
+    policies.adopt(
+        crate::policy::bundle::read_tests(&config.policy.join(crate::policy::bundle::TESTS_DIR))
+            .unwrap_or_default(),
+    );
+    shared.policies = Arc::new(policies);
+    Ok(shared)
 }
 
 /// Serves the data plane and the API until `shutdown` completes; then both stop accepting
@@ -166,6 +261,15 @@ async fn serve(
         )
         .await
     });
+    // The file watch (`[reload] watch`) ends with the same stop signal. A fleet member always
+    // watches: that is how it follows the fleet's applies.
+    let watch = (config.reload.watch || config.fleet.is_some()).then(|| {
+        tokio::spawn(crate::policy::watch::run(
+            shared.policies.clone(),
+            config.reload.debounce,
+            stopped(stop_rx.clone()),
+        ))
+    });
     let api_tls = config.tls.clone();
     let api_stop = stopped(stop_rx);
     let api = tokio::spawn(async move {
@@ -178,11 +282,19 @@ async fn serve(
     };
     tokio::pin!(servers);
     tokio::select! {
-        (data, api) = &mut servers => return finished(data, api),
+        (data, api) = &mut servers => {
+            if let Some(watch) = &watch {
+                watch.abort();
+            }
+            return finished(data, api);
+        }
         () = shutdown => {}
     }
     tracing::info!(grace = ?config.shutdown_grace, "shutting down: no new calls, draining calls in flight");
     let _ = stop_tx.send(true);
+    if let Some(watch) = watch {
+        let _ = watch.await;
+    }
     match tokio::time::timeout(config.shutdown_grace, &mut servers).await {
         Ok((data, api)) => finished(data, api),
         Err(_) => {

@@ -3,8 +3,9 @@
 //! use and of third-party provision (§7).
 //!
 //! Decisions read it through [`SubjectStates`]; [`InMemorySubjects`] is the implementation for
-//! `pdgate check` and tests. The persistent registry (SQLite, PostgreSQL) implements the same
-//! trait.
+//! the demo and tests. The persistent registry (SQLite, PostgreSQL) reaches decisions through
+//! `registry::SubjectCache` (the sidecar) and `registry::Preloaded` (`pdgate check`), which
+//! implement the same trait.
 
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeSet, HashMap};

@@ -630,3 +630,348 @@ async fn interval_sync_writes_everything_and_the_chain_stays_whole() {
     assert!(v.ok(), "{v:?}");
     assert_eq!(v.records, 40);
 }
+
+/// A log of `n` records (`body(i)`) in small segments, written and closed: the maintenance
+/// pass at close has indexed the sealed segments and applied `retention`.
+async fn small_segments(dir: &Path, n: u64, retention: pdgate::audit::Retention) -> Vec<u64> {
+    let mut settings = AuditSettings::new(dir);
+    settings.segment_max_bytes = 2_000;
+    settings.batch_max = 4;
+    settings.retention = retention;
+    let (log, writer, _) = AuditLog::open(settings).unwrap();
+    let mut seqs = Vec::new();
+    for i in 0..n {
+        seqs.push(log.record(body(i)).await.unwrap());
+    }
+    drop(log);
+    writer.close().await;
+    seqs
+}
+
+fn segment_files(dir: &Path) -> Vec<String> {
+    pdgate::audit::segment_paths(dir)
+        .unwrap()
+        .iter()
+        .map(|(_, p)| p.file_name().unwrap().to_string_lossy().into_owned())
+        .collect()
+}
+
+#[tokio::test]
+async fn retention_keeps_the_newest_segments_and_verify_starts_from_the_anchor() {
+    let dir = tempfile::tempdir().unwrap();
+    let retention = pdgate::audit::Retention {
+        segments: Some(2),
+        max_age: None,
+    };
+    small_segments(dir.path(), 60, retention).await;
+    // Two sealed segments and the active one are left; the first ones are gone.
+    let files = segment_files(dir.path());
+    assert!(files.len() <= 3, "{files:?}");
+    assert!(!files.contains(&"segment-00000001.jsonl".to_owned()));
+    let v = read::verify(dir.path()).unwrap();
+    assert!(v.ok(), "{v:?}");
+    let anchor = v.anchor.expect("an anchor");
+    assert_eq!(v.first_seq, anchor.seq + 1);
+    assert_eq!(v.last_seq(), 60);
+    assert_eq!(v.records, 60 - anchor.seq);
+
+    // A restart continues the chain, from the anchor if need be.
+    let mut settings = AuditSettings::new(dir.path());
+    settings.retention = retention;
+    let (log, writer, _) = AuditLog::open(settings).unwrap();
+    assert_eq!(log.record(body(60)).await.unwrap(), 61);
+    drop(log);
+    writer.close().await;
+    let v = read::verify(dir.path()).unwrap();
+    assert!(v.ok(), "{v:?}");
+    assert_eq!(v.last_seq(), 61);
+}
+
+#[tokio::test]
+async fn retention_by_age_never_deletes_the_active_segment() {
+    let dir = tempfile::tempdir().unwrap();
+    // `body(i)` records are from 2023: older than a day.
+    let retention = pdgate::audit::Retention {
+        segments: None,
+        max_age: Some(Duration::from_secs(86_400)),
+    };
+    small_segments(dir.path(), 60, retention).await;
+    let files = segment_files(dir.path());
+    assert_eq!(files.len(), 1, "only the active segment is left: {files:?}");
+    let v = read::verify(dir.path()).unwrap();
+    assert!(v.ok(), "{v:?}");
+    assert_eq!(v.last_seq(), 60);
+    assert!(v.anchor.is_some());
+
+    // Even when the active segment is empty and every record before it deleted, a restart
+    // continues from the anchor.
+    let mut settings = AuditSettings::new(dir.path());
+    settings.retention = retention;
+    let (log, writer, _) = AuditLog::open(settings).unwrap();
+    assert_eq!(log.record(body(60)).await.unwrap(), 61);
+    drop(log);
+    writer.close().await;
+    assert!(read::verify(dir.path()).unwrap().ok());
+}
+
+#[tokio::test]
+async fn tampering_is_still_detected_after_retention() {
+    let whole = tempfile::tempdir().unwrap();
+    let retention = pdgate::audit::Retention {
+        segments: Some(3),
+        max_age: None,
+    };
+    small_segments(whole.path(), 80, retention).await;
+    assert!(read::verify(whole.path()).unwrap().ok());
+    let copy = || {
+        let c = tempfile::tempdir().unwrap();
+        for entry in std::fs::read_dir(whole.path()).unwrap() {
+            let entry = entry.unwrap();
+            std::fs::copy(entry.path(), c.path().join(entry.file_name())).unwrap();
+        }
+        c
+    };
+    let broken = |dir: &Path| {
+        read::verify(dir)
+            .unwrap()
+            .first_break
+            .expect("tampering detected")
+    };
+
+    // The oldest kept segment deleted as well: the anchor no longer matches the log.
+    let c = copy();
+    let first = pdgate::audit::segment_paths(c.path()).unwrap()[0].1.clone();
+    std::fs::remove_file(&first).unwrap();
+    let b = broken(c.path());
+    assert!(b.what.contains("ANCHOR"), "{b:?}");
+
+    // No anchor at all: segments were deleted, not by retention.
+    let c = copy();
+    std::fs::remove_file(c.path().join("ANCHOR")).unwrap();
+    let b = broken(c.path());
+    assert!(b.what.contains("no ANCHOR"), "{b:?}");
+
+    // An anchor with another hash.
+    let c = copy();
+    let text = std::fs::read_to_string(c.path().join("ANCHOR")).unwrap();
+    let mut parts: Vec<String> = text.split_whitespace().map(str::to_owned).collect();
+    parts[1] = "ab".repeat(32);
+    std::fs::write(c.path().join("ANCHOR"), parts.join(" ") + "\n").unwrap();
+    let b = broken(c.path());
+    assert!(b.what.contains("ANCHOR"), "{b:?}");
+
+    // A record edited in a kept segment.
+    let c = copy();
+    let last = pdgate::audit::segment_paths(c.path())
+        .unwrap()
+        .last()
+        .unwrap()
+        .1
+        .clone();
+    let text = std::fs::read_to_string(&last).unwrap();
+    std::fs::write(
+        &last,
+        text.replacen("billing-service", "billing-servicf", 1),
+    )
+    .unwrap();
+    let b = broken(c.path());
+    assert!(b.what.contains("was modified"), "{b:?}");
+
+    // An unreadable anchor.
+    let c = copy();
+    std::fs::write(c.path().join("ANCHOR"), "garbage\n").unwrap();
+    let b = broken(c.path());
+    assert!(b.what.contains("ANCHOR"), "{b:?}");
+}
+
+/// Sequence numbers of the records `filter` finds, through the index and by a full scan.
+fn both_ways(dir: &Path, filter: &Filter) -> (Vec<u64>, Vec<u64>) {
+    let mut indexed = Vec::new();
+    read::scan(dir, filter, |r| {
+        indexed.push(r.seq);
+        true
+    })
+    .unwrap();
+    let mut scanned = Vec::new();
+    read::scan_lines(dir, filter, read::Access::Scan, 0, |r, _| {
+        scanned.push(r.seq);
+        true
+    })
+    .unwrap();
+    (indexed, scanned)
+}
+
+#[tokio::test]
+async fn queries_through_the_index_find_exactly_what_a_full_scan_finds() {
+    // Many people, each in about one record per segment (so that the index, not a scan, finds
+    // them), some records about two people.
+    let many = |i: u64| {
+        let mut b = body(i);
+        b.subjects = vec![format!("cust-{}", i % 97)];
+        if i.is_multiple_of(5) {
+            b.subjects.push(format!("family-{}", i % 13));
+        }
+        b
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let mut settings = AuditSettings::new(dir.path());
+    settings.segment_max_bytes = 40_000;
+    let (log, writer, _) = AuditLog::open(settings).unwrap();
+    for i in 0..1200 {
+        log.record(many(i)).await.unwrap();
+    }
+    drop(log);
+    writer.close().await;
+    // More records after a restart: they are in the active segment, which has no index.
+    let mut settings = AuditSettings::new(dir.path());
+    settings.segment_max_bytes = 1_000_000;
+    let (log, writer, _) = AuditLog::open(settings).unwrap();
+    for i in 1200..1300 {
+        log.record(many(i)).await.unwrap();
+    }
+    drop(log);
+    writer.close().await;
+    let segments = pdgate::audit::segment_paths(dir.path()).unwrap();
+    let indexed: Vec<_> = segments
+        .iter()
+        .filter(|(_, p)| pdgate::audit::index::index_path(p).exists())
+        .collect();
+    assert!(indexed.len() >= 8, "sealed segments are indexed");
+    for (_, p) in &indexed {
+        assert!(
+            pdgate::audit::index::summary_of(p).is_some(),
+            "{} has a valid index",
+            p.display()
+        );
+    }
+    assert!(
+        !pdgate::audit::index::index_path(&segments.last().unwrap().1).exists(),
+        "the active segment has no index"
+    );
+
+    let filters = || {
+        let mut all: Vec<Filter> = [0, 3, 50, 96, 97]
+            .iter()
+            .map(|s| Filter {
+                subject: Some(format!("cust-{s}")),
+                ..Filter::default()
+            })
+            .collect();
+        all.push(Filter {
+            subject: Some("family-4".into()),
+            ..Filter::default()
+        });
+        all.push(Filter {
+            subject: Some("cust-3".into()),
+            decision: Some("allow".into()),
+            since_us: Some(1_700_000_000_000_500),
+            ..Filter::default()
+        });
+        for i in [0, 37, 699, 1199, 1250] {
+            all.push(Filter {
+                decision_id: Some(format!("decision-{i}")),
+                ..Filter::default()
+            });
+        }
+        all
+    };
+    let check = |when: &str| {
+        for filter in filters() {
+            let (indexed, scanned) = both_ways(dir.path(), &filter);
+            assert_eq!(indexed, scanned, "{when}: {filter:?}");
+        }
+    };
+    check("every index valid");
+    let (found, _) = both_ways(
+        dir.path(),
+        &Filter {
+            subject: Some("cust-3".into()),
+            ..Filter::default()
+        },
+    );
+    assert_eq!(found.len(), (0..1300).filter(|i| i % 97 == 3).count());
+
+    // One index deleted, one cut short, one with a byte flipped in every region, one left
+    // over from a segment that changed since.
+    let idx = |n: usize| pdgate::audit::index::index_path(&indexed[n].1);
+    std::fs::remove_file(idx(0)).unwrap();
+    let bytes = std::fs::read(idx(1)).unwrap();
+    std::fs::write(idx(1), &bytes[..bytes.len() / 2]).unwrap();
+    let mut bytes = std::fs::read(idx(2)).unwrap();
+    for at in [20, 120, bytes.len() / 2, bytes.len() - 3] {
+        bytes[at] ^= 0x55;
+    }
+    std::fs::write(idx(2), &bytes).unwrap();
+    std::fs::copy(idx(4), idx(3)).unwrap();
+    for n in [0, 1, 3] {
+        assert_eq!(
+            pdgate::audit::index::summary_of(&indexed[n].1),
+            None,
+            "index {n} is not trusted"
+        );
+    }
+    check("indexes missing or corrupt");
+}
+
+#[tokio::test]
+async fn admin_records_are_queryable_and_the_report_lists_requests_handled_apart() {
+    let dir = tempfile::tempdir().unwrap();
+    let (log, writer, _) = AuditLog::open(AuditSettings::new(dir.path())).unwrap();
+    log.record(body(0)).await.unwrap(); // cust-0, billing
+    log.record(RecordBody {
+        time_us: 1_700_000_000_100_000,
+        kind: Some(pdgate::audit::RecordKind::Admin),
+        decision_id: "admin-1".into(),
+        caller: "privacy-office".into(),
+        action: "SuspendUse".into(),
+        method: Some("/pdgate.v1.SubjectRights/SuspendUse".into()),
+        subjects: vec!["cust-0".into()],
+        decision: "allow".into(),
+        detail: Some("use suspended at the person's request".into()),
+        ..RecordBody::default()
+    })
+    .await
+    .unwrap();
+    drop(log);
+    writer.close().await;
+    let audit = dir.path().to_str().unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_pdgate"))
+        .args([
+            "audit", "query", "--audit", audit, "--kind", "admin", "--json",
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    let lines: Vec<serde_json::Value> = String::from_utf8(out.stdout)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 1);
+    assert_eq!(lines[0]["caller"], "privacy-office");
+    assert_eq!(lines[0]["action"], "SuspendUse");
+
+    let out = Command::new(env!("CARGO_BIN_EXE_pdgate"))
+        .args(["audit", "report", "--audit", audit, "--subject", "cust-0"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    let report = String::from_utf8(out.stdout).unwrap();
+    assert!(
+        report.contains("1 decisions concern this person: 1 allowed, 0 denied"),
+        "{report}"
+    );
+    let handled = report
+        .split("handled by the privacy office")
+        .nth(1)
+        .expect("a section for requests handled");
+    assert!(
+        handled.contains("| privacy-office | SuspendUse | done |"),
+        "{report}"
+    );
+    let uses = report
+        .split("handled by the privacy office")
+        .next()
+        .unwrap();
+    assert!(!uses.contains("SuspendUse"), "{report}");
+}

@@ -780,6 +780,8 @@ fn serve_checks_the_whole_config_before_binding() {
     let closed = free_port().to_string();
     let audit = tempfile::tempdir().unwrap();
     let audit_dir = audit.path().display().to_string();
+    // The subject registry too goes to a temporary directory, never the repository.
+    let subjects = audit.path().join("subjects.db").display().to_string();
     let serve = |extra: &[&str]| {
         let mut args = vec![
             "serve",
@@ -791,6 +793,8 @@ fn serve_checks_the_whole_config_before_binding() {
             &policy,
             "--audit-dir",
             &audit_dir,
+            "--subjects-store",
+            &subjects,
         ];
         args.extend_from_slice(extra);
         run(&args)
@@ -828,6 +832,16 @@ fn serve_checks_the_whole_config_before_binding() {
         "the flag is named: {stderr}"
     );
 
+    // A fleet database that is not PostgreSQL: the same, naming the flag (which the
+    // environment's PDGATE_DATABASE_URL stands for in a Kubernetes fleet).
+    let out = serve(&["--upstream", &closed, "--database-url", "mysql://db/pdgate"]);
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("command line: `--database-url`"),
+        "the flag is named: {stderr}"
+    );
+
     // An unknown key: the same, naming the key.
     let unknown = write_config(&dir, "[limits]\nmax_calls = 10\n");
     let out = serve(&["--config", &unknown.display().to_string()]);
@@ -853,6 +867,7 @@ async fn serve_reports_serving_and_exits_0_on_sigterm() {
     let grace = Duration::from_secs(2);
     let audit = tempfile::tempdir().unwrap();
     let audit_dir = audit.path().display().to_string();
+    let subjects = audit.path().join("subjects.db").display().to_string();
     let mut child = Running(
         pdgate()
             .args([
@@ -871,6 +886,8 @@ async fn serve_reports_serving_and_exits_0_on_sigterm() {
                 &grace.as_secs().to_string(),
                 "--audit-dir",
                 &audit_dir,
+                "--subjects-store",
+                &subjects,
             ])
             .spawn()
             .expect("start pdgate serve"),

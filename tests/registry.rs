@@ -780,3 +780,102 @@ async fn postgres_connect_with_a_url_creates_the_schema_once() {
     b.close().await;
     schema.remove().await;
 }
+
+#[tokio::test]
+async fn sqlite_change_feed_returns_each_commit_once_in_order() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("subjects.db");
+    let writer = SqliteRegistry::open(&path).await.unwrap();
+    writer
+        .apply(&change("cust-1", consent("marketing")))
+        .await
+        .unwrap();
+    // A second handle on the file, as a sidecar beside `pdgate subjects --store` has.
+    let reader = SqliteRegistry::open(&path).await.unwrap();
+    let cursor = reader.change_cursor().await.unwrap();
+    let (none, same) = reader.changes_since(cursor).await.unwrap();
+    assert!(none.is_empty());
+    assert_eq!(same, cursor);
+    writer
+        .apply(&change("cust-2", Action::SuspendUse))
+        .await
+        .unwrap();
+    writer
+        .apply(&change("cust-1", withdraw("marketing", false)))
+        .await
+        .unwrap();
+    let (changes, next) = reader.changes_since(cursor).await.unwrap();
+    assert_eq!(
+        changes,
+        [
+            Notification {
+                subject: "cust-2".into(),
+                version: 1
+            },
+            Notification {
+                subject: "cust-1".into(),
+                version: 2
+            },
+        ]
+    );
+    assert!(reader.changes_since(next).await.unwrap().0.is_empty());
+    writer.close().await;
+    reader.close().await;
+}
+
+#[tokio::test]
+async fn postgres_lazy_connection_starts_without_the_database_and_fails_reads() {
+    // Nothing listens on port 1: the registry is made (the sidecar starts), reads fail as the
+    // store's failure within the acquire timeout, and a bad URL is still the caller's.
+    let registry = PostgresRegistry::connect_lazy(
+        "postgres://postgres@127.0.0.1:1/test",
+        Duration::from_secs(2),
+        Duration::from_millis(300),
+    )
+    .unwrap();
+    let started = std::time::Instant::now();
+    let e = registry.get("cust-1").await.unwrap_err();
+    assert!(matches!(e, RegistryError::Unavailable { .. }), "{e:?}");
+    assert!(started.elapsed() < Duration::from_secs(3));
+    let e = PostgresRegistry::connect_lazy(
+        "mysql://root@127.0.0.1/test",
+        Duration::from_secs(2),
+        Duration::from_millis(300),
+    )
+    .unwrap_err();
+    assert!(e.is_input());
+}
+
+#[tokio::test]
+async fn postgres_statement_timeout_is_set_on_every_connection() {
+    let schema = TestSchema::create().await;
+    let registry = PostgresRegistry::connect_lazy(
+        &schema.url(),
+        Duration::from_millis(1234),
+        Duration::from_secs(2),
+    )
+    .unwrap();
+    registry.migrate().await.unwrap();
+    let timeout: String = sqlx::query_scalar("SHOW statement_timeout")
+        .fetch_one(registry.pool())
+        .await
+        .unwrap();
+    assert_eq!(timeout, "1234ms");
+    // The schema chosen in the URL is kept beside it.
+    registry
+        .apply(&change("cust-1", consent("marketing")))
+        .await
+        .unwrap();
+    let e = sqlx::query("SELECT pg_sleep(2)")
+        .execute(registry.pool())
+        .await
+        .unwrap_err();
+    // 57014 query_canceled: the server cancelled it.
+    let code = e
+        .as_database_error()
+        .and_then(|d| d.code())
+        .map(|c| c.into_owned());
+    assert_eq!(code.as_deref(), Some("57014"), "{e}");
+    registry.close().await;
+    schema.remove().await;
+}

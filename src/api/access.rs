@@ -66,10 +66,7 @@ impl AccessControlService {
         if let Some(caller) = caller {
             caller.clone_into(&mut request.caller);
         }
-        let decision = self
-            .shared
-            .decider
-            .decide(&request, self.shared.subjects.as_ref());
+        let decision = self.shared.decide_loaded(&request).await;
         let mut body = audit::body_of(&decision, &request, RecordKind::Check);
         if let Some((trace, span)) = span.as_ref().and_then(CallSpan::ids) {
             body.trace_id = Some(trace);

@@ -8,7 +8,7 @@
 //! |---|---|
 //! | `policy-admin` | `PolicyAdmin` Validate, Apply, Rollback, SetShadow, ClearShadow, Explain |
 //! | `auditor` | `AuditLog` Query, Tail, Verify |
-//! | `operator` | `PolicyAdmin` Status, Explain |
+//! | `operator` | `PolicyAdmin` Status, Explain (a `policy-admin` may call these too) |
 //! | `privacy-office` | `SubjectRights` (every method) |
 //!
 //! The identity is the mTLS peer (the same certificate naming as callers of the data plane), or

@@ -141,7 +141,7 @@ impl EnvoyAuthorization {
         let caller = ctx.caller.clone();
         // Decided and audited as a call through the data plane is: Envoy forwards the call
         // pdgate allows, so it is an access like any other.
-        let (decision, decided) = self.shared.decide_call(path, ctx);
+        let (decision, decided) = self.shared.decide_call_loaded(path, ctx).await;
         let mut body = audit::body_of(&decision, &decided, RecordKind::Access);
         body.method = Some(path.to_owned());
         if let Some((trace, span)) = span.as_ref().and_then(CallSpan::ids) {

@@ -4,8 +4,11 @@
 
 pub mod access;
 pub mod admin;
+pub mod audit_log;
 pub mod envoy;
 pub mod metrics;
+pub mod policy_admin;
+pub mod subject_rights;
 
 use crate::sidecar::Shared;
 use std::future::Future;
@@ -38,23 +41,46 @@ pub async fn serve_api(
 ) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
     let (reporter, health) = tonic_health::server::health_reporter();
     report_health(&reporter, &shared).await;
+    // Health follows the policy: a reload (file watch, Apply, Rollback) may be the first valid
+    // policy. The task ends when the server does (aborted below).
+    let health_task = {
+        let (reporter, shared) = (reporter.clone(), shared.clone());
+        let mut changes = shared.policies.subscribe();
+        tokio::spawn(async move {
+            while changes.changed().await.is_ok() {
+                report_health(&reporter, &shared).await;
+            }
+        })
+    };
     let reflection = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(crate::proto::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1()?;
     let metrics = metrics::MetricsEndpointLayer::new(shared.telemetry.metrics().clone());
-    crate::sidecar::server_builder(tls)?
+    // `AuditLog.Tail` streams run until their client leaves; they must end at shutdown too, or
+    // the graceful shutdown would wait on them: the same signal, fanned out to them.
+    let (stopping, tails_stop) = tokio::sync::watch::channel(false);
+    let shutdown = async move {
+        shutdown.await;
+        let _ = stopping.send(true);
+    };
+    let served = crate::sidecar::server_builder(tls)?
         // HTTP/1 for `GET /metrics` (a Prometheus scrape); gRPC stays on HTTP/2.
         .accept_http1(true)
         .layer(metrics)
         .add_service(health)
         .add_service(reflection)
         .add_service(envoy::EnvoyAuthorization::new(shared.clone()).into_server())
+        .add_service(subject_rights::SubjectRightsService::new(shared.clone()).into_server())
+        .add_service(policy_admin::PolicyAdminService::new(shared.clone()).into_server())
+        .add_service(audit_log::AuditLogService::new(shared.clone(), tails_stop).into_server())
         .add_service(access::AccessControlService::new(shared).into_server())
         .serve_with_incoming_shutdown(
             TcpIncoming::from(listener).with_nodelay(Some(true)),
             shutdown,
         )
-        .await?;
+        .await;
+    health_task.abort();
+    served?;
     Ok(())
 }

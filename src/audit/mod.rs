@@ -8,21 +8,27 @@
 //! never is a record dropped silently.
 //!
 //! On disk: `segment-NNNNNNNN.jsonl` files of JSON lines (see [`record`]) and `HEAD`, the last
-//! written sequence number and hash, which lets `verify` notice a log cut short.
+//! written sequence number and hash, which lets `verify` notice a log cut short. Beside them,
+//! derived and rebuilt when missing: `segment-NNNNNNNN.idx`, the index of a sealed segment
+//! (see [`index`]). After retention deleted old segments: `ANCHOR`, the last deleted record,
+//! from which the chain continues (see [`retention`]).
 
+pub mod index;
 pub mod read;
 pub mod record;
+pub mod retention;
 mod writer;
 
 pub use record::{AuditRecord, RecordBody, RecordKind, RecordReason};
-pub use writer::{AuditStats, ChainHead};
+pub use retention::{Anchor, Retention};
+pub use writer::{AuditStats, ChainHead, Published};
 
 use crate::decision::Decision;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{broadcast, mpsc, oneshot};
 
 pub const HEAD_FILE: &str = "HEAD";
 const SEGMENT_PREFIX: &str = "segment-";
@@ -57,6 +63,8 @@ pub struct AuditSettings {
     pub batch_max: usize,
     /// A segment is closed and a new one begun beyond this size.
     pub segment_max_bytes: u64,
+    /// Which sealed segments to keep (default: all).
+    pub retention: Retention,
 }
 
 impl AuditSettings {
@@ -68,6 +76,7 @@ impl AuditSettings {
             queue_capacity: 65_536,
             batch_max: 1024,
             segment_max_bytes: 64 * 1024 * 1024,
+            retention: Retention::default(),
         }
     }
 }
@@ -87,7 +96,7 @@ pub enum AuditError {
 }
 
 impl AuditError {
-    fn io(path: &Path, e: std::io::Error) -> Self {
+    pub(crate) fn io(path: &Path, e: std::io::Error) -> Self {
         Self::Io {
             path: path.display().to_string(),
             message: e.to_string(),
@@ -103,7 +112,13 @@ pub struct AuditLog {
     capacity: usize,
     healthy: Arc<AtomicBool>,
     stats: Arc<AuditStats>,
+    dir: PathBuf,
+    /// Every batch once written, for `Tail`; the writer sends only while someone listens.
+    published: broadcast::Sender<Arc<Published>>,
 }
+
+/// Batches a lagging subscriber may fall behind by before it has to catch up from the files.
+const PUBLISHED_BACKLOG: usize = 1024;
 
 /// Owns the writer thread; [`AuditWriter::close`] writes every queued record and stops it.
 pub struct AuditWriter {
@@ -117,7 +132,13 @@ impl AuditLog {
     pub fn open(settings: AuditSettings) -> Result<(Self, AuditWriter, ChainHead), AuditError> {
         let healthy = Arc::new(AtomicBool::new(true));
         let stats = Arc::new(AuditStats::default());
-        let writer = writer::Writer::open(settings.clone(), healthy.clone(), stats.clone())?;
+        let (published, _) = broadcast::channel(PUBLISHED_BACKLOG);
+        let writer = writer::Writer::open(
+            settings.clone(),
+            healthy.clone(),
+            stats.clone(),
+            published.clone(),
+        )?;
         let head = writer.head();
         let (tx, rx) = mpsc::channel(settings.queue_capacity);
         let thread = std::thread::Builder::new()
@@ -135,6 +156,8 @@ impl AuditLog {
                 capacity: settings.queue_capacity,
                 healthy,
                 stats,
+                dir: settings.dir.clone(),
+                published,
             },
             AuditWriter {
                 tx: closer,
@@ -185,6 +208,23 @@ impl AuditLog {
 
     pub fn stats(&self) -> &AuditStats {
         &self.stats
+    }
+
+    /// The log's directory (for readers: query, verify, tail).
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Every batch written from now on. A receiver that falls more than
+    /// `PUBLISHED_BACKLOG` batches behind gets `Lagged` and must read what it missed from the
+    /// files (they hold every published batch: a batch is published after it is written).
+    pub fn subscribe(&self) -> broadcast::Receiver<Arc<Published>> {
+        self.published.subscribe()
+    }
+
+    /// Subscribers now (open `Tail` calls).
+    pub fn subscribers(&self) -> usize {
+        self.published.receiver_count()
     }
 }
 

@@ -2,16 +2,20 @@
 //! them, syncs them as configured, and acknowledges each record once it is written. A batch
 //! that cannot be written is cut back off the file and every record in it is refused, so the
 //! calls they belong to are denied: nothing is dropped silently.
+//!
+//! Work that may take long — indexing a sealed segment, deleting segments by retention — runs
+//! on a second thread ([`Maintenance`]), so that it never holds up a batch.
 
 use super::record::{AuditRecord, GENESIS, RecordBody, seal, split_line};
-use super::{AuditError, AuditSettings, Fsync, HEAD_FILE, segment_name, segment_paths};
+use super::retention::{self, Retention, read_anchor};
+use super::{AuditError, AuditSettings, Fsync, HEAD_FILE, index, segment_name, segment_paths};
 use std::fs::{File, OpenOptions};
 use std::io::{BufRead, BufReader, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{broadcast, mpsc, oneshot};
 
 /// A record on its way to the writer, with whom to tell when it is written.
 pub(super) struct Pending {
@@ -39,6 +43,24 @@ pub struct AuditStats {
     pub batches: AtomicU64,
 }
 
+/// A batch as written: its first sequence number and its lines, each ending in `\n`, exactly
+/// as stored.
+#[derive(Debug)]
+pub struct Published {
+    pub first_seq: u64,
+    pub lines: String,
+}
+
+impl Published {
+    /// `(seq, line)` for each record of the batch (the line with its newline).
+    pub fn records(&self) -> impl Iterator<Item = (u64, &str)> {
+        self.lines
+            .split_inclusive('\n')
+            .zip(self.first_seq..)
+            .map(|(line, seq)| (seq, line))
+    }
+}
+
 /// Where the chain stands: the last record's sequence number and hash.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ChainHead {
@@ -62,6 +84,87 @@ pub(super) struct Writer {
     healthy: Arc<AtomicBool>,
     stats: Arc<AuditStats>,
     syncer: Arc<Syncer>,
+    published: broadcast::Sender<Arc<Published>>,
+    /// Indexing and retention; stopped and joined by [`Writer::run`] when it ends.
+    maintenance: Option<Maintenance>,
+}
+
+/// The thread that indexes sealed segments and applies retention. It does a pass when it
+/// starts, after every rotation, hourly while retention by age is on, and a last one when told
+/// to stop. Its failures are logged and never reach the writer: an index is only a speed-up,
+/// and a segment retention could not delete is still a whole part of the log.
+struct Maintenance {
+    tx: std::sync::mpsc::Sender<Chore>,
+    thread: std::thread::JoinHandle<()>,
+}
+
+enum Chore {
+    /// A segment was sealed; the active one is now this.
+    Sealed(u64),
+    Stop,
+}
+
+impl Maintenance {
+    fn start(dir: PathBuf, retention: Retention, active: u64) -> Result<Self, AuditError> {
+        let (tx, rx) = std::sync::mpsc::channel();
+        let thread = std::thread::Builder::new()
+            .name("pdgate-audit-maint".into())
+            .spawn(move || {
+                let mut active = active;
+                let every = if retention.max_age.is_some() {
+                    Duration::from_secs(3600)
+                } else {
+                    Duration::MAX
+                };
+                loop {
+                    maintain(&dir, &retention, active);
+                    match rx.recv_timeout(every) {
+                        Ok(Chore::Sealed(now_active)) => active = now_active,
+                        Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {}
+                        Ok(Chore::Stop) | Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => {
+                            // Chores that came in meanwhile: the last pass covers them.
+                            while let Ok(Chore::Sealed(n)) = rx.try_recv() {
+                                active = n;
+                            }
+                            maintain(&dir, &retention, active);
+                            return;
+                        }
+                    }
+                }
+            })
+            .map_err(|e| AuditError::Io {
+                path: String::new(),
+                message: format!("cannot start the audit maintenance thread: {e}"),
+            })?;
+        Ok(Self { tx, thread })
+    }
+
+    fn stop(self) {
+        let _ = self.tx.send(Chore::Stop);
+        let _ = self.thread.join();
+    }
+}
+
+/// One maintenance pass: retention, then an index for every sealed segment left without a
+/// valid one (retention first, so that nothing is indexed only to be deleted).
+fn maintain(dir: &Path, retention: &Retention, active: u64) {
+    if !retention.keeps_everything()
+        && let Err(e) = retention::apply(dir, retention, active, super::now_us())
+    {
+        tracing::error!(error = %e, "audit retention failed; old segments are kept");
+    }
+    match segment_paths(dir) {
+        Ok(segments) => {
+            for (_, path) in segments.iter().filter(|(n, _)| *n < active) {
+                if index::summary_of(path).is_none()
+                    && let Err(e) = index::build(path)
+                {
+                    tracing::warn!(segment = %path.display(), error = %e, "audit segment not indexed; queries scan it");
+                }
+            }
+        }
+        Err(e) => tracing::warn!(error = %e, "audit segments not listed for indexing"),
+    }
 }
 
 /// With `fsync = "interval"`: a thread that syncs the current segment when it has been
@@ -108,22 +211,36 @@ impl Writer {
         settings: AuditSettings,
         healthy: Arc<AtomicBool>,
         stats: Arc<AuditStats>,
+        published: broadcast::Sender<Arc<Published>>,
     ) -> Result<Self, AuditError> {
         let dir = settings.dir.clone();
         std::fs::create_dir_all(&dir).map_err(|e| AuditError::io(&dir, e))?;
-        let segments = segment_paths(&dir)?;
+        // After retention, the chain continues from the anchor: it is the head when no segment
+        // after it holds a record.
+        let anchor = read_anchor(&dir)?;
+        let segments: Vec<(u64, PathBuf)> = segment_paths(&dir)?
+            .into_iter()
+            .filter(|(n, _)| anchor.is_none_or(|a| *n > a.segment))
+            .collect();
+        let start = anchor.map_or(
+            ChainHead {
+                seq: 0,
+                hash: GENESIS,
+            },
+            |a| ChainHead {
+                seq: a.seq,
+                hash: a.hash,
+            },
+        );
         let (number, head) = match segments.last() {
             Some((number, path)) => (
                 *number,
-                recover_tail(path)?.unwrap_or(previous_head(&segments)?),
-            ),
-            None => (
-                1,
-                ChainHead {
-                    seq: 0,
-                    hash: GENESIS,
+                match recover_tail(path)? {
+                    Some(head) => head,
+                    None => previous_head(&segments)?.unwrap_or(start),
                 },
             ),
+            None => (anchor.map_or(1, |a| a.segment + 1), start),
         };
         let segment = open_segment(&dir, number)?;
         let head_path = dir.join(HEAD_FILE);
@@ -146,6 +263,11 @@ impl Writer {
                 .spawn(move || syncer.run(every, &healthy))
                 .map_err(|e| AuditError::io(&dir, e))?;
         }
+        let maintenance = Some(Maintenance::start(
+            dir.clone(),
+            settings.retention,
+            segment.number,
+        )?);
         let mut writer = Self {
             dir,
             settings,
@@ -155,6 +277,8 @@ impl Writer {
             healthy,
             stats,
             syncer,
+            published,
+            maintenance,
         };
         writer.write_head()?;
         Ok(writer)
@@ -215,6 +339,9 @@ impl Writer {
         if let Err(e) = self.sync() {
             tracing::error!(error = %e, "audit log not synced at shutdown");
         }
+        if let Some(maintenance) = self.maintenance.take() {
+            maintenance.stop();
+        }
     }
 
     /// Appends `batch` as one write; returns the first sequence number. On failure the file is
@@ -263,6 +390,14 @@ impl Writer {
         }
         let first = self.head.seq + 1;
         self.head = head;
+        // Published after the write, so a subscriber that catches up from the files after
+        // subscribing misses nothing; not built at all while nobody listens.
+        if self.published.receiver_count() > 0 {
+            let _ = self.published.send(Arc::new(Published {
+                first_seq: first,
+                lines: buf,
+            }));
+        }
         // HEAD only helps `verify` notice a cut: a HEAD that lags is tolerated, so failing to
         // update it does not fail the batch.
         if let Err(e) = self.write_head() {
@@ -295,6 +430,9 @@ impl Writer {
         self.sync()?;
         self.segment = open_segment(&self.dir, self.segment.number + 1)?;
         self.syncer.follow(&self.segment);
+        if let Some(m) = &self.maintenance {
+            let _ = m.tx.send(Chore::Sealed(self.segment.number));
+        }
         tracing::info!(segment = %self.segment.path.display(), "audit segment rotated");
         Ok(())
     }
@@ -368,15 +506,13 @@ fn recover_tail(path: &Path) -> Result<Option<ChainHead>, AuditError> {
     Ok(last)
 }
 
-/// The head at the end of the segment before the last (the last one is empty).
-fn previous_head(segments: &[(u64, PathBuf)]) -> Result<ChainHead, AuditError> {
+/// The head at the end of the segment before the last (the last one is empty); `None` when no
+/// segment holds a record.
+fn previous_head(segments: &[(u64, PathBuf)]) -> Result<Option<ChainHead>, AuditError> {
     for (_, path) in segments.iter().rev().skip(1) {
         if let Some(head) = recover_tail(path)? {
-            return Ok(head);
+            return Ok(Some(head));
         }
     }
-    Ok(ChainHead {
-        seq: 0,
-        hash: GENESIS,
-    })
+    Ok(None)
 }

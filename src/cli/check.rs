@@ -25,52 +25,8 @@ pdgate check --caller provisioning-service --purpose third_party.interconnect --
 --category customer.name,customer.usage_history --subject cust-1 --recipient ntt-east --json"
 )]
 pub struct CheckArgs {
-    /// The calling service (a caller of taxonomy.toml), e.g. `billing-service`.
-    #[arg(long, value_name = "CALLER")]
-    caller: String,
-    /// The purpose of use the call declares, e.g. `service.billing`.
-    #[arg(long, value_name = "PURPOSE")]
-    purpose: String,
-    /// `read`, `write` or `delete`.
-    #[arg(long, value_name = "ACTION")]
-    action: String,
-    /// A category of personal data, e.g. `customer.contact.email`; repeat it or separate with
-    /// commas for several.
-    #[arg(
-        long = "category",
-        value_name = "CATEGORY",
-        required = true,
-        value_delimiter = ','
-    )]
-    categories: Vec<String>,
-    /// A data subject the call concerns; repeatable.
-    #[arg(long = "subject", value_name = "SUBJECT")]
-    subjects: Vec<String>,
-    /// The company receiving the data when it is not the caller (joint user or third party).
-    #[arg(long, value_name = "CALLER")]
-    recipient: Option<String>,
-    /// The subject consented to PURPOSE (covers its children); repeatable.
-    #[arg(
-        long = "consent",
-        value_name = "PURPOSE",
-        requires = "subjects",
-        value_delimiter = ','
-    )]
-    consent: Vec<String>,
-    /// The subject consented to the use of communications data for PURPOSE; repeatable.
-    #[arg(
-        long = "comms-consent",
-        value_name = "PURPOSE",
-        requires = "subjects",
-        value_delimiter = ','
-    )]
-    comms_consent: Vec<String>,
-    /// The subject asked to stop the use of their data.
-    #[arg(long, requires = "subjects")]
-    suspend_use: bool,
-    /// The subject asked to stop providing their data to third parties.
-    #[arg(long, requires = "subjects")]
-    suspend_provision: bool,
+    #[command(flatten)]
+    request: RequestArgs,
     /// Where the subject's state is read when no inline state flag is given.
     #[command(flatten)]
     store: StoreArgs,
@@ -85,6 +41,89 @@ pub struct CheckArgs {
     /// Print one JSON object instead of text.
     #[arg(long)]
     json: bool,
+}
+
+/// The request to decide and the subject's state given inline: the flags `pdgate check` and
+/// `pdgate policy explain` share.
+#[derive(Debug, Args)]
+pub struct RequestArgs {
+    /// The calling service (a caller of taxonomy.toml), e.g. `billing-service`.
+    #[arg(long, value_name = "CALLER")]
+    pub caller: String,
+    /// The purpose of use the call declares, e.g. `service.billing`.
+    #[arg(long, value_name = "PURPOSE")]
+    pub purpose: String,
+    /// `read`, `write` or `delete`.
+    #[arg(long, value_name = "ACTION")]
+    pub action: String,
+    /// A category of personal data, e.g. `customer.contact.email`; repeat it or separate with
+    /// commas for several.
+    #[arg(
+        long = "category",
+        value_name = "CATEGORY",
+        required = true,
+        value_delimiter = ','
+    )]
+    pub categories: Vec<String>,
+    /// A data subject the call concerns; repeatable.
+    #[arg(long = "subject", value_name = "SUBJECT")]
+    pub subjects: Vec<String>,
+    /// The company receiving the data when it is not the caller (joint user or third party).
+    #[arg(long, value_name = "CALLER")]
+    pub recipient: Option<String>,
+    /// The subject consented to PURPOSE (covers its children); repeatable.
+    #[arg(
+        long = "consent",
+        value_name = "PURPOSE",
+        requires = "subjects",
+        value_delimiter = ','
+    )]
+    pub consent: Vec<String>,
+    /// The subject consented to the use of communications data for PURPOSE; repeatable.
+    #[arg(
+        long = "comms-consent",
+        value_name = "PURPOSE",
+        requires = "subjects",
+        value_delimiter = ','
+    )]
+    pub comms_consent: Vec<String>,
+    /// The subject asked to stop the use of their data.
+    #[arg(long, requires = "subjects")]
+    pub suspend_use: bool,
+    /// The subject asked to stop providing their data to third parties.
+    #[arg(long, requires = "subjects")]
+    pub suspend_provision: bool,
+}
+
+impl RequestArgs {
+    /// Whether a subject state flag was given (then the registry is not read).
+    pub fn has_inline_state(&self) -> bool {
+        !self.consent.is_empty()
+            || !self.comms_consent.is_empty()
+            || self.suspend_use
+            || self.suspend_provision
+    }
+
+    /// The state the inline flags give each subject.
+    pub fn inline_state(&self) -> SubjectState {
+        SubjectState {
+            consent: self.consent.iter().cloned().collect(),
+            comms_consent: self.comms_consent.iter().cloned().collect(),
+            use_suspended: self.suspend_use,
+            provision_suspended: self.suspend_provision,
+        }
+    }
+
+    pub fn request(&self) -> Request {
+        Request {
+            caller: self.caller.clone(),
+            purpose: self.purpose.clone(),
+            action: self.action.clone(),
+            categories: self.categories.clone(),
+            subjects: self.subjects.clone(),
+            recipient: self.recipient.clone(),
+        }
+    }
 }
 
 pub async fn run(args: CheckArgs) -> u8 {
@@ -102,37 +141,23 @@ pub async fn run(args: CheckArgs) -> u8 {
             return EXIT_DENIED;
         }
     };
-    let inline = !args.consent.is_empty()
-        || !args.comms_consent.is_empty()
-        || args.suspend_use
-        || args.suspend_provision;
-    let subjects = if inline || args.subjects.is_empty() {
-        let state = SubjectState {
-            consent: args.consent.iter().cloned().collect(),
-            comms_consent: args.comms_consent.iter().cloned().collect(),
-            use_suspended: args.suspend_use,
-            provision_suspended: args.suspend_provision,
-        };
+    let inline = args.request.has_inline_state();
+    let subjects = if inline || args.request.subjects.is_empty() {
+        let state = args.request.inline_state();
         let inline: InMemorySubjects = args
+            .request
             .subjects
             .iter()
             .map(|s| (s.clone(), state.clone()))
             .collect();
         Subjects::Inline(inline)
     } else {
-        match read_registry(&args.store, &args.subjects).await {
+        match read_registry(&args.store, &args.request.subjects).await {
             Ok(loaded) => loaded,
             Err(code) => return code,
         }
     };
-    let request = Request {
-        caller: args.caller,
-        purpose: args.purpose,
-        action: args.action,
-        categories: args.categories,
-        subjects: args.subjects,
-        recipient: args.recipient,
-    };
+    let request = args.request.request();
     let decider = Decider::with_policy(snapshot.clone(), CacheSettings::default());
     let decision = decider.decide(&request, subjects.states());
     if let Subjects::Registry { loaded, absent } = &subjects
@@ -237,7 +262,7 @@ fn warn_about_registry(store: &StoreArgs, loaded: &Preloaded, absent: bool, snap
     }
 }
 
-fn print_human(request: &Request, decision: &Decision) {
+pub(super) fn print_human(request: &Request, decision: &Decision) {
     let subjects = if request.subjects.is_empty() {
         String::new()
     } else {

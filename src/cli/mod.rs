@@ -69,6 +69,16 @@ enum PolicyCommand {
     /// Replay the decisions of an audit log under a candidate policy and report those that
     /// would flip, grouped by purpose, category, caller and clause.
     Diff(policy_diff::DiffArgs),
+    /// Push a policy directory to a running sidecar: validated, tested, then swapped in.
+    Push(policy_cmd::PushArgs),
+    /// The sidecar's active policy version, last reload error, history and shadow.
+    Status(policy_cmd::StatusArgs),
+    /// Make a kept earlier version active again.
+    Rollback(policy_cmd::RollbackArgs),
+    /// Explain a decision of the running sidecar, stage by stage (flags as `pdgate check`).
+    Explain(policy_cmd::ExplainArgs),
+    /// Load a candidate as a shadow policy (decided, never enforced), or clear it.
+    Shadow(policy_cmd::ShadowArgs),
 }
 
 #[derive(Debug, Args)]
@@ -125,6 +135,11 @@ pub fn main() -> ExitCode {
             Command::Policy(PolicyCommand::Test(args)) => {
                 policy_cmd::test(&args.policy.dir, args.tests.as_deref(), args.policy.json).await
             }
+            Command::Policy(PolicyCommand::Push(args)) => policy_cmd::push(args).await,
+            Command::Policy(PolicyCommand::Status(args)) => policy_cmd::status(args).await,
+            Command::Policy(PolicyCommand::Rollback(args)) => policy_cmd::rollback(args).await,
+            Command::Policy(PolicyCommand::Explain(args)) => policy_cmd::explain(args).await,
+            Command::Policy(PolicyCommand::Shadow(args)) => policy_cmd::shadow(args).await,
         }
     });
     ExitCode::from(code)

@@ -62,6 +62,20 @@ pub struct ServeArgs {
     /// [default: none, nothing exported].
     #[arg(long, value_name = "URL")]
     otlp_endpoint: Option<String>,
+    /// The embedded subject registry, a SQLite file created on first run
+    /// [default: subjects.db].
+    #[arg(long, value_name = "PATH", env = "PDGATE_SUBJECTS")]
+    subjects_store: Option<PathBuf>,
+    /// Fleet mode: the PostgreSQL database shared by the fleet's sidecars (policy versions and
+    /// subject registry), `postgres://USER@HOST:PORT/DATABASE`. From the environment, it keeps
+    /// the password out of the configuration file [default: none, embedded mode].
+    #[arg(
+        long,
+        value_name = "URL",
+        env = "PDGATE_DATABASE_URL",
+        hide_env_values = true
+    )]
+    database_url: Option<String>,
 }
 
 impl ServeArgs {
@@ -111,6 +125,16 @@ impl ServeArgs {
             "telemetry.otlp_endpoint",
             "--otlp-endpoint",
         );
+        flag(
+            self.subjects_store.is_some(),
+            "subjects.path",
+            "--subjects-store",
+        );
+        flag(
+            self.database_url.is_some(),
+            "fleet.database_url",
+            "--database-url",
+        );
         file.listen = self.listen.or(file.listen);
         file.api_listen = self.api_listen.or(file.api_listen);
         file.upstream = self.upstream.or(file.upstream);
@@ -127,6 +151,8 @@ impl ServeArgs {
             .or(file.limits.shutdown_grace_seconds);
         file.audit.dir = self.audit_dir.or(file.audit.dir);
         file.telemetry.otlp_endpoint = self.otlp_endpoint.or(file.telemetry.otlp_endpoint);
+        file.subjects.path = self.subjects_store.or(file.subjects.path);
+        file.fleet.database_url = self.database_url.or(file.fleet.database_url);
         file.resolve(&origin).map_err(|mut e| {
             if let Some((_, name)) = from_flags.iter().find(|(key, _)| *key == e.key) {
                 e.origin = "command line".to_owned();
@@ -156,14 +182,24 @@ pub async fn serve(args: ServeArgs) -> u8 {
     };
     tracing::info!(dir = %config.audit.dir.display(), records = head.seq, "audit log open");
     let policy = server::load_policy(&config).await;
+    // The subject registry: a SQLite file that cannot be opened is a bad `subjects.path` (a
+    // fleet database is connected lazily: only a malformed URL is refused here).
+    let subjects = match server::open_subject_cache(&config).await {
+        Ok(cache) => cache,
+        Err(e) => {
+            let key = if config.fleet.is_some() {
+                "fleet.database_url"
+            } else {
+                "subjects.path"
+            };
+            eprintln!("error: `{key}`: {e}");
+            writer.close().await;
+            return EXIT_USAGE;
+        }
+    };
     // Before any port is bound: an OTLP exporter that cannot be built is a bad
     // `telemetry.otlp_endpoint`.
-    let shared = match server::shared_state(
-        &config,
-        policy,
-        Arc::new(crate::subjects::InMemorySubjects::new()),
-        audit,
-    ) {
+    let shared = match server::shared_state_with_registry(&config, policy, subjects, audit) {
         Ok(shared) => shared,
         Err(e) => {
             eprintln!("error: {e}");

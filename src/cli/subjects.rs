@@ -1,21 +1,38 @@
 //! `pdgate subjects`: record and inspect the data subjects' consent and requests (§7), directly
-//! in the registry: the embedded SQLite file (`--store`) or PostgreSQL (`--database-url`).
+//! in the registry — the embedded SQLite file (`--store`, the default) or PostgreSQL
+//! (`--database-url`) — or through a running sidecar's `SubjectRights` API (`--admin ADDR`,
+//! with `--as IDENTITY` or a client certificate), which records the verified identity as the
+//! actor and audits the change. Output and exit codes are the same either way.
+//!
+//! The admin mode is chosen when `--admin`, `--as` or `--cert` is given (or `PDGATE_ADMIN` is
+//! set); `--admin` has a default address, so its mere default does not choose it.
 
+use super::admin_client::{AdminArgs, AdminChannel, report_status};
 use super::{EXIT_DENIED, EXIT_OK, EXIT_USAGE, print_json};
+use crate::proto::v1::subject_rights_client::SubjectRightsClient;
+use crate::proto::v1::{
+    ConsentRequest, GetSubjectRequest, SubjectChangeRequest, SubjectStateResponse,
+};
 use crate::registry::{
     Action, Change, Event, PostgresRegistry, RegistryError, SqliteRegistry, SubjectRecord,
     SubjectRegistry,
 };
+use crate::subjects::SubjectState;
 use clap::{ArgGroup, Args, Subcommand};
 use serde_json::json;
 use std::path::PathBuf;
+use std::time::{Duration, UNIX_EPOCH};
 
 #[derive(Debug, Subcommand)]
 #[command(after_help = "Examples:\n  \
 pdgate subjects consent cust-1 --purpose marketing --actor alice --source REQ-123\n  \
 pdgate subjects consent cust-1 --purpose marketing.email --comms --actor alice\n  \
 pdgate subjects suspend cust-1 --provision --actor alice --source REQ-124\n  \
-pdgate subjects history cust-1 --json")]
+pdgate subjects history cust-1 --json\n  \
+pdgate subjects consent cust-1 --purpose marketing --source REQ-125 --admin 127.0.0.1:9090 --as privacy-office\n\n\
+With --admin (or --as, --cert) the command goes through a running sidecar's SubjectRights API: \
+the sidecar checks the privacy-office role, records the identity it verified as the actor, \
+audits the change and honours it on its next call.")]
 pub enum SubjectsCommand {
     /// Record the subject's consent to a purpose (it covers the purpose's children).
     Consent(ConsentArgs),
@@ -61,9 +78,10 @@ pub(super) struct StoreArgs {
 #[derive(Debug, Args)]
 struct Who {
     /// Who makes the change (a person of the privacy office, a service): recorded in the
-    /// history.
+    /// history. Required with `--store`/`--database-url`; with `--admin` the actor is the
+    /// identity the sidecar verified, and this flag is refused.
     #[arg(long, value_name = "NAME")]
-    actor: String,
+    actor: Option<String>,
     /// Where the change comes from, e.g. the privacy office's request id.
     #[arg(long, value_name = "REF")]
     source: Option<String>,
@@ -73,6 +91,7 @@ struct Who {
 }
 
 #[derive(Debug, Args)]
+#[command(group(ArgGroup::new("remote").multiple(true).args(["addr", "identity", "cert"]).conflicts_with_all(["store", "database_url"])))]
 pub struct ConsentArgs {
     /// The data subject's id, as in x-data-subject.
     #[arg(value_name = "SUBJECT")]
@@ -88,10 +107,13 @@ pub struct ConsentArgs {
     who: Who,
     #[command(flatten)]
     store: StoreArgs,
+    #[command(flatten)]
+    admin: AdminArgs,
 }
 
 #[derive(Debug, Args)]
 #[command(group(ArgGroup::new("what").required(true).args(["use", "provision"])))]
+#[command(group(ArgGroup::new("remote").multiple(true).args(["addr", "identity", "cert"]).conflicts_with_all(["store", "database_url"])))]
 pub struct SuspendArgs {
     #[arg(value_name = "SUBJECT")]
     subject: String,
@@ -106,9 +128,12 @@ pub struct SuspendArgs {
     who: Who,
     #[command(flatten)]
     store: StoreArgs,
+    #[command(flatten)]
+    admin: AdminArgs,
 }
 
 #[derive(Debug, Args)]
+#[command(group(ArgGroup::new("remote").multiple(true).args(["addr", "identity", "cert"]).conflicts_with_all(["store", "database_url"])))]
 pub struct DeleteArgs {
     #[arg(value_name = "SUBJECT")]
     subject: String,
@@ -116,9 +141,12 @@ pub struct DeleteArgs {
     who: Who,
     #[command(flatten)]
     store: StoreArgs,
+    #[command(flatten)]
+    admin: AdminArgs,
 }
 
 #[derive(Debug, Args)]
+#[command(group(ArgGroup::new("remote").multiple(true).args(["addr", "identity", "cert"]).conflicts_with_all(["store", "database_url"])))]
 pub struct ReadArgs {
     #[arg(value_name = "SUBJECT")]
     subject: String,
@@ -127,6 +155,8 @@ pub struct ReadArgs {
     json: bool,
     #[command(flatten)]
     store: StoreArgs,
+    #[command(flatten)]
+    admin: AdminArgs,
 }
 
 impl StoreArgs {
@@ -160,14 +190,14 @@ pub async fn run(command: SubjectsCommand) -> u8 {
                 purpose: a.purpose,
                 communications: a.comms,
             };
-            change(&a.store, a.subject, action, a.who).await
+            change(&a.store, &a.admin, a.subject, action, a.who).await
         }
         SubjectsCommand::Withdraw(a) => {
             let action = Action::Withdraw {
                 purpose: a.purpose,
                 communications: a.comms,
             };
-            change(&a.store, a.subject, action, a.who).await
+            change(&a.store, &a.admin, a.subject, action, a.who).await
         }
         SubjectsCommand::Suspend(a) => {
             let action = if a.use_ {
@@ -175,7 +205,7 @@ pub async fn run(command: SubjectsCommand) -> u8 {
             } else {
                 Action::SuspendProvision
             };
-            change(&a.store, a.subject, action, a.who).await
+            change(&a.store, &a.admin, a.subject, action, a.who).await
         }
         SubjectsCommand::Resume(a) => {
             let action = if a.use_ {
@@ -183,14 +213,36 @@ pub async fn run(command: SubjectsCommand) -> u8 {
             } else {
                 Action::ResumeProvision
             };
-            change(&a.store, a.subject, action, a.who).await
+            change(&a.store, &a.admin, a.subject, action, a.who).await
         }
         SubjectsCommand::Delete(a) => {
-            change(&a.store, a.subject, Action::RequestDeletion, a.who).await
+            change(
+                &a.store,
+                &a.admin,
+                a.subject,
+                Action::RequestDeletion,
+                a.who,
+            )
+            .await
         }
+        SubjectsCommand::Show(a) if admin_mode(&a.admin) => remote_show(a).await,
+        SubjectsCommand::History(a) if admin_mode(&a.admin) => remote_history(a).await,
         SubjectsCommand::Show(a) => show(a).await,
         SubjectsCommand::History(a) => history(a).await,
     }
+}
+
+/// Whether the command goes through a running sidecar: `--admin` given (on the command line
+/// or in `PDGATE_ADMIN`), or an identity to present (`--as`, `--cert`). `--admin`'s default
+/// address alone does not count, so that `pdgate subjects show cust-1` keeps reading the file.
+fn admin_mode(admin: &AdminArgs) -> bool {
+    admin.identity.is_some()
+        || admin.cert.is_some()
+        || std::env::var_os("PDGATE_ADMIN").is_some()
+        || std::env::args_os().any(|a| {
+            a.to_str()
+                .is_some_and(|a| a == "--admin" || a.starts_with("--admin="))
+        })
 }
 
 /// Exit code for a registry error, after printing it.
@@ -203,11 +255,27 @@ fn failed(e: &RegistryError) -> u8 {
     }
 }
 
-async fn change(store: &StoreArgs, subject: String, action: Action, who: Who) -> u8 {
+async fn change(
+    store: &StoreArgs,
+    admin: &AdminArgs,
+    subject: String,
+    action: Action,
+    who: Who,
+) -> u8 {
+    if admin_mode(admin) {
+        return remote_change(admin, subject, action, who).await;
+    }
+    let Some(actor) = who.actor else {
+        eprintln!(
+            "error: `--actor NAME` is required when changing the registry directly (with \
+             `--admin`, the actor is the identity the sidecar verifies)"
+        );
+        return EXIT_USAGE;
+    };
     let change = Change {
         subject,
         action,
-        actor: who.actor,
+        actor,
         source: who.source,
     };
     // Refused before the store is opened, so bad input never creates a file.
@@ -225,8 +293,14 @@ async fn change(store: &StoreArgs, subject: String, action: Action, who: Who) ->
         Ok(r) => r,
         Err(e) => return failed(&e),
     };
-    if who.json {
-        print_json(&record_json(&change.subject, Some(&record)));
+    print_change(&change, &record, who.json);
+    EXIT_OK
+}
+
+/// What a recorded change prints, the same in both modes.
+fn print_change(change: &Change, record: &SubjectRecord, json: bool) {
+    if json {
+        print_json(&record_json(&change.subject, Some(record)));
     } else {
         let source = change
             .source
@@ -236,12 +310,173 @@ async fn change(store: &StoreArgs, subject: String, action: Action, who: Who) ->
             "recorded {} for `{}` (version {}, by {}{source})",
             change.action, change.subject, record.version, change.actor
         );
-        print_record(&change.subject, Some(&record));
+        print_record(&change.subject, Some(record));
     }
-    for note in withdrawal_notes(&change.action, &record) {
+    for note in withdrawal_notes(&change.action, record) {
         eprintln!("note: {note}");
     }
+}
+
+/// Connects to the sidecar's API; on failure prints why and returns the exit code.
+async fn connect(admin: &AdminArgs) -> Result<SubjectRightsClient<AdminChannel>, u8> {
+    match admin.connect().await {
+        Ok(channel) => Ok(SubjectRightsClient::new(channel)),
+        Err(e) => {
+            eprintln!("error: {e}");
+            Err(e.exit_code())
+        }
+    }
+}
+
+/// A change through `SubjectRights`. Checked here first (exit 2 without a round trip); the
+/// sidecar checks again.
+async fn remote_change(admin: &AdminArgs, subject: String, action: Action, who: Who) -> u8 {
+    if who.actor.is_some() {
+        eprintln!(
+            "error: `--actor` cannot be used with `--admin`: the sidecar records the identity it \
+             verified (`--as` or the client certificate) as the actor"
+        );
+        return EXIT_USAGE;
+    }
+    let actor = admin
+        .identity
+        .clone()
+        .unwrap_or_else(|| "the client certificate's identity".to_owned());
+    let change = Change {
+        subject,
+        action,
+        actor,
+        source: who.source,
+    };
+    if let Err(e) = change.validate() {
+        return failed(&RegistryError::Invalid(e));
+    }
+    let mut client = match connect(admin).await {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    let source = change.source.clone().unwrap_or_default();
+    let subject = change.subject.clone();
+    let answer = match &change.action {
+        Action::Consent {
+            purpose,
+            communications,
+        }
+        | Action::Withdraw {
+            purpose,
+            communications,
+        } => {
+            let request = ConsentRequest {
+                subject,
+                purpose: purpose.clone(),
+                communications: *communications,
+                source,
+            };
+            if matches!(change.action, Action::Consent { .. }) {
+                client.set_consent(request).await
+            } else {
+                client.withdraw_consent(request).await
+            }
+        }
+        other => {
+            let request = SubjectChangeRequest { subject, source };
+            match other {
+                Action::SuspendUse => client.suspend_use(request).await,
+                Action::ResumeUse => client.resume_use(request).await,
+                Action::SuspendProvision => client.suspend_provision(request).await,
+                Action::ResumeProvision => client.resume_provision(request).await,
+                _ => client.request_deletion(request).await,
+            }
+        }
+    };
+    match answer {
+        Ok(response) => {
+            let record = record_of(response.into_inner());
+            print_change(&change, &record, who.json);
+            EXIT_OK
+        }
+        Err(status) => report_status(&status),
+    }
+}
+
+async fn remote_show(args: ReadArgs) -> u8 {
+    if let Err(e) = crate::registry::validate_subject(&args.subject) {
+        return failed(&RegistryError::Invalid(e));
+    }
+    let mut client = match connect(&args.admin).await {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    let request = GetSubjectRequest {
+        subject: args.subject.clone(),
+    };
+    let record = match client.get(request).await {
+        Ok(response) => record_of(response.into_inner()),
+        Err(status) => return report_status(&status),
+    };
+    // Version 0 is a subject never changed: no record, as the direct mode says.
+    let record = (record.version > 0).then_some(record);
+    if args.json {
+        print_json(&record_json(&args.subject, record.as_ref()));
+    } else {
+        print_record(&args.subject, record.as_ref());
+    }
     EXIT_OK
+}
+
+async fn remote_history(args: ReadArgs) -> u8 {
+    if let Err(e) = crate::registry::validate_subject(&args.subject) {
+        return failed(&RegistryError::Invalid(e));
+    }
+    let mut client = match connect(&args.admin).await {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    let request = GetSubjectRequest {
+        subject: args.subject.clone(),
+    };
+    let response = match client.history(request).await {
+        Ok(response) => response.into_inner(),
+        Err(status) => return report_status(&status),
+    };
+    let mut events = Vec::with_capacity(response.events.len());
+    for e in response.events {
+        let purpose = (!e.purpose.is_empty()).then_some(e.purpose);
+        let Some(action) = Action::from_row(&e.change, purpose, e.communications) else {
+            eprintln!(
+                "error: the sidecar answered a change this version does not know: `{}`",
+                e.change
+            );
+            return EXIT_DENIED;
+        };
+        events.push(Event {
+            subject: args.subject.clone(),
+            version: e.version,
+            at: UNIX_EPOCH + Duration::from_micros(e.at_us),
+            actor: e.actor,
+            source: (!e.source.is_empty()).then_some(e.source),
+            action,
+        });
+    }
+    if args.json {
+        print_json(&json!({ "subject": args.subject, "events": events }));
+    } else {
+        print_history(&args.subject, &events);
+    }
+    EXIT_OK
+}
+
+fn record_of(r: SubjectStateResponse) -> SubjectRecord {
+    SubjectRecord {
+        state: SubjectState {
+            consent: r.consent.into_iter().collect(),
+            comms_consent: r.comms_consent.into_iter().collect(),
+            use_suspended: r.use_suspended,
+            provision_suspended: r.provision_suspended,
+        },
+        deletion_requested: r.deletion_requested,
+        version: r.version,
+    }
 }
 
 /// `open(true)` always yields a store; this is the error if it ever does not.

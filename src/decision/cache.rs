@@ -57,24 +57,46 @@ pub struct CacheStats {
     pub misses: AtomicU64,
 }
 
+/// Calls that a shadow policy decided otherwise than the active one, since start (the
+/// metrics read them live: `pdgate_shadow_differences_total`).
+#[derive(Debug, Default)]
+pub struct ShadowStats {
+    /// Active allowed, shadow denied.
+    pub allow_deny: AtomicU64,
+    /// Active denied, shadow allowed.
+    pub deny_allow: AtomicU64,
+}
+
+/// A candidate policy decided alongside the active one and never enforced.
+struct Shadow {
+    snapshot: Arc<Snapshot>,
+    /// Differences since this shadow was loaded (`Status`, `ClearShadow`).
+    differences: AtomicU64,
+}
+
 /// Holds the current policy snapshot and the decision cache; decides requests.
 pub struct Decider {
     policy: ArcSwapOption<Snapshot>,
+    /// Empty unless a shadow is loaded: then one atomic load per decision is its whole cost.
+    shadow: ArcSwapOption<Shadow>,
     cache: Cache<CacheKey, Arc<Outcome>, FxBuildHasher>,
     ids: DecisionIds,
     stats: Arc<CacheStats>,
+    shadow_stats: Arc<ShadowStats>,
 }
 
 impl Decider {
     pub fn new(settings: CacheSettings) -> Self {
         Self {
             policy: ArcSwapOption::empty(),
+            shadow: ArcSwapOption::empty(),
             cache: Cache::builder()
                 .max_capacity(settings.max_entries)
                 .time_to_live(settings.ttl)
                 .build_with_hasher(FxBuildHasher),
             ids: DecisionIds::default(),
             stats: Arc::default(),
+            shadow_stats: Arc::default(),
         }
     }
 
@@ -86,10 +108,44 @@ impl Decider {
     }
 
     /// Publishes a new policy; the next decision uses it. Entries of older versions can no
-    /// longer be hit (the version is in the key); they are dropped to free memory.
+    /// longer be hit (the version is in the key); they are dropped to free memory. A decision
+    /// that loaded the old snapshot just before the swap may still insert an entry under the
+    /// old version after `invalidate_all`: it is never found under the new version, and it is
+    /// exact for the old one (equal versions decide equally), so a later rollback may use it.
     pub fn set_policy(&self, snapshot: Arc<Snapshot>) {
         self.policy.store(Some(snapshot));
         self.cache.invalidate_all();
+    }
+
+    /// Loads `snapshot` as the shadow policy: from the next call on, every decision is also
+    /// made under it, and a different outcome is recorded on the decision
+    /// ([`Decision::shadow_allowed`]) and counted. Replaces any earlier shadow.
+    pub fn set_shadow(&self, snapshot: Arc<Snapshot>) {
+        self.shadow.store(Some(Arc::new(Shadow {
+            snapshot,
+            differences: AtomicU64::new(0),
+        })));
+    }
+
+    /// Stops shadow evaluation; returns the shadow's version and how many calls it decided
+    /// otherwise, when one was loaded.
+    pub fn clear_shadow(&self) -> Option<(crate::policy::PolicyVersion, u64)> {
+        self.shadow
+            .swap(None)
+            .map(|s| (s.snapshot.version(), s.differences.load(Ordering::Relaxed)))
+    }
+
+    /// The shadow's version and its differences so far, when one is loaded.
+    pub fn shadow(&self) -> Option<(crate::policy::PolicyVersion, u64)> {
+        self.shadow
+            .load()
+            .as_deref()
+            .map(|s| (s.snapshot.version(), s.differences.load(Ordering::Relaxed)))
+    }
+
+    /// Differences counted over every shadow since start; shared with the metrics.
+    pub fn shadow_stats(&self) -> &Arc<ShadowStats> {
+        &self.shadow_stats
     }
 
     pub fn policy(&self) -> Option<Arc<Snapshot>> {
@@ -115,11 +171,29 @@ impl Decider {
         subjects: &dyn SubjectStates,
     ) -> Decision {
         let id = self.ids.next();
-        let key = match engine::resolve(snapshot, request) {
-            Ok(key) => key,
-            Err(reasons) => return engine::denied_early(snapshot, reasons, id),
+        let mut decision = match engine::resolve(snapshot, request) {
+            Ok(key) => {
+                let (outcome, hit) = self.outcome(snapshot, key);
+                let counter = if hit {
+                    &self.stats.hits
+                } else {
+                    &self.stats.misses
+                };
+                counter.fetch_add(1, Ordering::Relaxed);
+                engine::finish(snapshot, &outcome, request, subjects, id, hit)
+            }
+            Err(reasons) => engine::denied_early(snapshot, reasons, id),
         };
-        let (outcome, hit) = match self.cache.get(&key) {
+        let shadow = self.shadow.load();
+        if let Some(shadow) = shadow.as_deref() {
+            self.compare_with_shadow(shadow, request, subjects, &mut decision);
+        }
+        decision
+    }
+
+    /// The cached outcome of `key`, or computed and cached; whether it was a hit.
+    fn outcome(&self, snapshot: &Snapshot, key: CacheKey) -> (Arc<Outcome>, bool) {
+        match self.cache.get(&key) {
             Some(outcome) => (outcome, true),
             None => {
                 // `or_insert_with` coalesces concurrent misses of the same key.
@@ -130,14 +204,63 @@ impl Decider {
                 let hit = !entry.is_fresh();
                 (entry.into_value(), hit)
             }
+        }
+    }
+
+    /// Decides `request` under the shadow too (through the same cache: its entries carry the
+    /// shadow's version) and notes a different outcome on `decision`. Not counted in the cache
+    /// statistics, which describe the enforced decisions. The shadow decides the request as
+    /// the active policy's routes mapped it (a shadow's own routes are not consulted).
+    fn compare_with_shadow(
+        &self,
+        shadow: &Shadow,
+        request: &Request,
+        subjects: &dyn SubjectStates,
+        decision: &mut Decision,
+    ) {
+        let snapshot = &shadow.snapshot;
+        let allowed = match engine::resolve(snapshot, request) {
+            Ok(key) => {
+                let (outcome, _) = self.outcome(snapshot, key);
+                engine::finish(
+                    snapshot,
+                    &outcome,
+                    request,
+                    subjects,
+                    decision.decision_id,
+                    false,
+                )
+                .allowed
+            }
+            Err(_) => false,
         };
-        let counter = if hit {
-            &self.stats.hits
+        if allowed != decision.allowed {
+            decision.shadow_allowed = Some(allowed);
+        }
+    }
+
+    /// Counts `decision`'s shadow difference, if it has one. Called once per final, audited
+    /// decision (`Shared::audited`), not here in `decide`: a call may be decided twice (again
+    /// after its subjects' state was read) and must count once.
+    pub fn count_shadow_difference(&self, decision: &Decision) {
+        let Some(shadow_allowed) = decision.shadow_allowed else {
+            return;
+        };
+        if let Some(shadow) = self.shadow.load().as_deref() {
+            shadow.differences.fetch_add(1, Ordering::Relaxed);
+        }
+        let counter = if shadow_allowed {
+            &self.shadow_stats.deny_allow
         } else {
-            &self.stats.misses
+            &self.shadow_stats.allow_deny
         };
         counter.fetch_add(1, Ordering::Relaxed);
-        engine::finish(snapshot, &outcome, request, subjects, id, hit)
+    }
+
+    /// Decides `request` uncached under the active policy and reports every stage.
+    pub fn explain(&self, request: &Request, subjects: &dyn SubjectStates) -> engine::Explanation {
+        let guard = self.policy.load();
+        engine::explain(guard.as_deref(), request, subjects, self.ids.next())
     }
 
     /// A deny that the engine did not reach (no route for a method, say), with a fresh id.

@@ -85,6 +85,7 @@ pub(crate) fn no_policy(id: DecisionId) -> Decision {
         matched_rules: Arc::from([]),
         policy_version: None,
         cache_hit: false,
+        shadow_allowed: None,
     }
 }
 
@@ -96,6 +97,7 @@ pub(crate) fn denied_early(snapshot: &Snapshot, reasons: Vec<Reason>, id: Decisi
         matched_rules: Arc::from([]),
         policy_version: Some(snapshot.version()),
         cache_hit: false,
+        shadow_allowed: None,
     }
 }
 
@@ -432,6 +434,7 @@ pub fn finish(
         matched_rules: outcome.matched_rules.clone(),
         policy_version: Some(snapshot.version()),
         cache_hit,
+        shadow_allowed: None,
     };
     if !decision.reasons.is_empty() {
         return decision;
@@ -529,6 +532,146 @@ fn subject_reasons<'n>(
                 clause,
                 format!("subject {}{more}: {what}", shown.join(", ")),
             )
+        })
+        .collect()
+}
+
+/// A stage of DESIGN §2, as `Explain` reports it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Stage {
+    WellFormed,
+    Grant,
+    Secrecy,
+    Deidentification,
+    SubjectState,
+}
+
+impl Stage {
+    pub const ALL: [Stage; 5] = [
+        Self::WellFormed,
+        Self::Grant,
+        Self::Secrecy,
+        Self::Deidentification,
+        Self::SubjectState,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::WellFormed => "well_formed",
+            Self::Grant => "grant",
+            Self::Secrecy => "secrecy",
+            Self::Deidentification => "deidentification",
+            Self::SubjectState => "subject_state",
+        }
+    }
+
+    /// The stage of stages 1–4 that denies with `code` (stage 5's codes are told apart by
+    /// where they come from: [`finish`] only adds reasons when stages 1–4 found none).
+    fn of_early(code: ReasonCode) -> Self {
+        match code {
+            ReasonCode::NoGrant | ReasonCode::DeniedByRule => Self::Grant,
+            ReasonCode::SecrecyOfCommunications => Self::Secrecy,
+            ReasonCode::IdentifiedDataForResearch => Self::Deidentification,
+            // Every other early code is about the request's names and registration; an
+            // unexpected one is reported under stage 1 rather than dropped.
+            _ => Self::WellFormed,
+        }
+    }
+}
+
+/// What one stage concluded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum StageOutcome {
+    Pass,
+    Deny,
+    /// An earlier stage denied; this one was not evaluated.
+    Skipped,
+}
+
+impl StageOutcome {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Pass => "pass",
+            Self::Deny => "deny",
+            Self::Skipped => "skipped",
+        }
+    }
+}
+
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct StageReport {
+    pub stage: Stage,
+    pub outcome: StageOutcome,
+    pub reasons: Vec<Reason>,
+}
+
+/// A decision with the outcome of every stage.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Explanation {
+    pub decision: Decision,
+    pub stages: Vec<StageReport>,
+}
+
+/// Decides `request` uncached and says what each stage concluded. The stages stop at the
+/// first that denies (as [`evaluate`] does), so the stages after it are `skipped`: the
+/// explanation is exactly the decision's own path, not a second evaluation that could differ.
+pub fn explain(
+    snapshot: Option<&Snapshot>,
+    request: &Request,
+    subjects: &dyn SubjectStates,
+    id: DecisionId,
+) -> Explanation {
+    let Some(snapshot) = snapshot else {
+        let decision = no_policy(id);
+        let stages = stage_reports(Stage::WellFormed, decision.reasons.clone());
+        return Explanation { decision, stages };
+    };
+    let (decision, denied_at) = match resolve(snapshot, request) {
+        Err(reasons) => (denied_early(snapshot, reasons, id), Some(Stage::WellFormed)),
+        Ok(key) => {
+            let outcome = evaluate(snapshot, &key);
+            let early = outcome.reasons.first().map(|r| Stage::of_early(r.code));
+            let decision = finish(snapshot, &outcome, request, subjects, id, false);
+            let at = early.or((!decision.allowed).then_some(Stage::SubjectState));
+            (decision, at)
+        }
+    };
+    let stages = match denied_at {
+        Some(stage) => stage_reports(stage, decision.reasons.clone()),
+        None => Stage::ALL
+            .iter()
+            .map(|&stage| StageReport {
+                stage,
+                outcome: StageOutcome::Pass,
+                reasons: Vec::new(),
+            })
+            .collect(),
+    };
+    Explanation { decision, stages }
+}
+
+/// Stages before `denied` passed, `denied` denied with `reasons`, the rest were skipped.
+fn stage_reports(denied: Stage, reasons: Vec<Reason>) -> Vec<StageReport> {
+    let mut reasons = Some(reasons);
+    let mut seen = false;
+    Stage::ALL
+        .iter()
+        .map(|&stage| {
+            let (outcome, reasons) = if stage == denied {
+                seen = true;
+                (StageOutcome::Deny, reasons.take().unwrap_or_default())
+            } else if seen {
+                (StageOutcome::Skipped, Vec::new())
+            } else {
+                (StageOutcome::Pass, Vec::new())
+            };
+            StageReport {
+                stage,
+                outcome,
+                reasons,
+            }
         })
         .collect()
 }

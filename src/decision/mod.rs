@@ -7,8 +7,11 @@ mod cache;
 mod engine;
 mod reason;
 
-pub use cache::{CacheKey, CacheSettings, CacheStats, Decider};
-pub use engine::{Outcome, Requirements, decide_fresh, evaluate, finish};
+pub use cache::{CacheKey, CacheSettings, CacheStats, Decider, ShadowStats};
+pub use engine::{
+    Explanation, Outcome, Requirements, Stage, StageOutcome, StageReport, decide_fresh, evaluate,
+    explain, finish,
+};
 pub use reason::{Reason, ReasonCode};
 
 use crate::policy::{MatchedRule, PolicyVersion};
@@ -49,6 +52,10 @@ pub struct Decision {
     pub policy_version: Option<PolicyVersion>,
     /// Whether the subject-independent part came from the decision cache.
     pub cache_hit: bool,
+    /// With a shadow policy loaded: what the shadow decided (`true` = allow), set only when it
+    /// decided otherwise than the active policy. Never enforced.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub shadow_allowed: Option<bool>,
 }
 
 fn ser_decision<S: serde::Serializer>(allowed: &bool, s: S) -> Result<S::Ok, S::Error> {
@@ -58,6 +65,13 @@ fn ser_decision<S: serde::Serializer>(allowed: &bool, s: S) -> Result<S::Ok, S::
 impl Decision {
     pub fn codes(&self) -> Vec<ReasonCode> {
         self.reasons.iter().map(|r| r.code).collect()
+    }
+
+    /// The audit record's `shadow_decision`: `allow` or `deny` when a shadow policy decided
+    /// otherwise than the active one, `None` otherwise.
+    pub fn shadow_decision(&self) -> Option<String> {
+        self.shadow_allowed
+            .map(|allowed| if allowed { "allow" } else { "deny" }.to_owned())
     }
 }
 

@@ -1,6 +1,7 @@
 //! Policy tests as data: `policy/tests/*.yaml`, each case a request, the subjects' state and
 //! the expected decision with its reason codes. One runner serves `pdgate policy test`,
-//! `cargo test` and (later) every reload, which refuses a policy whose tests fail.
+//! `cargo test` and every reload (`policy::bundle::check`), which refuses a policy whose tests
+//! fail.
 //!
 //! ```yaml
 //! cases:
@@ -155,6 +156,31 @@ impl Report {
     }
 }
 
+/// Compiled overlays: the policy with a case's `extra_rules` appended, keyed by those rows.
+pub type Overlays = HashMap<Vec<String>, Arc<Snapshot>>;
+
+/// Each distinct `extra_rules` of `files`, with the file and case that first uses it (to name
+/// them when the overlay does not compile).
+pub fn overlay_sets(files: &[(PathBuf, FixtureFile)]) -> Vec<(Vec<String>, PathBuf, String)> {
+    let mut sets: Vec<(Vec<String>, PathBuf, String)> = Vec::new();
+    for (path, file) in files {
+        for case in &file.cases {
+            if !case.extra_rules.is_empty() && !sets.iter().any(|(r, _, _)| *r == case.extra_rules)
+            {
+                sets.push((case.extra_rules.clone(), path.clone(), case.name.clone()));
+            }
+        }
+    }
+    sets
+}
+
+/// `source` with `rows` appended to its policy.csv.
+pub fn overlay_source(source: &PolicySource, rows: &[String]) -> PolicySource {
+    let mut source = source.clone();
+    super::rows::PolicyRows::push_text(&mut source.policy, rows);
+    source
+}
+
 /// Reads every `*.yaml` in `dir`, in name order.
 pub fn read_dir(dir: &Path) -> Result<Vec<(PathBuf, FixtureFile)>, FixtureError> {
     let read_err = |source| FixtureError::Read {
@@ -174,26 +200,32 @@ pub fn read_dir(dir: &Path) -> Result<Vec<(PathBuf, FixtureFile)>, FixtureError>
                 path: path.clone(),
                 source,
             })?;
-            let file: FixtureFile =
-                serde_yaml::from_str(&text).map_err(|e| FixtureError::Parse {
-                    path: path.clone(),
-                    line: e.location().map(|l| l.line()),
-                    message: e.to_string(),
-                })?;
-            for case in &file.cases {
-                for code in &case.expect.reasons {
-                    if ReasonCode::parse(code).is_none() {
-                        return Err(FixtureError::Parse {
-                            path: path.clone(),
-                            line: None,
-                            message: format!("case `{}`: unknown reason code `{code}`", case.name),
-                        });
-                    }
-                }
-            }
+            let file = parse(&path, &text)?;
             Ok((path, file))
         })
         .collect()
+}
+
+/// Parses one test file's text (`path` names it in errors): the YAML, and every expected
+/// reason code must be a known one.
+pub fn parse(path: &Path, text: &str) -> Result<FixtureFile, FixtureError> {
+    let file: FixtureFile = serde_yaml::from_str(text).map_err(|e| FixtureError::Parse {
+        path: path.to_path_buf(),
+        line: e.location().map(|l| l.line()),
+        message: e.to_string(),
+    })?;
+    for case in &file.cases {
+        for code in &case.expect.reasons {
+            if ReasonCode::parse(code).is_none() {
+                return Err(FixtureError::Parse {
+                    path: path.to_path_buf(),
+                    line: None,
+                    message: format!("case `{}`: unknown reason code `{code}`", case.name),
+                });
+            }
+        }
+    }
+    Ok(file)
 }
 
 /// Runs the cases of `files` against `snapshot` (uncached: the policy is under test, not the
@@ -202,12 +234,22 @@ pub async fn run(
     snapshot: &Arc<Snapshot>,
     files: &[(PathBuf, FixtureFile)],
 ) -> Result<Report, FixtureError> {
+    run_with(snapshot, files, HashMap::new()).await
+}
+
+/// Like [`run`], with some overlays (the policy plus a case's `extra_rules`, keyed by those
+/// rows) already compiled: a reload compiles them in parallel with the policy itself. Any
+/// overlay not given is compiled here.
+pub async fn run_with(
+    snapshot: &Arc<Snapshot>,
+    files: &[(PathBuf, FixtureFile)],
+    mut overlays: Overlays,
+) -> Result<Report, FixtureError> {
     let ids = DecisionIds::default();
     let mut report = Report {
         files: files.len(),
         ..Report::default()
     };
-    let mut overlays: HashMap<Vec<String>, Arc<Snapshot>> = HashMap::new();
     for (path, file) in files {
         let file_name = path.file_name().map_or_else(
             || path.display().to_string(),

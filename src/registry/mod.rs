@@ -12,11 +12,14 @@
 //! the policy lacks is recorded (and never matches); `pdgate check` warns about it.
 //!
 //! Decisions are synchronous and read [`SubjectStates`]; [`Preloaded`] bridges the two by
-//! reading the states a request needs before it is decided.
+//! reading the states a request needs before it is decided (`pdgate check`), and
+//! [`SubjectCache`] is the sidecar's versioned cache, kept current by the store's change feed.
 
+mod cache;
 mod postgres;
 mod sqlite;
 
+pub use cache::{CacheError, SubjectCache, SubjectCacheSettings};
 pub use postgres::{NOTIFY_CHANNEL, Notification, PostgresRegistry};
 pub use sqlite::SqliteRegistry;
 
@@ -209,7 +212,7 @@ impl Action {
     }
 
     /// Rebuilds an action from a history row; `None` for a row this version does not know.
-    fn from_row(change: &str, purpose: Option<String>, communications: bool) -> Option<Self> {
+    pub fn from_row(change: &str, purpose: Option<String>, communications: bool) -> Option<Self> {
         Some(match (change, purpose) {
             ("consent", Some(purpose)) => Self::Consent {
                 purpose,

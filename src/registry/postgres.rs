@@ -81,6 +81,48 @@ impl PostgresRegistry {
         Self::from_pool(pool).await
     }
 
+    /// A registry for a sidecar: no connection is made here (the sidecar starts while the
+    /// database is down; every read then fails, and subject-dependent calls are denied, until it
+    /// is up). Statements running longer than `statement_timeout` are cancelled by the server,
+    /// and a read waits at most `acquire_timeout` for a connection. The schema is brought up to
+    /// date by [`Self::migrate`], which the sidecar's change listener calls once it reaches the
+    /// database.
+    pub fn connect_lazy(
+        url: &str,
+        statement_timeout: Duration,
+        acquire_timeout: Duration,
+    ) -> Result<Self, RegistryError> {
+        if !(url.starts_with("postgres://") || url.starts_with("postgresql://")) {
+            return Err(RegistryError::InvalidUrl(
+                "it must start with `postgres://` or `postgresql://`".into(),
+            ));
+        }
+        let options = PgConnectOptions::from_str(url)
+            .map_err(|e| RegistryError::InvalidUrl(e.to_string()))?
+            .options([(
+                "statement_timeout",
+                statement_timeout.as_millis().max(1).to_string(),
+            )]);
+        let location = location(&options);
+        let pool = PgPoolOptions::new()
+            .max_connections(8)
+            .acquire_timeout(acquire_timeout)
+            .connect_lazy_with(options);
+        Ok(Self { pool, location })
+    }
+
+    /// Creates or updates the schema (an advisory lock makes sidecars starting together apply
+    /// it once).
+    pub async fn migrate(&self) -> Result<(), RegistryError> {
+        MIGRATOR
+            .run(&self.pool)
+            .await
+            .map_err(|source| RegistryError::Migrate {
+                location: self.location.clone(),
+                source,
+            })
+    }
+
     /// Uses an existing pool (its connect options choose the database and schema); creates or
     /// updates the schema. Migrations take an advisory lock, so sidecars starting together
     /// apply them once.

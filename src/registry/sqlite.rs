@@ -77,6 +77,46 @@ impl SqliteRegistry {
         Ok(Self { pool, location })
     }
 
+    /// Where the change feed stands now: the newest history row. [`Self::changes_since`] from
+    /// it returns the changes committed after this call.
+    pub async fn change_cursor(&self) -> Result<i64, RegistryError> {
+        sqlx::query_scalar("SELECT COALESCE(MAX(rowid), 0) FROM subject_events")
+            .fetch_one(&self.pool)
+            .await
+            .map_err(|e| self.unavailable(e))
+    }
+
+    /// The changes committed after `cursor` (subject and version, oldest first), and the cursor
+    /// after them. This is the embedded store's change feed, for a sidecar to notice changes
+    /// that another process (`pdgate subjects --store`) wrote into the file.
+    ///
+    /// The history is append-only and every change takes the write lock (`BEGIN IMMEDIATE`)
+    /// before it appends, so rowids grow in commit order and a row below the cursor can never
+    /// appear later: polling from the last cursor sees every change exactly once.
+    pub async fn changes_since(
+        &self,
+        cursor: i64,
+    ) -> Result<(Vec<super::Notification>, i64), RegistryError> {
+        let rows: Vec<(i64, String, i64)> = sqlx::query_as(
+            "SELECT rowid, subject, version FROM subject_events WHERE rowid > ?1 ORDER BY rowid",
+        )
+        .bind(cursor)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(|e| self.unavailable(e))?;
+        let next = rows.last().map_or(cursor, |(rowid, _, _)| *rowid);
+        let changes = rows
+            .into_iter()
+            .map(|(_, subject, stored)| {
+                Ok(super::Notification {
+                    subject,
+                    version: version(&self.location, stored)?,
+                })
+            })
+            .collect::<Result<_, RegistryError>>()?;
+        Ok((changes, next))
+    }
+
     fn unavailable(&self, source: sqlx::Error) -> RegistryError {
         RegistryError::Unavailable {
             location: self.location.clone(),

@@ -104,7 +104,7 @@ where
                     return Ok(rescue::invalid_argument(&e, shared.decider.next_id()));
                 }
             };
-            let (decision, decided) = shared.decide_call(request.uri().path(), ctx);
+            let (decision, decided) = shared.decide_call_loaded(request.uri().path(), ctx).await;
             let mut body = audit::body_of(&decision, &decided, RecordKind::Access);
             body.method = Some(request.uri().path().to_owned());
             // pdgate's own span when it makes one (same trace as the caller's), else the
@@ -277,6 +277,9 @@ impl Shared {
     /// written, an allow becomes a deny (`AUDIT_UNAVAILABLE`): no call goes through unaudited.
     pub async fn audited(&self, mut decision: Decision, mut body: RecordBody) -> Decision {
         body.latency_us = body.latency_us.max(1);
+        // A shadow policy that decided otherwise: recorded and counted here, once per call.
+        body.shadow_decision = decision.shadow_decision();
+        self.decider.count_shadow_difference(&decision);
         match self.audit.record(body).await {
             Ok(_) => decision,
             Err(e) => {

@@ -52,6 +52,13 @@ pub struct Shared {
     pub max_inflight: usize,
     /// Who may call the admin services (`PolicyAdmin`, `AuditLog`, `SubjectRights`).
     pub admin_roles: crate::api::admin::AdminRoles,
+    /// The policy lifecycle (reload, rollback, shadow) over `decider`. In memory by default;
+    /// `server::shared_state` gives it the policy directory as its store.
+    pub policies: Arc<crate::policy::PolicyManager>,
+    /// The subject registry behind `subjects`, when there is one (`serve`; `None` with
+    /// in-memory subjects): read on a cache miss before a subject-dependent decision, and
+    /// changed through `SubjectRights`.
+    pub subject_cache: Option<Arc<crate::registry::SubjectCache>>,
     /// Metrics, and spans when OTLP is on. Its exporters are stopped by `server::run` when
     /// the servers have stopped.
     pub telemetry: Telemetry,
@@ -67,6 +74,11 @@ impl Shared {
         max_inflight: usize,
         telemetry: Telemetry,
     ) -> Self {
+        let policies = Arc::new(crate::policy::PolicyManager::in_memory(
+            decider.clone(),
+            crate::config::ReloadSettings::default().keep_versions,
+            Some(telemetry.metrics().clone()),
+        ));
         Self {
             decider,
             subjects,
@@ -76,8 +88,51 @@ impl Shared {
             inflight: Arc::new(Semaphore::new(max_inflight)),
             max_inflight,
             admin_roles: crate::api::admin::AdminRoles::default(),
+            policies,
+            subject_cache: None,
             telemetry,
         }
+    }
+
+    /// [`Shared::decide_call`], reading from the subject registry the subjects the decision
+    /// needed and the cache could not answer for, then deciding again. A decision that needs
+    /// no subject state never waits for the registry (see `registry::SubjectCache`).
+    pub async fn decide_call_loaded(
+        &self,
+        path: &str,
+        ctx: context::CallContext,
+    ) -> (crate::decision::Decision, crate::decision::Request) {
+        let (decision, request) = self.decide_call(path, ctx);
+        let Some(cache) = &self.subject_cache else {
+            return (decision, request);
+        };
+        if !cache.wants_load(&decision, &request.subjects) {
+            return (decision, request);
+        }
+        cache.load(&request.subjects).await;
+        let ctx = context::CallContext {
+            caller: request.caller,
+            purpose: request.purpose,
+            subjects: request.subjects,
+            recipient: request.recipient,
+        };
+        self.decide_call(path, ctx)
+    }
+
+    /// [`Decider::decide`] with the subjects' state read as in [`Shared::decide_call_loaded`].
+    pub async fn decide_loaded(
+        &self,
+        request: &crate::decision::Request,
+    ) -> crate::decision::Decision {
+        let decision = self.decider.decide(request, self.subjects.as_ref());
+        let Some(cache) = &self.subject_cache else {
+            return decision;
+        };
+        if !cache.wants_load(&decision, &request.subjects) {
+            return decision;
+        }
+        cache.load(&request.subjects).await;
+        self.decider.decide(request, self.subjects.as_ref())
     }
 
     /// Counts a final (audited) decision in the metrics, with the time since the call

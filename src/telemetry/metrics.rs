@@ -10,7 +10,8 @@
 //! | `pdgate_decisions_total{decision, purpose, reason}` | `pdgate.decisions` (counter) | decisions; `reason` is the first reason code (`""` when allowed) |
 //! | `pdgate_decision_latency_seconds` | `pdgate.decision.latency` (histogram, s) | from a call's arrival until its decision is final (audit record written) |
 //! | `pdgate_decision_cache_hits_total`, `..._misses_total` | `pdgate.decision_cache.hits`, `.misses` | lookups of the decision cache |
-//! | `pdgate_policy_reloads_total`, `pdgate_policy_reload_failures_total` | `pdgate.policy.reloads`, `.reload_failures` | policy reloads (0 until reload exists) |
+//! | `pdgate_policy_reloads_total`, `pdgate_policy_reload_failures_total` | `pdgate.policy.reloads`, `.reload_failures` | policy reloads swapped in, and rejected (the running policy kept) |
+//! | `pdgate_shadow_differences_total{active, shadow}` | `pdgate.shadow.differences` | calls a shadow policy decided otherwise than the active one (`allow`/`deny` each) |
 //! | `pdgate_audit_queue_depth` | `pdgate.audit.queue_depth` (gauge) | records waiting for the audit writer |
 //! | `pdgate_audit_records_written_total` | `pdgate.audit.records_written` | records written |
 //! | `pdgate_audit_write_failures_total` | `pdgate.audit.write_failures` | records whose write failed (their calls denied) |
@@ -24,7 +25,7 @@
 //! `(unknown)` when the policy does not know it — a caller cannot create series at will.
 
 use crate::audit::AuditLog;
-use crate::decision::{CacheStats, ReasonCode};
+use crate::decision::{CacheStats, ReasonCode, ShadowStats};
 use opentelemetry::KeyValue;
 use opentelemetry::metrics::{Histogram, Meter};
 use rustc_hash::FxHashMap;
@@ -62,6 +63,7 @@ pub struct Metrics {
     reloads: AtomicU64,
     reload_failures: AtomicU64,
     cache: Arc<CacheStats>,
+    shadow: Arc<ShadowStats>,
     audit: AuditLog,
 }
 
@@ -93,8 +95,32 @@ impl Metrics {
             reloads: AtomicU64::new(0),
             reload_failures: AtomicU64::new(0),
             cache,
+            shadow: Arc::default(),
             audit,
         }
+    }
+
+    /// Reports `stats` (the decider's shadow differences) as `pdgate_shadow_differences_total`.
+    #[must_use]
+    pub fn with_shadow_stats(mut self, stats: Arc<ShadowStats>) -> Self {
+        self.shadow = stats;
+        self
+    }
+
+    /// `(active, shadow, count)` for both kinds of difference.
+    pub fn shadow_differences(&self) -> [(&'static str, &'static str, u64); 2] {
+        [
+            (
+                "allow",
+                "deny",
+                self.shadow.allow_deny.load(Ordering::Relaxed),
+            ),
+            (
+                "deny",
+                "allow",
+                self.shadow.deny_allow.load(Ordering::Relaxed),
+            ),
+        ]
     }
 
     /// Counts one decision and its latency. `purpose` must be a bounded label value (see the
@@ -143,8 +169,7 @@ impl Metrics {
         self.latency.observe(latency);
     }
 
-    /// Counts a policy reload that was swapped in. Called by the policy reload (not built
-    /// yet: until then the counter stays at 0).
+    /// Counts a policy reload that was swapped in (`policy::manager`).
     pub fn record_reload(&self) {
         self.reloads.fetch_add(1, Ordering::Relaxed);
     }
@@ -236,6 +261,18 @@ impl Metrics {
             header(&mut out, name, kind, help);
             let _ = writeln!(out, "{name} {value}");
         }
+        header(
+            &mut out,
+            "pdgate_shadow_differences_total",
+            "counter",
+            "Calls a shadow policy decided otherwise than the active (enforced) policy.",
+        );
+        for (active, shadow, count) in self.shadow_differences() {
+            let _ = writeln!(
+                out,
+                "pdgate_shadow_differences_total{{active=\"{active}\",shadow=\"{shadow}\"}} {count}"
+            );
+        }
         out
     }
 
@@ -258,13 +295,13 @@ impl Metrics {
             (
                 "pdgate_policy_reloads_total",
                 "counter",
-                "Policy reloads swapped in (reload is not built yet: always 0).",
+                "Policy reloads swapped in (file watch, Apply, Rollback).",
                 self.reloads.load(Ordering::Relaxed),
             ),
             (
                 "pdgate_policy_reload_failures_total",
                 "counter",
-                "Policy reloads rejected, the last good policy kept (reload is not built yet: always 0).",
+                "Policy reloads rejected, the last good policy kept.",
                 self.reload_failures.load(Ordering::Relaxed),
             ),
             (
@@ -350,6 +387,25 @@ pub fn register(metrics: &Arc<Metrics>, meter: &Meter) -> Histogram<f64> {
                         KeyValue::new("decision", s.decision),
                         KeyValue::new("purpose", s.purpose),
                         KeyValue::new("reason", s.reason),
+                    ],
+                );
+            }
+        })
+        .build();
+    let m = metrics.clone();
+    let _ = meter
+        .u64_observable_counter("pdgate.shadow.differences")
+        .with_description(
+            "Calls a shadow policy decided otherwise than the active (enforced) policy.",
+        )
+        .with_unit("{call}")
+        .with_callback(move |observer| {
+            for (active, shadow, count) in m.shadow_differences() {
+                observer.observe(
+                    count,
+                    &[
+                        KeyValue::new("active", active),
+                        KeyValue::new("shadow", shadow),
                     ],
                 );
             }

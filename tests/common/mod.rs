@@ -58,6 +58,24 @@ pub struct Options {
     pub telemetry: TelemetrySettings,
     /// Default: [`test_admin_roles`].
     pub admin_roles: AdminRoles,
+    /// Where subject state comes from. Default: the demo's subjects, in memory.
+    pub subjects: SubjectsChoice,
+    /// `[subjects] stale_after_ms` with a registry.
+    pub stale_after: Duration,
+    /// `[reload]`. Default: no file watch (the policy directory is the repository's).
+    pub reload: ReloadSettings,
+}
+
+/// Where a harness's sidecar reads subject state.
+#[derive(Debug, Clone, Default)]
+pub enum SubjectsChoice {
+    /// `demo_subjects()` in memory; no registry (SubjectRights answers FAILED_PRECONDITION).
+    #[default]
+    Demo,
+    /// The embedded registry in this SQLite file, as `pdgate serve` opens it.
+    Sqlite(PathBuf),
+    /// Fleet mode on this PostgreSQL URL, as `pdgate serve` connects to it.
+    Postgres(String),
 }
 
 /// The admin identities of the tests: `security-team` (policy-admin), `audit-team` (auditor),
@@ -90,6 +108,12 @@ impl Default for Options {
             audit: None,
             telemetry: TelemetrySettings::default(),
             admin_roles: test_admin_roles(),
+            subjects: SubjectsChoice::Demo,
+            stale_after: Duration::from_secs(5),
+            reload: ReloadSettings {
+                watch: false,
+                ..ReloadSettings::default()
+            },
         }
     }
 }
@@ -153,16 +177,33 @@ impl Harness {
             audit: audit_settings,
             telemetry: options.telemetry,
             admin_roles: options.admin_roles,
-            subjects: SubjectsSettings::default(),
-            fleet: None,
-            reload: ReloadSettings {
-                watch: false,
-                ..ReloadSettings::default()
+            subjects: SubjectsSettings {
+                path: match &options.subjects {
+                    SubjectsChoice::Sqlite(path) => path.clone(),
+                    _ => SubjectsSettings::default().path,
+                },
+                stale_after: options.stale_after,
+                ..SubjectsSettings::default()
             },
+            fleet: match &options.subjects {
+                SubjectsChoice::Postgres(url) => Some(pdgate::config::FleetSettings {
+                    database_url: url.clone(),
+                    statement_timeout: Duration::from_secs(2),
+                }),
+                _ => None,
+            },
+            reload: options.reload,
         };
         let policy = server::load_policy(&config).await;
-        let shared =
-            server::shared_state(&config, policy, Arc::new(demo_subjects()), audit).unwrap();
+        let shared = match options.subjects {
+            SubjectsChoice::Demo => {
+                server::shared_state(&config, policy, Arc::new(demo_subjects()), audit).unwrap()
+            }
+            SubjectsChoice::Sqlite(_) | SubjectsChoice::Postgres(_) => {
+                let cache = server::open_subject_cache(&config).await.unwrap();
+                server::shared_state_with_registry(&config, policy, cache, audit).unwrap()
+            }
+        };
         let sidecar_stop = stopped(stop_rx);
         let sidecar =
             tokio::spawn(
@@ -260,4 +301,51 @@ pub fn decision_id(md: &tonic::metadata::MetadataMap) -> Option<String> {
     md.get("x-pdgate-decision-id")
         .and_then(|v| v.to_str().ok())
         .map(str::to_owned)
+}
+
+/// A copy of the repository's policy directory (tests included) in a temporary directory, for
+/// tests that change the policy (Apply writes into the directory).
+pub fn policy_copy() -> tempfile::TempDir {
+    let tmp = tempfile::tempdir().unwrap();
+    copy_dir(&policy_dir(), tmp.path());
+    tmp
+}
+
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for entry in std::fs::read_dir(from).unwrap() {
+        let entry = entry.unwrap();
+        let target = to.join(entry.file_name());
+        if entry.file_type().unwrap().is_dir() {
+            copy_dir(&entry.path(), &target);
+        } else {
+            std::fs::copy(entry.path(), &target).unwrap();
+        }
+    }
+}
+
+/// A `PolicyAdmin` client claiming `identity` (`x-caller`; empty: no identity).
+pub async fn policy_admin(
+    harness: &Harness,
+    identity: &str,
+) -> pdgate::proto::v1::policy_admin_client::PolicyAdminClient<
+    tonic::service::interceptor::InterceptedService<
+        Channel,
+        impl Fn(tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> + Clone + use<>,
+    >,
+> {
+    let channel = harness.channel(harness.api_addr).await;
+    let identity = identity.to_owned();
+    pdgate::proto::v1::policy_admin_client::PolicyAdminClient::with_interceptor(
+        channel,
+        move |mut request: tonic::Request<()>| {
+            if !identity.is_empty() {
+                request.metadata_mut().insert(
+                    "x-caller",
+                    MetadataValue::try_from(identity.as_str()).unwrap(),
+                );
+            }
+            Ok(request)
+        },
+    )
 }

@@ -1,0 +1,299 @@
+//! Fleet mode: sidecars sharing one PostgreSQL database (the machine's server,
+//! `PDGATE_TEST_DATABASE_URL`, default `postgres://postgres@127.0.0.1:5432/test`) share policy
+//! versions. An Apply or a Rollback on one sidecar reaches the others within a second, through
+//! NOTIFY; each test works in a schema of its own.
+
+#![allow(
+    clippy::expect_used,
+    clippy::unwrap_used,
+    clippy::panic,
+    reason = "test code: a failed setup aborts the test"
+)]
+
+mod common;
+
+use common::{Harness, Options, SubjectsChoice, policy_admin, policy_dir};
+use pdgate::policy::Bundle;
+use pdgate::proto::v1::access_control_client::AccessControlClient;
+use pdgate::proto::v1::{
+    ApplyRequest, CheckRequest, PolicyBundle, PolicyTestFile, RollbackRequest, StatusRequest,
+};
+use sqlx::postgres::{PgConnectOptions, PgConnection};
+use sqlx::{ConnectOptions, Connection};
+use std::str::FromStr;
+use std::time::{Duration, Instant};
+
+/// Billing may no longer read names; the policy tests do not contradict it.
+const DENY_NAMES: &str = "p, role:billing, service.billing, customer.name, read, deny";
+
+fn database_url() -> String {
+    std::env::var("PDGATE_TEST_DATABASE_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".to_owned())
+}
+
+/// A schema of the test's own, dropped at the end.
+struct Schema {
+    name: String,
+    base: PgConnectOptions,
+}
+
+impl Schema {
+    async fn create(tag: &str) -> Self {
+        let url = database_url();
+        let base = PgConnectOptions::from_str(&url).unwrap();
+        let name = format!(
+            "pdgate_test_fleet_{tag}_{}_{}",
+            std::process::id(),
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .as_micros()
+        );
+        let mut admin = base.connect().await.unwrap_or_else(|e| {
+            panic!("PostgreSQL is not reachable at `{url}` (set PDGATE_TEST_DATABASE_URL): {e}")
+        });
+        sqlx::query(&format!("CREATE SCHEMA {name}"))
+            .execute(&mut admin)
+            .await
+            .unwrap();
+        admin.close().await.unwrap();
+        Self { name, base }
+    }
+
+    fn url(&self) -> String {
+        format!(
+            "{}?options=-c%20search_path%3D{}",
+            database_url(),
+            self.name
+        )
+    }
+
+    /// The stored versions, oldest first, once there is at least one (a member seeds an
+    /// empty fleet right after it starts).
+    async fn versions(&self) -> Vec<(String, String, String)> {
+        let started = Instant::now();
+        loop {
+            if let Some(rows) = self.try_versions().await
+                && !rows.is_empty()
+            {
+                return rows;
+            }
+            assert!(
+                started.elapsed() < Duration::from_secs(10),
+                "no policy version stored"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    async fn try_versions(&self) -> Option<Vec<(String, String, String)>> {
+        let mut conn: PgConnection = self
+            .base
+            .clone()
+            .options([("search_path", &self.name)])
+            .connect()
+            .await
+            .unwrap();
+        // Before the first member has migrated the schema there is no table yet.
+        let rows: Option<Vec<(String, String, String)>> =
+            sqlx::query_as("SELECT version, applied_by, comment FROM policy_versions ORDER BY id")
+                .fetch_all(&mut conn)
+                .await
+                .ok();
+        conn.close().await.unwrap();
+        rows
+    }
+
+    async fn drop(self) {
+        let mut admin = self.base.connect().await.unwrap();
+        sqlx::query(&format!("DROP SCHEMA IF EXISTS {} CASCADE", self.name))
+            .execute(&mut admin)
+            .await
+            .unwrap();
+        admin.close().await.unwrap();
+    }
+}
+
+async fn member(schema: &Schema) -> Harness {
+    Harness::with(Options {
+        subjects: SubjectsChoice::Postgres(schema.url()),
+        ..Options::default()
+    })
+    .await
+}
+
+fn bundle_with(rows: &[&str]) -> PolicyBundle {
+    let b = Bundle::read_dir(&policy_dir(), None).unwrap();
+    let mut policy = b.source.policy;
+    for row in rows {
+        policy.push('\n');
+        policy.push_str(row);
+    }
+    policy.push('\n');
+    PolicyBundle {
+        model: b.source.model,
+        policy,
+        taxonomy: b.source.taxonomy,
+        routes: b.source.routes.unwrap_or_default(),
+        tests: b
+            .tests
+            .into_iter()
+            .map(|t| PolicyTestFile {
+                name: t.name,
+                content: t.content,
+            })
+            .collect(),
+    }
+}
+
+async fn active_version(h: &Harness) -> String {
+    policy_admin(h, "sre")
+        .await
+        .status(StatusRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .active
+        .map(|a| a.version)
+        .unwrap_or_default()
+}
+
+/// Waits until `h` runs `version`; returns how long that took.
+async fn until_active(h: &Harness, version: &str, from: Instant) -> Duration {
+    loop {
+        if active_version(h).await == version {
+            return from.elapsed();
+        }
+        assert!(
+            from.elapsed() < Duration::from_secs(10),
+            "sidecar never switched to {version}"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+async fn billing_reads_name(h: &Harness) -> pdgate::proto::v1::CheckResponse {
+    let mut client = AccessControlClient::new(h.channel(h.api_addr).await);
+    client
+        .check(CheckRequest {
+            caller: "billing-service".into(),
+            purpose: "service.billing".into(),
+            action: "read".into(),
+            categories: vec!["customer.name".into()],
+            subjects: vec!["cust-1".into()],
+            recipient: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+}
+
+#[tokio::test]
+async fn an_apply_on_one_sidecar_reaches_the_other_within_a_second_and_so_does_a_rollback() {
+    let schema = Schema::create("apply").await;
+    let mut one = member(&schema).await;
+    let mut two = member(&schema).await;
+    // Both start on the repository's policy; the first to look seeds the empty fleet with it.
+    let start = active_version(&one).await;
+    until_active(&two, &start, Instant::now()).await;
+    let seeded = schema.versions().await;
+    assert!(!seeded.is_empty(), "the empty fleet is seeded");
+    assert!(seeded.iter().all(|(v, _, _)| *v == start));
+    assert_eq!(
+        policy_admin(&two, "sre")
+            .await
+            .status(StatusRequest {})
+            .await
+            .unwrap()
+            .into_inner()
+            .store,
+        "postgres"
+    );
+    assert!(billing_reads_name(&two).await.allowed);
+
+    let sent = Instant::now();
+    let applied = policy_admin(&one, "security-team")
+        .await
+        .apply(ApplyRequest {
+            bundle: Some(bundle_with(&[DENY_NAMES])),
+            comment: "CHG-42".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(applied.changed);
+    assert_eq!(applied.previous_version, start);
+    let delay = until_active(&two, &applied.version, sent).await;
+    println!("apply on sidecar 1 -> active on sidecar 2: {delay:?}");
+    assert!(delay < Duration::from_secs(1), "took {delay:?}");
+    let answer = billing_reads_name(&two).await;
+    assert!(!answer.allowed);
+    assert_eq!(answer.policy_version, applied.version);
+    assert_eq!(answer.reasons[0].code, "DENIED_BY_RULE");
+
+    // The table records who applied which version, and why.
+    let versions = schema.versions().await;
+    let last = versions.last().unwrap();
+    assert_eq!(
+        last,
+        &(
+            applied.version.clone(),
+            "security-team".to_owned(),
+            "CHG-42".to_owned()
+        )
+    );
+    // Sidecar 2 shows the apply as the fleet's.
+    let status = policy_admin(&two, "sre")
+        .await
+        .status(StatusRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(status.active.unwrap().applied_by, "fleet");
+
+    // A rollback on sidecar 2 is a new fleet version too.
+    let sent = Instant::now();
+    let rolled = policy_admin(&two, "security-team")
+        .await
+        .rollback(RollbackRequest {
+            version: start[..12].to_owned(),
+            comment: "CHG-42 undone".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(rolled.version, start);
+    let delay = until_active(&one, &start, sent).await;
+    println!("rollback on sidecar 2 -> active on sidecar 1: {delay:?}");
+    assert!(delay < Duration::from_secs(1), "took {delay:?}");
+    assert!(billing_reads_name(&one).await.allowed);
+
+    one.shutdown().await.unwrap();
+    two.shutdown().await.unwrap();
+    schema.drop().await;
+}
+
+#[tokio::test]
+async fn a_sidecar_joining_later_takes_the_fleets_policy_over_its_directory() {
+    let schema = Schema::create("join").await;
+    let mut first = member(&schema).await;
+    let start = active_version(&first).await;
+    until_active(&first, &start, Instant::now()).await;
+    let applied = policy_admin(&first, "security-team")
+        .await
+        .apply(ApplyRequest {
+            bundle: Some(bundle_with(&[DENY_NAMES])),
+            comment: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    // The newcomer's directory holds the repository's policy; the fleet's newer one wins.
+    let mut late = member(&schema).await;
+    let delay = until_active(&late, &applied.version, Instant::now()).await;
+    println!("a new member took the fleet's policy after {delay:?}");
+    assert!(!billing_reads_name(&late).await.allowed);
+    first.shutdown().await.unwrap();
+    late.shutdown().await.unwrap();
+    schema.drop().await;
+}
