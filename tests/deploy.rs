@@ -443,6 +443,18 @@ fn mounts_put_the_config_policy_tls_files_and_audit_log_where_the_config_says() 
         .find(|m| Path::new(&m.mount_path) == audit_dir)
         .unwrap_or_else(|| panic!("nothing is mounted at `{}`", audit_dir.display()));
     assert!(!mount.read_only.unwrap_or(false));
+
+    // The subject registry: a writable volume holding the configured file (the root file
+    // system is read-only, so a registry anywhere else could not be created).
+    let subjects_dir = config.subjects.path.as_deref().unwrap().parent().unwrap();
+    let mount = c
+        .volume_mounts
+        .as_ref()
+        .unwrap()
+        .iter()
+        .find(|m| Path::new(&m.mount_path) == subjects_dir)
+        .unwrap_or_else(|| panic!("nothing is mounted at `{}`", subjects_dir.display()));
+    assert!(!mount.read_only.unwrap_or(false));
 }
 
 #[test]
