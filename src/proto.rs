@@ -56,3 +56,23 @@ impl From<v1::CheckRequest> for crate::decision::Request {
         }
     }
 }
+
+/// A policy as the `PolicyAdmin` API carries it (`pdgate policy push`, tests).
+impl From<crate::policy::Bundle> for v1::PolicyBundle {
+    fn from(b: crate::policy::Bundle) -> Self {
+        Self {
+            model: b.source.model,
+            policy: b.source.policy,
+            taxonomy: b.source.taxonomy,
+            routes: b.source.routes.unwrap_or_default(),
+            tests: b
+                .tests
+                .into_iter()
+                .map(|t| v1::PolicyTestFile {
+                    name: t.name,
+                    content: t.content,
+                })
+                .collect(),
+        }
+    }
+}

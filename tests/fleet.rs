@@ -15,9 +15,7 @@ mod common;
 use common::{Harness, Options, SubjectsChoice, policy_admin, policy_dir};
 use pdgate::policy::Bundle;
 use pdgate::proto::v1::access_control_client::AccessControlClient;
-use pdgate::proto::v1::{
-    ApplyRequest, CheckRequest, PolicyBundle, PolicyTestFile, RollbackRequest, StatusRequest,
-};
+use pdgate::proto::v1::{ApplyRequest, CheckRequest, PolicyBundle, RollbackRequest, StatusRequest};
 use sqlx::postgres::{PgConnectOptions, PgConnection};
 use sqlx::{ConnectOptions, Connection};
 use std::str::FromStr;
@@ -123,27 +121,13 @@ async fn member(schema: &Schema) -> Harness {
 }
 
 fn bundle_with(rows: &[&str]) -> PolicyBundle {
-    let b = Bundle::read_dir(&policy_dir(), None).unwrap();
-    let mut policy = b.source.policy;
+    let mut bundle = PolicyBundle::from(Bundle::read_dir(&policy_dir(), None).unwrap());
     for row in rows {
-        policy.push('\n');
-        policy.push_str(row);
+        bundle.policy.push('\n');
+        bundle.policy.push_str(row);
     }
-    policy.push('\n');
-    PolicyBundle {
-        model: b.source.model,
-        policy,
-        taxonomy: b.source.taxonomy,
-        routes: b.source.routes.unwrap_or_default(),
-        tests: b
-            .tests
-            .into_iter()
-            .map(|t| PolicyTestFile {
-                name: t.name,
-                content: t.content,
-            })
-            .collect(),
-    }
+    bundle.policy.push('\n');
+    bundle
 }
 
 async fn active_version(h: &Harness) -> String {

@@ -20,7 +20,7 @@ use pdgate::proto::demo::GetProfileRequest;
 use pdgate::proto::v1::access_control_client::AccessControlClient;
 use pdgate::proto::v1::{
     ApplyRequest, CheckRequest, ClearShadowRequest, ExplainRequest, ExplainSubject, PolicyBundle,
-    PolicyTestFile, RollbackRequest, StatusRequest, ValidateRequest,
+    RollbackRequest, StatusRequest, ValidateRequest,
 };
 use std::path::Path;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -36,21 +36,7 @@ const DENY_NAMES: &str = "p, role:billing, service.billing, customer.name, read,
 const DENY_BILLING: &str = "p, role:billing, service.billing, customer.billing, read, deny";
 
 fn bundle_of(dir: &Path) -> PolicyBundle {
-    let b = Bundle::read_dir(dir, None).unwrap();
-    PolicyBundle {
-        model: b.source.model,
-        policy: b.source.policy,
-        taxonomy: b.source.taxonomy,
-        routes: b.source.routes.unwrap_or_default(),
-        tests: b
-            .tests
-            .into_iter()
-            .map(|t| PolicyTestFile {
-                name: t.name,
-                content: t.content,
-            })
-            .collect(),
-    }
+    PolicyBundle::from(Bundle::read_dir(dir, None).unwrap())
 }
 
 /// The default policy with `rows` appended to policy.csv.

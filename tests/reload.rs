@@ -17,7 +17,7 @@ use pdgate::config::ReloadSettings;
 use pdgate::policy::Bundle;
 use pdgate::proto::demo::GetProfileRequest;
 use pdgate::proto::v1::access_control_client::AccessControlClient;
-use pdgate::proto::v1::{ApplyRequest, CheckRequest, PolicyBundle, PolicyTestFile, StatusRequest};
+use pdgate::proto::v1::{ApplyRequest, CheckRequest, PolicyBundle, StatusRequest};
 use std::collections::HashMap;
 use std::path::Path;
 use std::sync::Arc;
@@ -78,26 +78,12 @@ where
 }
 
 fn bundle_of(dir: &Path, extra: &[&str]) -> PolicyBundle {
-    let b = Bundle::read_dir(dir, None).unwrap();
-    let mut policy = b.source.policy;
+    let mut bundle = PolicyBundle::from(Bundle::read_dir(dir, None).unwrap());
     for row in extra {
-        policy.push('\n');
-        policy.push_str(row);
+        bundle.policy.push('\n');
+        bundle.policy.push_str(row);
     }
-    PolicyBundle {
-        model: b.source.model,
-        policy,
-        taxonomy: b.source.taxonomy,
-        routes: b.source.routes.unwrap_or_default(),
-        tests: b
-            .tests
-            .into_iter()
-            .map(|t| PolicyTestFile {
-                name: t.name,
-                content: t.content,
-            })
-            .collect(),
-    }
+    bundle
 }
 
 #[tokio::test]

@@ -8,7 +8,7 @@ use crate::policy::{self, Bundle, Problems, fixtures};
 use crate::proto::v1::policy_admin_client::PolicyAdminClient;
 use crate::proto::v1::{
     ApplyRequest, ApplyResponse, CheckRequest, ClearShadowRequest, ExplainRequest, ExplainSubject,
-    PolicyBundle, PolicyTestFile, PolicyVersionInfo, RollbackRequest, StatusRequest,
+    PolicyBundle, PolicyVersionInfo, RollbackRequest, StatusRequest,
 };
 use clap::Args;
 use serde_json::json;
@@ -306,20 +306,7 @@ fn bundle_message(dir: &Path, json: bool) -> Result<PolicyBundle, u8> {
         return Err(missing_dir(dir, json));
     }
     match Bundle::read_dir(dir, None) {
-        Ok(bundle) => Ok(PolicyBundle {
-            model: bundle.source.model,
-            policy: bundle.source.policy,
-            taxonomy: bundle.source.taxonomy,
-            routes: bundle.source.routes.unwrap_or_default(),
-            tests: bundle
-                .tests
-                .into_iter()
-                .map(|t| PolicyTestFile {
-                    name: t.name,
-                    content: t.content,
-                })
-                .collect(),
-        }),
+        Ok(bundle) => Ok(PolicyBundle::from(bundle)),
         Err(problems) => {
             report_invalid(dir, &Problems(problems), json);
             Err(EXIT_DENIED)
