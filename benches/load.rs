@@ -16,6 +16,11 @@
 //! not fail a build. An error through pdgate is a correctness failure (the call is allowed by
 //! the policy) and makes the run exit non-zero.
 //!
+//! Last, a reload run: pdgate under load at the highest concurrency while its policy
+//! directory (a temporary copy of `policy/`) is rewritten every `RELOAD_EVERY`, each time to a
+//! new version that decides the same; the file watch swaps every one in. Any failed or denied
+//! call of that run is a wrongly decided call, and makes the run exit non-zero too.
+//!
 //! Run with:
 //!
 //! ```text
@@ -68,6 +73,9 @@ const STARTUP_TIMEOUT: Duration = Duration::from_secs(30);
 const RSS_SAMPLE_EVERY: Duration = Duration::from_millis(50);
 /// Concurrency at which the latency ratios and the throughput ratio are taken.
 const LATENCY_CONCURRENCY: usize = 1;
+/// How often the reload run rewrites the policy directory (the watch's debounce is 500 ms, so
+/// each change is swapped in about one second later).
+const RELOAD_EVERY: Duration = Duration::from_millis(1500);
 const THROUGHPUT_CONCURRENCY: usize = 64;
 
 // The issue's targets, printed next to the measurements.
@@ -129,6 +137,8 @@ struct TaskResult {
 struct Server {
     child: Child,
     addr: SocketAddr,
+    /// pdgate's API port (`/metrics`); `None` for the baseline.
+    api: Option<SocketAddr>,
     pid: u32,
     /// pdgate's stderr, kept for a failure report and removed when the run ends.
     log: Option<PathBuf>,
@@ -213,9 +223,17 @@ async fn harness(settings: Settings, pdgate: PathBuf) -> ExitCode {
         let _ = stopped.wait_for(|s| *s).await;
     }));
 
+    // pdgate runs on a copy of the repository's policy, which the reload run rewrites.
+    let scratch = tempfile::tempdir().expect("temporary directory");
+    let policy = scratch.path().join("policy");
+    copy_dir(
+        &Path::new(env!("CARGO_MANIFEST_DIR")).join("policy"),
+        &policy,
+    )
+    .expect("copy of policy/");
     let servers = async {
         let baseline = start_baseline(upstream_addr).await?;
-        let pdgate = start_pdgate(&pdgate, upstream_addr).await?;
+        let pdgate = start_pdgate(&pdgate, upstream_addr, &policy, scratch.path()).await?;
         Ok::<_, String>((baseline, pdgate))
     };
     let (mut baseline, mut pdgate) = match servers.await {
@@ -255,6 +273,15 @@ async fn harness(settings: Settings, pdgate: PathBuf) -> ExitCode {
         }
     }
 
+    let top = settings.concurrency.iter().copied().max().unwrap_or(1);
+    let reload = match reload_run(&pdgate, &policy, top, settings.duration).await {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("error: reload run: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+
     baseline.stop().await;
     pdgate.stop().await;
     let _ = stop.send(true);
@@ -264,11 +291,30 @@ async fn harness(settings: Settings, pdgate: PathBuf) -> ExitCode {
     print_errors(&rows);
     print_ratios(&rows);
 
+    println!(
+        "\nreload under load (concurrency {top}, the policy rewritten every {RELOAD_EVERY:?}): \
+         {} policy versions swapped in; {} calls, {} failed or wrongly decided; p50 {} µs, \
+         p99 {} µs, p999 {} µs",
+        reload.reloads,
+        reload.row.calls,
+        reload.row.errors,
+        reload.row.p50,
+        reload.row.p99,
+        reload.row.p999
+    );
+    if let Some(e) = &reload.row.first_error {
+        println!("  first failure: {e}");
+    }
+    if reload.reloads == 0 {
+        eprintln!("error: no reload happened during the reload run");
+        return ExitCode::FAILURE;
+    }
     let pdgate_errors: u64 = rows
         .iter()
         .filter(|r| r.target == Target::Pdgate)
         .map(|r| r.errors)
-        .sum();
+        .sum::<u64>()
+        + reload.row.errors;
     if pdgate_errors > 0 {
         eprintln!(
             "error: {pdgate_errors} calls through pdgate failed; the policy allows every one of them"
@@ -470,6 +516,7 @@ async fn start_baseline(upstream: SocketAddr) -> Result<Server, String> {
     let mut server = Server {
         child,
         addr,
+        api: None,
         pid,
         log: None,
     };
@@ -479,8 +526,12 @@ async fn start_baseline(upstream: SocketAddr) -> Result<Server, String> {
 
 /// Starts `pdgate serve` on free loopback ports. A port picked free can be taken by someone
 /// else before pdgate binds it (other builds and tests share this machine): retry a few times.
-async fn start_pdgate(binary: &Path, upstream: SocketAddr) -> Result<Server, String> {
-    let policy = Path::new(env!("CARGO_MANIFEST_DIR")).join("policy");
+async fn start_pdgate(
+    binary: &Path,
+    upstream: SocketAddr,
+    policy: &Path,
+    scratch: &Path,
+) -> Result<Server, String> {
     let mut last_error = String::new();
     for attempt in 1..=3 {
         let addr = free_port()?;
@@ -497,12 +548,15 @@ async fn start_pdgate(binary: &Path, upstream: SocketAddr) -> Result<Server, Str
             .arg("--upstream")
             .arg(upstream.to_string())
             .arg("--policy")
-            .arg(&policy)
+            .arg(policy)
             .arg("--max-concurrent-calls")
             .arg(MAX_CONCURRENT_CALLS.to_string())
-            // The audit log of a load run is thrown away; never the working directory's.
+            // The audit log and the subject registry of a load run are thrown away; never
+            // the working directory's.
             .arg("--audit-dir")
-            .arg(std::env::temp_dir().join(format!("pdgate-load-audit-{}", std::process::id())))
+            .arg(scratch.join("audit"))
+            .arg("--subjects-store")
+            .arg(scratch.join("subjects.db"))
             // PDGATE_LOAD_CONFIG: a pdgate.toml for what flags cannot set (e.g. `[audit] fsync`);
             // the flags above still win.
             .args(
@@ -521,6 +575,7 @@ async fn start_pdgate(binary: &Path, upstream: SocketAddr) -> Result<Server, Str
         let mut server = Server {
             child,
             addr,
+            api: Some(api),
             pid,
             log: Some(log),
         };
@@ -735,4 +790,89 @@ fn print_ratios(rows: &[Row]) {
 
 fn mib(kib: u64) -> f64 {
     kib as f64 / 1024.0
+}
+
+// ---------------------------------------------------------------------------------------------
+// The reload run.
+
+struct ReloadRun {
+    row: Row,
+    /// Policy versions pdgate swapped in during the run (its reload counter).
+    reloads: u64,
+}
+
+/// Loads pdgate at `concurrency` for `duration` while `policy/policy.csv` is rewritten every
+/// [`RELOAD_EVERY`] with one more comment line: a new version (the version is a digest of the
+/// text) that decides exactly as before, so every call must still be allowed.
+async fn reload_run(
+    pdgate: &Server,
+    policy: &Path,
+    concurrency: usize,
+    duration: Duration,
+) -> Result<ReloadRun, String> {
+    let api = pdgate.api.ok_or("pdgate has no API address")?;
+    let before = reloads_counted(api).await?;
+    let csv = policy.join("policy.csv");
+    let original =
+        std::fs::read_to_string(&csv).map_err(|e| format!("`{}`: {e}", csv.display()))?;
+    let until = Instant::now() + WARMUP + duration;
+    let writer = tokio::spawn(async move {
+        let mut n = 0u32;
+        while Instant::now() + RELOAD_EVERY < until {
+            tokio::time::sleep(RELOAD_EVERY).await;
+            n += 1;
+            // Written whole to a temporary name and renamed: the watch never sees half a file.
+            let text = format!("{original}# load-harness reload {n}\n");
+            let tmp = csv.with_extension("csv.tmp");
+            std::fs::write(&tmp, text)
+                .and_then(|()| std::fs::rename(&tmp, &csv))
+                .map_err(|e| format!("`{}`: {e}", csv.display()))?;
+        }
+        Ok::<u32, String>(n)
+    });
+    let row = run_load(Target::Pdgate, pdgate.addr, concurrency, duration, None).await?;
+    let written = writer.await.map_err(|e| format!("policy writer: {e}"))??;
+    // The last rewrite is swapped in about a second after it was written.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let reloads = reloads_counted(api).await?.saturating_sub(before);
+    if written > 0 && reloads == 0 {
+        return Err(format!("{written} rewrites of the policy, no reload"));
+    }
+    Ok(ReloadRun { row, reloads })
+}
+
+/// `pdgate_policy_reloads_total` from pdgate's `/metrics` (HTTP/1 on the API port).
+async fn reloads_counted(api: SocketAddr) -> Result<u64, String> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(api)
+        .await
+        .map_err(|e| format!("metrics at {api}: {e}"))?;
+    stream
+        .write_all(b"GET /metrics HTTP/1.1\r\nHost: pdgate\r\nConnection: close\r\n\r\n")
+        .await
+        .map_err(|e| format!("metrics at {api}: {e}"))?;
+    let mut text = String::new();
+    stream
+        .read_to_string(&mut text)
+        .await
+        .map_err(|e| format!("metrics at {api}: {e}"))?;
+    text.lines()
+        .find_map(|l| l.strip_prefix("pdgate_policy_reloads_total "))
+        .and_then(|v| v.trim().parse::<f64>().ok())
+        .map(|v| v as u64)
+        .ok_or_else(|| "no pdgate_policy_reloads_total in /metrics".to_owned())
+}
+
+fn copy_dir(from: &Path, to: &Path) -> std::io::Result<()> {
+    std::fs::create_dir_all(to)?;
+    for entry in std::fs::read_dir(from)? {
+        let entry = entry?;
+        let target = to.join(entry.file_name());
+        if entry.file_type()?.is_dir() {
+            copy_dir(&entry.path(), &target)?;
+        } else {
+            std::fs::copy(entry.path(), &target)?;
+        }
+    }
+    Ok(())
 }

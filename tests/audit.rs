@@ -534,9 +534,10 @@ async fn sigkill_loses_no_record_of_an_answered_call() {
     std::fs::write(
         &config,
         format!(
-            "listen = \"{data}\"\napi_listen = \"{api}\"\nupstream = \"{upstream_addr}\"\npolicy = {:?}\n[audit]\ndir = {:?}\nfsync = \"batch\"\n",
+            "listen = \"{data}\"\napi_listen = \"{api}\"\nupstream = \"{upstream_addr}\"\npolicy = {:?}\n[audit]\ndir = {:?}\nfsync = \"batch\"\n[subjects]\npath = {:?}\n",
             common::policy_dir(),
-            audit.path().join("log")
+            audit.path().join("log"),
+            audit.path().join("subjects.db")
         ),
     )
     .unwrap();

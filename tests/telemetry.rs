@@ -735,6 +735,8 @@ async fn serve_exports_to_the_otlp_endpoint_and_flushes_on_sigterm() {
             "policy",
             "--audit-dir",
             &audit.path().display().to_string(),
+            "--subjects-store",
+            &audit.path().join("subjects.db").display().to_string(),
             "--otlp-endpoint",
             &format!("http://{addr}"),
         ])
