@@ -12,86 +12,23 @@
 
 mod common;
 
+use common::pg::TestSchema;
 use common::{Harness, Options, SubjectsChoice, policy_admin, policy_dir};
 use pdgate::policy::Bundle;
 use pdgate::proto::v1::access_control_client::AccessControlClient;
 use pdgate::proto::v1::{ApplyRequest, CheckRequest, PolicyBundle, RollbackRequest, StatusRequest};
-use sqlx::postgres::{PgConnectOptions, PgConnection};
-use sqlx::{ConnectOptions, Connection};
-use std::str::FromStr;
+use sqlx::{Connection, PgConnection};
 use std::time::{Duration, Instant};
 
 /// Billing may no longer read names; the policy tests do not contradict it.
 const DENY_NAMES: &str = "p, role:billing, service.billing, customer.name, read, deny";
 
-fn database_url() -> String {
-    std::env::var("PDGATE_TEST_DATABASE_URL")
-        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".to_owned())
-}
-
-/// A schema of the test's own, dropped at the end.
-struct Schema {
-    name: String,
-    base: PgConnectOptions,
-}
-
-impl Schema {
-    async fn create(tag: &str) -> Self {
-        let url = database_url();
-        let base = PgConnectOptions::from_str(&url).unwrap();
-        let name = format!(
-            "pdgate_test_fleet_{tag}_{}_{}",
-            std::process::id(),
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .unwrap()
-                .as_micros()
-        );
-        let mut admin = base.connect().await.unwrap_or_else(|e| {
-            panic!("PostgreSQL is not reachable at `{url}` (set PDGATE_TEST_DATABASE_URL): {e}")
-        });
-        sqlx::query(&format!("CREATE SCHEMA {name}"))
-            .execute(&mut admin)
-            .await
-            .unwrap();
-        admin.close().await.unwrap();
-        Self { name, base }
-    }
-
-    fn url(&self) -> String {
-        format!(
-            "{}?options=-c%20search_path%3D{}",
-            database_url(),
-            self.name
-        )
-    }
-
-    /// The stored versions, oldest first, once there is at least one (a member seeds an
-    /// empty fleet right after it starts).
-    async fn versions(&self) -> Vec<(String, String, String)> {
-        let started = Instant::now();
-        loop {
-            if let Some(rows) = self.try_versions().await
-                && !rows.is_empty()
-            {
-                return rows;
-            }
-            assert!(
-                started.elapsed() < Duration::from_secs(10),
-                "no policy version stored"
-            );
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-    }
-
-    async fn try_versions(&self) -> Option<Vec<(String, String, String)>> {
-        let mut conn: PgConnection = self
-            .base
-            .clone()
-            .options([("search_path", &self.name)])
-            .connect()
-            .await
-            .unwrap();
+/// The stored versions of the fleet in `schema`, oldest first, once there is at least one (a
+/// member seeds an empty fleet right after it starts).
+async fn versions(schema: &TestSchema) -> Vec<(String, String, String)> {
+    let started = Instant::now();
+    loop {
+        let mut conn = PgConnection::connect_with(&schema.options()).await.unwrap();
         // Before the first member has migrated the schema there is no table yet.
         let rows: Option<Vec<(String, String, String)>> =
             sqlx::query_as("SELECT version, applied_by, comment FROM policy_versions ORDER BY id")
@@ -99,20 +36,20 @@ impl Schema {
                 .await
                 .ok();
         conn.close().await.unwrap();
-        rows
-    }
-
-    async fn drop(self) {
-        let mut admin = self.base.connect().await.unwrap();
-        sqlx::query(&format!("DROP SCHEMA IF EXISTS {} CASCADE", self.name))
-            .execute(&mut admin)
-            .await
-            .unwrap();
-        admin.close().await.unwrap();
+        if let Some(rows) = rows
+            && !rows.is_empty()
+        {
+            return rows;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "no policy version stored"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
     }
 }
 
-async fn member(schema: &Schema) -> Harness {
+async fn member(schema: &TestSchema) -> Harness {
     Harness::with(Options {
         subjects: SubjectsChoice::Postgres(schema.url()),
         ..Options::default()
@@ -174,13 +111,13 @@ async fn billing_reads_name(h: &Harness) -> pdgate::proto::v1::CheckResponse {
 
 #[tokio::test]
 async fn an_apply_on_one_sidecar_reaches_the_other_within_a_second_and_so_does_a_rollback() {
-    let schema = Schema::create("apply").await;
+    let schema = TestSchema::create().await;
     let mut one = member(&schema).await;
     let mut two = member(&schema).await;
     // Both start on the repository's policy; the first to look seeds the empty fleet with it.
     let start = active_version(&one).await;
     until_active(&two, &start, Instant::now()).await;
-    let seeded = schema.versions().await;
+    let seeded = versions(&schema).await;
     assert!(!seeded.is_empty(), "the empty fleet is seeded");
     assert!(seeded.iter().all(|(v, _, _)| *v == start));
     assert_eq!(
@@ -216,7 +153,7 @@ async fn an_apply_on_one_sidecar_reaches_the_other_within_a_second_and_so_does_a
     assert_eq!(answer.reasons[0].code, "DENIED_BY_RULE");
 
     // The table records who applied which version, and why.
-    let versions = schema.versions().await;
+    let versions = versions(&schema).await;
     let last = versions.last().unwrap();
     assert_eq!(
         last,
@@ -254,12 +191,12 @@ async fn an_apply_on_one_sidecar_reaches_the_other_within_a_second_and_so_does_a
 
     one.shutdown().await.unwrap();
     two.shutdown().await.unwrap();
-    schema.drop().await;
+    schema.remove().await;
 }
 
 #[tokio::test]
 async fn a_sidecar_joining_later_takes_the_fleets_policy_over_its_directory() {
-    let schema = Schema::create("join").await;
+    let schema = TestSchema::create().await;
     let mut first = member(&schema).await;
     let start = active_version(&first).await;
     until_active(&first, &start, Instant::now()).await;
@@ -279,5 +216,5 @@ async fn a_sidecar_joining_later_takes_the_fleets_policy_over_its_directory() {
     assert!(!billing_reads_name(&late).await.allowed);
     first.shutdown().await.unwrap();
     late.shutdown().await.unwrap();
-    schema.drop().await;
+    schema.remove().await;
 }

@@ -14,17 +14,19 @@
     reason = "test code: a failed setup aborts the test"
 )]
 
+mod common;
+
+use common::pg::TestSchema;
+
 use pdgate::registry::{
     Action, Change, Event, NOTIFY_CHANNEL, Notification, PostgresRegistry, RegistryError,
     SqliteRegistry, SubjectRecord, SubjectRegistry,
 };
-use sqlx::postgres::{PgConnectOptions, PgListener, PgPoolOptions};
+use sqlx::postgres::{PgListener, PgPoolOptions};
 use sqlx::{Connection, PgConnection};
 use std::future::Future;
-use std::str::FromStr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU32, Ordering};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime};
 
 // ---------------------------------------------------------------------------------------------
 // The stores under test.
@@ -66,104 +68,6 @@ async fn postgres() -> Store {
         registry: Arc::new(registry),
         cleanup: Cleanup::Postgres(Box::new(schema)),
     }
-}
-
-fn database_url() -> String {
-    std::env::var("PDGATE_TEST_DATABASE_URL")
-        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".to_owned())
-}
-
-/// A schema of its own for one test: parallel tests and reruns never see each other's rows.
-struct TestSchema {
-    name: String,
-    base: PgConnectOptions,
-}
-
-impl TestSchema {
-    async fn create() -> Self {
-        let url = database_url();
-        let base = PgConnectOptions::from_str(&url)
-            .unwrap_or_else(|e| panic!("PDGATE_TEST_DATABASE_URL `{url}` is not a URL: {e}"));
-        let mut admin = admin(&base, &url).await;
-        drop_stale_schemas(&mut admin).await;
-        static NEXT: AtomicU32 = AtomicU32::new(0);
-        let name = format!(
-            "pdgate_test_{}_{}_{}",
-            unix_secs(),
-            std::process::id(),
-            NEXT.fetch_add(1, Ordering::Relaxed)
-        );
-        sqlx::query(&format!("CREATE SCHEMA {name}"))
-            .execute(&mut admin)
-            .await
-            .unwrap();
-        admin.close().await.unwrap();
-        Self { name, base }
-    }
-
-    /// Connect options whose search_path is this schema.
-    fn options(&self) -> PgConnectOptions {
-        self.base.clone().options([("search_path", &self.name)])
-    }
-
-    /// A URL for the CLI, with the schema in `options`.
-    fn url(&self) -> String {
-        format!(
-            "{}?options=-c%20search_path%3D{}",
-            database_url(),
-            self.name
-        )
-    }
-
-    async fn remove(self) {
-        let mut admin = admin(&self.base, &database_url()).await;
-        sqlx::query(&format!("DROP SCHEMA IF EXISTS {} CASCADE", self.name))
-            .execute(&mut admin)
-            .await
-            .unwrap();
-        admin.close().await.unwrap();
-    }
-}
-
-async fn admin(base: &PgConnectOptions, url: &str) -> PgConnection {
-    PgConnection::connect_with(base).await.unwrap_or_else(|e| {
-        panic!(
-            "PostgreSQL is not reachable at `{url}`: {e}\n\
-             The registry tests need it (database `test`, user `postgres`, trust auth). Start it \
-             with\n    pg_ctlcluster --skip-systemctl-redirect $(ls /etc/postgresql) main start\n\
-             create the database with `createdb -h 127.0.0.1 -U postgres test`, or point \
-             PDGATE_TEST_DATABASE_URL at another server."
-        )
-    })
-}
-
-/// Schemas of test runs that died before dropping theirs, left for over an hour.
-async fn drop_stale_schemas(admin: &mut PgConnection) {
-    let names: Vec<String> = sqlx::query_scalar(
-        "SELECT nspname::text FROM pg_namespace WHERE nspname LIKE 'pdgate\\_test\\_%'",
-    )
-    .fetch_all(&mut *admin)
-    .await
-    .unwrap();
-    for name in names {
-        let secs: Option<u64> = name
-            .strip_prefix("pdgate_test_")
-            .and_then(|rest| rest.split('_').next())
-            .and_then(|s| s.parse().ok());
-        if secs.is_some_and(|s| s + 3600 < unix_secs()) {
-            // Another run may be dropping it too.
-            let _ = sqlx::query(&format!("DROP SCHEMA IF EXISTS {name} CASCADE"))
-                .execute(&mut *admin)
-                .await;
-        }
-    }
-}
-
-fn unix_secs() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap()
-        .as_secs()
 }
 
 /// Runs `case` on `store`, then removes the store whether the case passed or not.

@@ -15,16 +15,14 @@
 
 mod common;
 
+use common::pg::TestSchema;
 use common::{Harness, Options, SubjectsChoice, call};
 use pdgate::proto::demo::GetProfileRequest;
 use pdgate::proto::v1::access_control_client::AccessControlClient;
 use pdgate::proto::v1::subject_rights_client::SubjectRightsClient;
 use pdgate::proto::v1::{CheckRequest, ConsentRequest, GetSubjectRequest, SubjectChangeRequest};
-use sqlx::postgres::PgConnectOptions;
-use sqlx::{Connection, PgConnection};
 use std::net::SocketAddr;
 use std::path::Path;
-use std::str::FromStr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -618,68 +616,6 @@ async fn cli_admin_mode_goes_through_a_running_sidecar() {
 
 // ---- PostgreSQL (fleet mode) ----
 
-fn database_url() -> String {
-    std::env::var("PDGATE_TEST_DATABASE_URL")
-        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".to_owned())
-}
-
-/// A schema of this test's own (the NOTIFY channel is database-wide, the tables are not).
-struct Schema {
-    name: String,
-    base: PgConnectOptions,
-}
-
-impl Schema {
-    async fn create() -> Self {
-        let url = database_url();
-        let base = PgConnectOptions::from_str(&url).unwrap();
-        let name = format!(
-            "pdgate_test_{}_{}",
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .unwrap()
-                .as_secs(),
-            unique("sr").replace('-', "_")
-        );
-        let mut admin = PgConnection::connect_with(&base).await.unwrap_or_else(|e| {
-            panic!("PostgreSQL is not reachable at `{url}` (set PDGATE_TEST_DATABASE_URL): {e}")
-        });
-        sqlx::query(&format!("CREATE SCHEMA {name}"))
-            .execute(&mut admin)
-            .await
-            .unwrap();
-        admin.close().await.unwrap();
-        Self { name, base }
-    }
-
-    /// The URL of this schema through `host:port` (the server itself, or a relay).
-    fn url_via(&self, addr: SocketAddr) -> String {
-        format!(
-            "postgres://{}@{addr}/{}?options=-c%20search_path%3D{}",
-            self.base.get_username(),
-            self.base.get_database().unwrap_or("test"),
-            self.name
-        )
-    }
-
-    fn server(&self) -> SocketAddr {
-        let host = match self.base.get_host() {
-            "localhost" => "127.0.0.1",
-            h => h,
-        };
-        format!("{host}:{}", self.base.get_port()).parse().unwrap()
-    }
-
-    async fn remove(self) {
-        let mut admin = PgConnection::connect_with(&self.base).await.unwrap();
-        sqlx::query(&format!("DROP SCHEMA IF EXISTS {} CASCADE", self.name))
-            .execute(&mut admin)
-            .await
-            .unwrap();
-        admin.close().await.unwrap();
-    }
-}
-
 async fn pg_harness(url: String, stale_after: Duration) -> Harness {
     Harness::with(Options {
         subjects: SubjectsChoice::Postgres(url),
@@ -712,7 +648,7 @@ async fn until(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn two_sidecars_on_one_database_see_each_others_changes_within_a_second() {
-    let schema = Schema::create().await;
+    let schema = TestSchema::create().await;
     let url = schema.url_via(schema.server());
     let mut one = pg_harness(url.clone(), Duration::from_secs(5)).await;
     let mut two = pg_harness(url, Duration::from_secs(5)).await;
@@ -842,7 +778,7 @@ impl Drop for Relay {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_store_outage_fails_closed_after_stale_after_and_recovers() {
-    let schema = Schema::create().await;
+    let schema = TestSchema::create().await;
     let relay = Relay::start(schema.server()).await;
     let stale_after = Duration::from_millis(1500);
     let mut h = pg_harness(schema.url_via(relay.addr), stale_after).await;

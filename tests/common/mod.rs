@@ -6,6 +6,8 @@
     reason = "each test file uses a different part of the harness"
 )]
 
+pub mod pg;
+
 use pdgate::api::admin::{AdminRole, AdminRoles};
 use pdgate::audit::{AuditLog, AuditSettings, AuditWriter};
 use pdgate::config::{Config, ReloadSettings, SubjectsSettings, TlsFiles};
