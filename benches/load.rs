@@ -663,7 +663,7 @@ fn baseline_main(listen: &str) -> ExitCode {
         });
         println!("listening {addr}");
         // As in `serve_data_plane`: the same builder and incoming, minus the Authorize layer.
-        pdgate::sidecar::server_builder(None)
+        pdgate::transport::server_builder(None)
             .map_err(|e| e.to_string())?
             .serve_with_incoming_shutdown(
                 channel,

@@ -16,8 +16,9 @@
 
 use criterion::{Criterion, SamplingMode, criterion_group, criterion_main};
 use pdgate::decision::{CacheSettings, Decider};
-use pdgate::policy::bundle::{self, read_tests};
-use pdgate::policy::{Bundle, Origin, PolicyManager, PolicySource, synthetic};
+use pdgate::gate::bundle::{self, read_tests};
+use pdgate::gate::{Bundle, Origin, PolicyManager};
+use pdgate::policy::{PolicySource, synthetic};
 use std::hint::black_box;
 use std::path::Path;
 use std::sync::Arc;

@@ -2,10 +2,10 @@
 //! unknown keys rejected) with command-line flags on top. The whole configuration is checked
 //! before any port is bound; a bad one names the key and what is allowed.
 
-use crate::api::admin::{AdminRole, AdminRoles};
 use crate::audit::{AuditSettings, Fsync, Overflow};
 use crate::decision::CacheSettings;
-use crate::sidecar::IdentityMode;
+use crate::identity::IdentityMode;
+use crate::identity::{AdminRole, AdminRoles};
 use crate::telemetry::TelemetrySettings;
 use serde::Deserialize;
 use std::net::SocketAddr;
@@ -188,15 +188,7 @@ pub struct TlsSection {
     pub dns_suffix: Option<String>,
 }
 
-/// TLS files, read and checked.
-#[derive(Debug, Clone)]
-pub struct TlsFiles {
-    pub cert_pem: Vec<u8>,
-    pub key_pem: Vec<u8>,
-    pub client_ca_pem: Vec<u8>,
-    pub uri_prefix: String,
-    pub dns_suffix: Option<String>,
-}
+pub use crate::transport::TlsFiles;
 
 fn resolve_audit(
     a: AuditSection,
@@ -594,7 +586,7 @@ impl FileConfig {
                 };
                 // Build the TLS configuration now, so that a certificate and key that do not
                 // parse or do not match fail here, before any port is bound.
-                crate::sidecar::server_builder(Some(&files)).map_err(|e| {
+                crate::transport::server_builder(Some(&files)).map_err(|e| {
                     err(
                         "tls",
                         format!(

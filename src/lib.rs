@@ -6,27 +6,34 @@
 //!
 //! # Layout
 //!
-//! - [`policy`]: a policy directory (`model.conf`, `policy.csv`, `taxonomy.toml`) is read,
-//!   validated whole and compiled into an immutable, versioned [`policy::Snapshot`]; the policy
-//!   tests in `policy/tests/` run against it ([`policy::fixtures`]), and
-//!   [`policy::reference`] builds the plain casbin enforcer that the compiled index is checked
-//!   against.
-//! - [`decision`]: the staged semantics of a decision ([`decision::evaluate`],
-//!   [`decision::finish`]) and [`decision::Decider`], which holds the current snapshot and the
-//!   moka decision cache. Deciding never fails: what cannot be evaluated is a deny.
-//! - [`subjects`]: the data subject's consent and requests, as decisions read them.
-//! - [`registry`]: the persistent subject registry with the history of every change, in a
-//!   SQLite file (embedded default) or PostgreSQL (fleet), and [`registry::Preloaded`], which
-//!   reads a request's subjects before the (synchronous) decision.
-//! - [`telemetry`]: the metrics registry (`GET /metrics` on the API port) and, with an OTLP
-//!   endpoint configured, one span per decision parented on the caller's `traceparent`, and
-//!   spans and metrics exported over OTLP/gRPC.
-//! - [`replay`]: what-if replay of an audit log under a candidate policy (`pdgate policy diff`).
-//! - [`cli`]: the `pdgate` command line; `main.rs` only calls [`cli::main`].
-//! - [`proto`]: the gRPC types generated from `proto/`.
+//! In the order a call flows through them; each imports only what is listed before it
+//! (`tests/layers.rs` keeps it so).
 //!
-//! Dependencies point one way: the CLI and (later) the transport know the engine; the engine
-//! knows nothing of either.
+//! - [`policy`]: a policy directory (`model.conf`, `policy.csv`, `taxonomy.toml`,
+//!   `routes.yaml`) read, validated whole and compiled into an immutable, versioned
+//!   [`policy::Snapshot`]. Pure: files in, a snapshot or every problem out.
+//! - [`decision`]: the staged semantics of a decision and [`decision::Decider`], which holds
+//!   the active snapshot and the moka decision cache; the policy test runner
+//!   ([`decision::fixtures`]). Deciding never fails: what cannot be evaluated is a deny.
+//! - [`gate`]: the running core. [`gate::Gate::admit`] takes a call as a door read it and
+//!   returns what the door must do: the snapshot loaded once, the route, the decision, the
+//!   audit record written, metrics and the span. Beside it, the policy lifecycle: manager,
+//!   stores (the policy directory, PostgreSQL for a fleet), the watch, bundles.
+//! - The doors, which only translate their transport to a [`gate::Call`] and the
+//!   [`gate::Admission`] back: [`sidecar`] (the data plane, a tower layer in front of the
+//!   upstream) and [`api`] (`AccessControl`, Envoy `ext_authz`, and the admin services
+//!   `PolicyAdmin`, `SubjectRights`, `AuditLog`, health, reflection, `/metrics`).
+//!   [`transport`] holds what they share: TLS, the server builder, and [`transport::rescue`],
+//!   where every outcome becomes a gRPC status.
+//! - [`server`]: both listeners, the gate built from the configuration, shutdown.
+//! - [`cli`]: the `pdgate` command line; `main.rs` only calls [`cli::main`].
+//!
+//! Beside them: [`subjects`] (a data subject's consent and requests, as decisions read them),
+//! [`registry`] (the subject registry, SQLite or PostgreSQL, behind a cache), [`audit`] (the
+//! hash-chained audit log: writer, reader, retention, index), [`telemetry`] (metrics, and
+//! OTLP spans), [`identity`] (identity modes, certificate naming, admin roles), [`config`]
+//! (`pdgate.toml`), [`proto`] (the generated gRPC types), [`replay`] (what-if replay of an
+//! audit log, `pdgate policy diff`) and [`demo`] (a customer-data service to try it on).
 
 pub mod api;
 pub mod audit;
@@ -34,6 +41,8 @@ pub mod cli;
 pub mod config;
 pub mod decision;
 pub mod demo;
+pub mod gate;
+pub mod identity;
 pub mod policy;
 pub mod proto;
 pub mod registry;
@@ -42,3 +51,4 @@ pub mod server;
 pub mod sidecar;
 pub mod subjects;
 pub mod telemetry;
+pub mod transport;

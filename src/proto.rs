@@ -58,8 +58,8 @@ impl From<v1::CheckRequest> for crate::decision::Request {
 }
 
 /// A policy as the `PolicyAdmin` API carries it (`pdgate policy push`, tests).
-impl From<crate::policy::Bundle> for v1::PolicyBundle {
-    fn from(b: crate::policy::Bundle) -> Self {
+impl From<crate::gate::Bundle> for v1::PolicyBundle {
+    fn from(b: crate::gate::Bundle) -> Self {
         Self {
             model: b.source.model,
             policy: b.source.policy,

@@ -1,13 +1,16 @@
-//! Running the sidecar: both listeners, the policy, the shared state, and shutdown.
+//! Running the sidecar: both listeners, the policy, the gate, and shutdown.
 //! `main` checks the whole configuration and binds the ports; [`run`] is what tests drive.
 
 use crate::audit::AuditLog;
 use crate::config::Config;
 use crate::decision::Decider;
+use crate::gate::{
+    FileStore, Gate, GateParts, PolicyManager, PolicyStore, PostgresPolicyStore, Subjects,
+};
+use crate::identity::CallerNaming;
 use crate::policy::{PolicySource, Snapshot, compile};
 use crate::registry::{PostgresRegistry, SqliteRegistry, SubjectCache, SubjectCacheSettings};
-use crate::sidecar::{self, Shared};
-use crate::subjects::SubjectStates;
+use crate::sidecar;
 use crate::telemetry::metrics::Metrics;
 use crate::telemetry::{Telemetry, TelemetryError};
 use std::future::Future;
@@ -48,11 +51,17 @@ pub enum ServeError {
         source: tonic::transport::Error,
     },
     #[error("data plane: {0}")]
-    DataPlane(tonic::transport::Error),
+    DataPlane(#[source] tonic::transport::Error),
     #[error("API server: {0}")]
-    Api(Box<dyn std::error::Error + Send + Sync>),
+    Api(#[source] Box<dyn std::error::Error + Send + Sync>),
+    /// A server task ended before the shutdown signal, without an error of its own.
+    #[error("{0} stopped unexpectedly; pdgate stops with it")]
+    Stopped(&'static str),
+    /// A server task panicked or was cancelled.
+    #[error("{0} crashed: {1}")]
+    Crashed(&'static str, #[source] tokio::task::JoinError),
     #[error("`fleet.database_url`: {0}")]
-    Fleet(String),
+    Fleet(#[source] crate::gate::StoreError),
     #[error("`telemetry.otlp_endpoint`: {0}")]
     Telemetry(#[from] TelemetryError),
 }
@@ -125,36 +134,15 @@ pub async fn open_subject_cache(
     }
 }
 
-/// [`shared_state`] with subject state from `cache` (see [`open_subject_cache`]).
-pub fn shared_state_with_registry(
-    config: &Config,
-    policy: Option<Arc<Snapshot>>,
-    cache: Arc<SubjectCache>,
-    audit: AuditLog,
-) -> Result<Arc<Shared>, ServeError> {
-    let mut shared = build_shared(config, policy, cache.clone(), audit)?;
-    shared.subject_cache = Some(cache);
-    Ok(Arc::new(shared))
-}
-
-/// Builds the shared state for `config` with `policy` (if any), and starts the OTLP
+/// Builds the gate for `config` with `policy` (if any) and `subjects`, and starts the OTLP
 /// exporters when `config.telemetry` names an endpoint (inside the tokio runtime: their
 /// channels live on it). [`run`] stops them when the servers have stopped.
-pub fn shared_state(
+pub fn gate(
     config: &Config,
     policy: Option<Arc<Snapshot>>,
-    subjects: Arc<dyn SubjectStates>,
+    subjects: Subjects,
     audit: AuditLog,
-) -> Result<Arc<Shared>, ServeError> {
-    build_shared(config, policy, subjects, audit).map(Arc::new)
-}
-
-fn build_shared(
-    config: &Config,
-    policy: Option<Arc<Snapshot>>,
-    subjects: Arc<dyn SubjectStates>,
-    audit: AuditLog,
-) -> Result<Shared, ServeError> {
+) -> Result<Arc<Gate>, ServeError> {
     let decider = Arc::new(Decider::new(config.cache));
     let metrics = Arc::new(
         Metrics::new(decider.cache_stats().clone(), audit.clone())
@@ -167,55 +155,47 @@ fn build_shared(
     if let Some(policy) = policy {
         decider.set_policy(policy);
     }
-    let naming = crate::sidecar::identity::CallerNaming {
+    // Embedded: the policy directory is the store, Apply and Rollback write into it (see
+    // gate::store). Fleet: PostgreSQL is, and its listener wakes the watch on every NOTIFY;
+    // the listener runs as long as the runtime (it holds only the store's connection).
+    let store: Arc<dyn PolicyStore> = match &config.fleet {
+        Some(fleet) => {
+            let store =
+                PostgresPolicyStore::connect_lazy(&fleet.database_url, fleet.statement_timeout)
+                    .map_err(ServeError::Fleet)?;
+            drop(tokio::spawn(store.clone().listen(std::future::pending())));
+            Arc::new(store)
+        }
+        None => Arc::new(FileStore::new(config.policy.clone(), config.routes.clone())),
+    };
+    let policies = PolicyManager::new(
+        decider,
+        store,
+        config.reload.keep_versions,
+        Some(telemetry.metrics().clone()),
+    );
+    // The tests kept with the start version, for a rollback to it; unreadable tests are
+    // reported by the first reload that needs them.
+    policies.adopt(
+        crate::gate::bundle::read_tests(&config.policy.join(crate::gate::bundle::TESTS_DIR))
+            .unwrap_or_default(),
+    );
+    let naming = CallerNaming {
         uri_prefix: config.tls.as_ref().map_or_else(
             || crate::config::DEFAULT_URI_PREFIX.to_owned(),
             |t| t.uri_prefix.clone(),
         ),
         dns_suffix: config.tls.as_ref().and_then(|t| t.dns_suffix.clone()),
     };
-    let mut shared = Shared::new(
-        decider,
+    Ok(Arc::new(Gate::new(GateParts {
+        policies: Arc::new(policies),
         subjects,
         audit,
-        config.identity,
-        naming,
-        config.max_concurrent_calls,
         telemetry,
-    );
-    shared.admin_roles = config.admin_roles.clone();
-    // Embedded: the policy directory is the store, Apply and Rollback write into it (see
-    // policy::store). Fleet: PostgreSQL is, and its listener wakes the watch on every NOTIFY;
-    // the listener runs as long as the runtime (it holds only the store's connection).
-    let store: Arc<dyn crate::policy::PolicyStore> = match &config.fleet {
-        Some(fleet) => {
-            let store = crate::policy::PostgresPolicyStore::connect_lazy(
-                &fleet.database_url,
-                fleet.statement_timeout,
-            )
-            .map_err(|e| ServeError::Fleet(e.to_string()))?;
-            drop(tokio::spawn(store.clone().listen(std::future::pending())));
-            Arc::new(store)
-        }
-        None => Arc::new(crate::policy::FileStore::new(
-            config.policy.clone(),
-            config.routes.clone(),
-        )),
-    };
-    let policies = crate::policy::PolicyManager::new(
-        shared.decider.clone(),
-        store,
-        config.reload.keep_versions,
-        Some(shared.telemetry.metrics().clone()),
-    );
-    // The tests kept with the start version, for a rollback to it; unreadable tests are
-    // reported by the first reload that needs them.
-    policies.adopt(
-        crate::policy::bundle::read_tests(&config.policy.join(crate::policy::bundle::TESTS_DIR))
-            .unwrap_or_default(),
-    );
-    shared.policies = Arc::new(policies);
-    Ok(shared)
+        identity: config.identity,
+        naming,
+        admin_roles: config.admin_roles.clone(),
+    })))
 }
 
 /// Serves the data plane and the API until `shutdown` completes; then both stop accepting
@@ -224,18 +204,21 @@ fn build_shared(
 pub async fn run(
     config: &Config,
     listeners: Listeners,
-    shared: Arc<Shared>,
+    gate: Arc<Gate>,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), ServeError> {
-    let result = serve(config, listeners, shared.clone(), shutdown).await;
-    shared.telemetry.shutdown().await;
+    let result = serve(config, listeners, gate.clone(), shutdown).await;
+    gate.telemetry().shutdown().await;
     result
 }
+
+/// The two servers, each on its own task.
+type Server = tokio::task::JoinHandle<Result<(), ServeError>>;
 
 async fn serve(
     config: &Config,
     listeners: Listeners,
-    shared: Arc<Shared>,
+    gate: Arc<Gate>,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), ServeError> {
     let upstream =
@@ -248,77 +231,85 @@ async fn serve(
     let stopped = |mut rx: watch::Receiver<bool>| async move {
         let _ = rx.wait_for(|stop| *stop).await;
     };
-    let data_tls = config.tls.clone();
-    let data_shared = shared.clone();
-    let data_stop = stopped(stop_rx.clone());
-    let data = tokio::spawn(async move {
-        sidecar::serve_data_plane(
-            listeners.data,
-            data_shared,
-            upstream,
-            data_tls.as_ref(),
-            data_stop,
-        )
-        .await
-    });
+    let data: Server = {
+        let (tls, gate, stop) = (config.tls.clone(), gate.clone(), stopped(stop_rx.clone()));
+        let max_calls = config.max_concurrent_calls;
+        tokio::spawn(async move {
+            sidecar::serve_data_plane(
+                listeners.data,
+                gate,
+                upstream,
+                max_calls,
+                tls.as_ref(),
+                stop,
+            )
+            .await
+            .map_err(ServeError::DataPlane)
+        })
+    };
     // The file watch (`[reload] watch`) ends with the same stop signal. A fleet member always
     // watches: that is how it follows the fleet's applies.
     let watch = (config.reload.watch || config.fleet.is_some()).then(|| {
-        tokio::spawn(crate::policy::watch::run(
-            shared.policies.clone(),
+        tokio::spawn(crate::gate::watch::run(
+            gate.policies().clone(),
             config.reload.debounce,
             stopped(stop_rx.clone()),
         ))
     });
-    let api_tls = config.tls.clone();
-    let api_stop = stopped(stop_rx);
-    let api = tokio::spawn(async move {
-        crate::api::serve_api(listeners.api, shared, api_tls.as_ref(), api_stop).await
-    });
-    let servers = async {
-        let data = data.await;
-        let api = api.await;
-        (data, api)
+    let api: Server = {
+        let (tls, stop) = (config.tls.clone(), stopped(stop_rx));
+        tokio::spawn(async move {
+            crate::api::serve_api(listeners.api, gate, tls.as_ref(), stop)
+                .await
+                .map_err(ServeError::Api)
+        })
     };
-    tokio::pin!(servers);
-    tokio::select! {
-        (data, api) = &mut servers => {
-            if let Some(watch) = &watch {
-                watch.abort();
-            }
-            return finished(data, api);
+    let mut servers = [("data plane", data), ("API server", api)];
+    // Both servers run until the shutdown signal. One that ends before it — a listener that
+    // failed, a task that panicked — ends pdgate: half a sidecar (health answering while no
+    // call can pass, or the reverse) must not keep running.
+    let early = {
+        let [(_, data), (_, api)] = &mut servers;
+        tokio::select! {
+            ended = data => Some(("data plane", ended)),
+            ended = api => Some(("API server", ended)),
+            () = shutdown => None,
         }
-        () = shutdown => {}
-    }
-    tracing::info!(grace = ?config.shutdown_grace, "shutting down: no new calls, draining calls in flight");
+    };
     let _ = stop_tx.send(true);
     if let Some(watch) = watch {
         let _ = watch.await;
     }
-    match tokio::time::timeout(config.shutdown_grace, &mut servers).await {
-        Ok((data, api)) => finished(data, api),
+    if let Some((name, ended)) = early {
+        for (_, server) in &servers {
+            server.abort();
+        }
+        return Err(match ended {
+            Ok(Err(e)) => e,
+            Ok(Ok(())) => ServeError::Stopped(name),
+            Err(e) => ServeError::Crashed(name, e),
+        });
+    }
+    tracing::info!(grace = ?config.shutdown_grace, "shutting down: no new calls, draining calls in flight");
+    let drained = async {
+        let mut first_error = None;
+        for (name, server) in servers {
+            let result = match server.await {
+                Ok(result) => result,
+                Err(e) => Err(ServeError::Crashed(name, e)),
+            };
+            if let Err(e) = result {
+                first_error.get_or_insert(e);
+            }
+        }
+        first_error.map_or(Ok(()), Err)
+    };
+    match tokio::time::timeout(config.shutdown_grace, drained).await {
+        Ok(result) => result,
         Err(_) => {
             tracing::warn!("calls still in flight after the grace period; closing them");
             Ok(())
         }
-    }
-}
-
-type Joined<T> = Result<T, tokio::task::JoinError>;
-
-fn finished(
-    data: Joined<Result<(), tonic::transport::Error>>,
-    api: Joined<Result<(), Box<dyn std::error::Error + Send + Sync>>>,
-) -> Result<(), ServeError> {
-    match data {
-        Ok(Ok(())) => {}
-        Ok(Err(e)) => return Err(ServeError::DataPlane(e)),
-        Err(e) => return Err(ServeError::Api(Box::new(e))),
-    }
-    match api {
-        Ok(Ok(())) => Ok(()),
-        Ok(Err(e)) => Err(ServeError::Api(e)),
-        Err(e) => Err(ServeError::Api(Box::new(e))),
     }
 }
 

@@ -164,7 +164,8 @@ async fn a_full_disk_denies_calls_instead_of_losing_records() {
         0,
         "an unaudited call reached the upstream"
     );
-    // A call that is denied anyway stays denied, with its own reason.
+    // A call that is denied anyway is refused too, but not with its own reason: that answer
+    // would name a decision no record holds.
     let status = h
         .client()
         .await
@@ -178,7 +179,8 @@ async fn a_full_disk_denies_calls_instead_of_losing_records() {
         ))
         .await
         .unwrap_err();
-    assert_eq!(reason(&status), "CONSENT_REQUIRED");
+    assert_eq!(status.code(), Code::PermissionDenied);
+    assert_eq!(reason(&status), "AUDIT_UNAVAILABLE");
 }
 
 #[tokio::test]

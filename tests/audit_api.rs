@@ -415,7 +415,7 @@ async fn api_only() -> ApiOnly {
         upstream: "127.0.0.1:1".into(),
         policy: common::policy_dir(),
         routes: None,
-        identity: pdgate::sidecar::IdentityMode::InsecureHeader,
+        identity: pdgate::identity::IdentityMode::InsecureHeader,
         tls: None,
         cache: pdgate::decision::CacheSettings::default(),
         max_concurrent_calls: 64,
@@ -431,16 +431,18 @@ async fn api_only() -> ApiOnly {
         },
     };
     let policy = pdgate::server::load_policy(&config).await;
-    let shared = pdgate::server::shared_state(
+    let gate = pdgate::server::gate(
         &config,
         policy,
-        std::sync::Arc::new(pdgate::demo::walkthrough::demo_subjects()),
+        pdgate::gate::Subjects::Fixed(std::sync::Arc::new(
+            pdgate::demo::walkthrough::demo_subjects(),
+        )),
         audit.clone(),
     )
     .unwrap();
     let (stop, mut stopped) = tokio::sync::watch::channel(false);
     let server = tokio::spawn(async move {
-        pdgate::api::serve_api(listener, shared, None, async move {
+        pdgate::api::serve_api(listener, gate, None, async move {
             let _ = stopped.wait_for(|s| *s).await;
         })
         .await

@@ -11,7 +11,7 @@
 )]
 
 use pdgate::config::{Config, ConfigError, DEFAULT_URI_PREFIX, FileConfig};
-use pdgate::sidecar::IdentityMode;
+use pdgate::identity::IdentityMode;
 use std::collections::BTreeSet;
 use std::io::Read;
 use std::net::{SocketAddr, TcpListener};
@@ -284,7 +284,7 @@ fn example_with_every_key_uncommented_parses_and_resolves_with_mtls() {
     assert!(
         config
             .admin_roles
-            .has("security-team", pdgate::api::admin::AdminRole::PolicyAdmin)
+            .has("security-team", pdgate::identity::AdminRole::PolicyAdmin)
     );
     let tls = config.tls.expect("mtls has TLS files");
     assert_eq!(tls.uri_prefix, DEFAULT_URI_PREFIX);

@@ -512,7 +512,7 @@ async fn pdgate_accepts_the_mounted_config_and_policy() {
     config.policy = Some(policy_dir.clone());
 
     let resolved = config.resolve("pdgate.toml").unwrap();
-    assert_eq!(resolved.identity, pdgate::sidecar::IdentityMode::Mtls);
+    assert_eq!(resolved.identity, pdgate::identity::IdentityMode::Mtls);
     let source = PolicySource::read(&policy_dir, None).unwrap();
     let snapshot = compile(source).await.unwrap();
     assert!(

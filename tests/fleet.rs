@@ -14,7 +14,7 @@ mod common;
 
 use common::pg::TestSchema;
 use common::{Harness, Options, SubjectsChoice, policy_admin, policy_dir};
-use pdgate::policy::Bundle;
+use pdgate::gate::Bundle;
 use pdgate::proto::v1::access_control_client::AccessControlClient;
 use pdgate::proto::v1::{ApplyRequest, CheckRequest, PolicyBundle, RollbackRequest, StatusRequest};
 use sqlx::{Connection, PgConnection};

@@ -15,7 +15,7 @@ mod common;
 
 use common::{Harness, Options, call, decision_id, policy_admin, policy_copy, reason};
 use pdgate::audit::{AuditRecord, RecordKind};
-use pdgate::policy::Bundle;
+use pdgate::gate::Bundle;
 use pdgate::proto::demo::GetProfileRequest;
 use pdgate::proto::v1::access_control_client::AccessControlClient;
 use pdgate::proto::v1::{

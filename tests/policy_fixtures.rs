@@ -10,7 +10,7 @@
 )]
 
 use pdgate::decision::ReasonCode;
-use pdgate::policy::fixtures::{self, FixtureError};
+use pdgate::decision::fixtures::{self, FixtureError};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -48,8 +48,9 @@ async fn default_policy_passes_its_tests_and_covers_every_code_and_clause() {
 
     // POLICY_UNAVAILABLE needs no policy at all, which a case run against a policy cannot show
     // (tests/cache_consistency.rs and tests/sidecar.rs do); ROUTE_UNKNOWN is the sidecar's,
-    // about a gRPC method rather than a request (tests/sidecar.rs); AUDIT_UNAVAILABLE is about
-    // the audit log, not the policy (tests/audit.rs).
+    // about a gRPC method rather than a request (tests/sidecar.rs), as METADATA_INVALID is
+    // about its metadata (tests/gate.rs); AUDIT_UNAVAILABLE is about the audit log, not the
+    // policy (tests/audit.rs).
     let missing: Vec<&str> = ReasonCode::ALL
         .into_iter()
         .filter(|c| {
@@ -57,6 +58,7 @@ async fn default_policy_passes_its_tests_and_covers_every_code_and_clause() {
                 c,
                 ReasonCode::PolicyUnavailable
                     | ReasonCode::RouteUnknown
+                    | ReasonCode::MetadataInvalid
                     | ReasonCode::AuditUnavailable
             )
         })

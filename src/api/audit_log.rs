@@ -13,21 +13,22 @@
 //! record. A tail ends when its client goes away, when the server shuts down, and when the
 //! writer stops.
 
-use crate::api::admin::{self, ADMIN_ROLE_REQUIRED, AdminRole};
+use crate::api::admin::{self, ADMIN_ROLE_REQUIRED};
 use crate::audit::read::{self, Access, Filter, Verification};
 use crate::audit::{AuditError, AuditRecord, Published, RecordKind};
+use crate::gate::Gate;
+use crate::identity::AdminRole;
 use crate::proto::v1::audit_log_server::{AuditLog, AuditLogServer};
 use crate::proto::v1::{
     AuditQuery, AuditQueryResponse, AuditRecord as RecordMessage, AuditTailRequest,
     AuditVerifyRequest, AuditVerifyResponse,
 };
-use crate::sidecar::Shared;
+use crate::transport::rescue::ApiError;
 use std::path::PathBuf;
 use std::sync::Arc;
 use tokio::sync::{broadcast, mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
-use tonic::{Code, Request, Response, Status};
-use tonic_types::{ErrorDetails, StatusExt};
+use tonic::{Request, Response, Status};
 
 /// Records a `Query` returns when it names no limit.
 pub const DEFAULT_LIMIT: u32 = 1000;
@@ -42,14 +43,14 @@ const VERIFY: &str = "/pdgate.v1.AuditLog/Verify";
 const TAIL_BUFFER: usize = 256;
 
 pub struct AuditLogService {
-    shared: Arc<Shared>,
+    gate: Arc<Gate>,
     /// Turns true when the server shuts down: open tails end then.
     stop: watch::Receiver<bool>,
 }
 
 impl AuditLogService {
-    pub fn new(shared: Arc<Shared>, stop: watch::Receiver<bool>) -> Self {
-        Self { shared, stop }
+    pub fn new(gate: Arc<Gate>, stop: watch::Receiver<bool>) -> Self {
+        Self { gate, stop }
     }
 
     pub fn into_server(self) -> AuditLogServer<Self> {
@@ -57,17 +58,8 @@ impl AuditLogService {
     }
 }
 
-/// `INVALID_ARGUMENT` naming the field (also as a `BadRequest` field violation).
-fn invalid(field: &str, message: String) -> Status {
-    Status::with_error_details(
-        Code::InvalidArgument,
-        format!("`{field}`: {message}"),
-        ErrorDetails::with_bad_request_violation(field, message.clone()),
-    )
-}
-
-fn read_failed(e: &AuditError) -> Status {
-    Status::internal(format!("the audit log cannot be read: {e}"))
+fn invalid(field: &'static str, message: String) -> ApiError {
+    ApiError::InvalidField { field, message }
 }
 
 fn none_if_empty(s: &str) -> Option<String> {
@@ -76,7 +68,7 @@ fn none_if_empty(s: &str) -> Option<String> {
 }
 
 /// The filter a query asks for, checked: every problem names its field and what is allowed.
-pub fn filter_of(q: &AuditQuery) -> Result<Filter, Status> {
+pub fn filter_of(q: &AuditQuery) -> Result<Filter, ApiError> {
     let decision = match q.decision.trim() {
         "" => None,
         d @ ("allow" | "deny") => Some(d.to_owned()),
@@ -235,7 +227,7 @@ impl AuditLog for AuditLogService {
         &self,
         request: Request<AuditQuery>,
     ) -> Result<Response<AuditQueryResponse>, Status> {
-        let admin = admin::authorize(&self.shared, &request, QUERY, AdminRole::Auditor).await?;
+        let admin = admin::authorize(&self.gate, &request, QUERY, AdminRole::Auditor).await?;
         let q = request.into_inner();
         let filter = filter_of(&q)?;
         let limit = match q.limit {
@@ -244,15 +236,16 @@ impl AuditLog for AuditLogService {
                 return Err(invalid(
                     "limit",
                     format!("`{n}` is too many; allowed: 1 to {MAX_LIMIT} (0 = {DEFAULT_LIMIT})"),
-                ));
+                )
+                .into());
             }
             n => n,
         } as usize;
         let detail = format!("Query {} limit={limit}", describe(&filter));
         admin
-            .record(&self.shared, |b| b.detail = Some(detail))
+            .record(&self.gate, |b| b.detail = Some(detail))
             .await?;
-        let dir = self.shared.audit.dir().to_owned();
+        let dir = self.gate.audit().dir().to_owned();
         let found = tokio::task::spawn_blocking(move || {
             let mut records = Vec::new();
             let mut truncated = false;
@@ -267,8 +260,11 @@ impl AuditLog for AuditLogService {
             .map(|()| AuditQueryResponse { records, truncated })
         })
         .await
-        .map_err(|e| Status::internal(format!("the query did not finish: {e}")))?;
-        found.map(Response::new).map_err(|e| read_failed(&e))
+        .map_err(|source| ApiError::Interrupted {
+            what: "the query",
+            source,
+        })?;
+        Ok(Response::new(found.map_err(ApiError::AuditRead)?))
     }
 
     type TailStream = ReceiverStream<Result<RecordMessage, Status>>;
@@ -277,14 +273,15 @@ impl AuditLog for AuditLogService {
         &self,
         request: Request<AuditTailRequest>,
     ) -> Result<Response<Self::TailStream>, Status> {
-        let admin = admin::authorize(&self.shared, &request, TAIL, AdminRole::Auditor).await?;
+        let admin = admin::authorize(&self.gate, &request, TAIL, AdminRole::Auditor).await?;
         let t = request.into_inner();
         let filter = filter_of(&t.filter.unwrap_or_default())?;
         if t.last > MAX_LIMIT {
             return Err(invalid(
                 "last",
                 format!("`{}` is too many; allowed: 0 to {MAX_LIMIT}", t.last),
-            ));
+            )
+            .into());
         }
         let detail = format!(
             "Tail {} from_seq={} last={} follow={}",
@@ -294,14 +291,14 @@ impl AuditLog for AuditLogService {
             !t.no_follow
         );
         admin
-            .record(&self.shared, |b| b.detail = Some(detail))
+            .record(&self.gate, |b| b.detail = Some(detail))
             .await?;
         // Subscribed before the files are read: a batch written in between is both in the
         // files and in the subscription, and the sequence numbers drop the second copy.
-        let live = self.shared.audit.subscribe();
+        let live = self.gate.audit().subscribe();
         let (tx, rx) = mpsc::channel(TAIL_BUFFER);
         let tail = Tail {
-            dir: self.shared.audit.dir().to_owned(),
+            dir: self.gate.audit().dir().to_owned(),
             filter,
             tx,
             stop: self.stop.clone(),
@@ -314,15 +311,18 @@ impl AuditLog for AuditLogService {
         &self,
         request: Request<AuditVerifyRequest>,
     ) -> Result<Response<AuditVerifyResponse>, Status> {
-        let admin = admin::authorize(&self.shared, &request, VERIFY, AdminRole::Auditor).await?;
+        let admin = admin::authorize(&self.gate, &request, VERIFY, AdminRole::Auditor).await?;
         admin
-            .record(&self.shared, |b| b.detail = Some("Verify".into()))
+            .record(&self.gate, |b| b.detail = Some("Verify".into()))
             .await?;
-        let dir = self.shared.audit.dir().to_owned();
+        let dir = self.gate.audit().dir().to_owned();
         let v = tokio::task::spawn_blocking(move || read::verify(&dir))
             .await
-            .map_err(|e| Status::internal(format!("verify did not finish: {e}")))?
-            .map_err(|e| read_failed(&e))?;
+            .map_err(|source| ApiError::Interrupted {
+                what: "verify",
+                source,
+            })?
+            .map_err(ApiError::AuditRead)?;
         Ok(Response::new(verify_response(&v)))
     }
 }
@@ -468,13 +468,15 @@ impl Tail {
             Ok((Ok(()), done, true)) => Some(done),
             Ok((Ok(()), _, false)) => None,
             Ok((Err(e), _, _)) => {
-                let _ = self.tx.try_send(Err(read_failed(&e)));
+                let _ = self.tx.try_send(Err(ApiError::AuditRead(e).into()));
                 None
             }
             Err(e) => {
-                let _ = self
-                    .tx
-                    .try_send(Err(Status::internal(format!("the tail failed: {e}"))));
+                let _ = self.tx.try_send(Err(ApiError::Interrupted {
+                    what: "the tail",
+                    source: e,
+                }
+                .into()));
                 None
             }
         }

@@ -2,9 +2,9 @@
 //! API port, so that Envoy or Istio can ask pdgate about each call instead of sending it
 //! through pdgate's data plane.
 //!
-//! The decision is the sidecar's own ([`Shared::decide_call`]), audited as a data-plane call
-//! is: the same route table, metadata, caller naming, audit record and denial statuses; only
-//! the shape of the answer differs.
+//! The call is admitted by the gate as a data-plane call is ([`Gate::admit`]): the same route
+//! table, metadata, caller naming, audit record and refusal statuses; only the shape of the
+//! answer differs.
 //!
 //! | in the `CheckRequest` | read as |
 //! |---|---|
@@ -16,9 +16,9 @@
 //! Every answer is a `CheckResponse`, never an error status of the Check call itself, since
 //! Envoy would count that as the authorizer failing rather than as a denial:
 //!
-//! - allowed: `OK`; upstream, `x-pdgate-caller` and `x-pdgate-decision-id` are set (any value
-//!   the client sent is overwritten) and, in mTLS mode, `x-caller` is removed; the decision id
-//!   is also added to the response the client gets.
+//! - allowed: `OK`; upstream, `x-pdgate-caller` and `x-pdgate-decision-id` are set, any other
+//!   `x-pdgate-*` header the client sent is removed and, in mTLS mode, so is `x-caller` (as
+//!   at the data plane); the decision id is also added to the response the client gets.
 //! - denied: `PERMISSION_DENIED` (google.rpc.Code 7) and an HTTP 403 whose body names the
 //!   reasons, with `x-pdgate-decision-id` and `x-pdgate-reasons`.
 //! - malformed metadata (two purposes, non-UTF-8) or no HTTP attributes: `INVALID_ARGUMENT`
@@ -30,15 +30,11 @@
 //! with its `google.rpc.ErrorInfo`, or `INVALID_ARGUMENT` — without it, Envoy would turn
 //! HTTP 400 into `INTERNAL`).
 //!
-//! [`CallerNaming::caller_from_name`]: crate::sidecar::identity::CallerNaming::caller_from_name
+//! [`CallerNaming::caller_from_name`]: crate::identity::CallerNaming::caller_from_name
 
-use crate::audit::{self, RecordKind};
-use crate::decision::{Decision, DecisionId};
-use crate::sidecar::context::{
-    self, AUTHENTICATED_CALLER, CALLER, DECISION_ID, MetadataError, PURPOSE, RECIPIENT, SUBJECT,
-};
-use crate::sidecar::{IdentityMode, Shared, rescue};
-use crate::telemetry::CallSpan;
+use crate::gate::metadata::{CALLER, DECISION_ID, MetadataError, PURPOSE, RECIPIENT, SUBJECT};
+use crate::gate::{Admission, Ask, Call, Door, Gate, Peer};
+use crate::transport::rescue;
 use envoy_types::ext_authz::v3::pb::{
     Authorization, AuthorizationServer, CheckRequest, CheckResponse, HeaderAppendAction,
     HttpStatusCode,
@@ -57,8 +53,6 @@ use tonic::{Response, Status};
 /// the body.
 pub const REASONS: &str = "x-pdgate-reasons";
 
-/// The RPC name of an Envoy check's span (`rpc.method`).
-const ENVOY_CHECK: &str = "envoy.service.auth.v3.Authorization/Check";
 const TRACEPARENT: &str = "traceparent";
 const TRACESTATE: &str = "tracestate";
 
@@ -71,23 +65,12 @@ const READ: [&str; 4] = [PURPOSE, SUBJECT, RECIPIENT, CALLER];
 const SINGLE: [&str; 3] = [PURPOSE, RECIPIENT, CALLER];
 
 pub struct EnvoyAuthorization {
-    shared: Arc<Shared>,
-}
-
-/// A `CheckRequest` that cannot be read as a call: refused `INVALID_ARGUMENT`.
-#[derive(Debug, thiserror::Error)]
-enum CheckRequestError {
-    #[error(
-        "the check request has no HTTP request attributes; pdgate authorizes HTTP/2 (gRPC) calls (Envoy's HTTP ext_authz filter, not the network one)"
-    )]
-    NoHttpRequest,
-    #[error(transparent)]
-    Metadata(#[from] MetadataError),
+    gate: Arc<Gate>,
 }
 
 impl EnvoyAuthorization {
-    pub fn new(shared: Arc<Shared>) -> Self {
-        Self { shared }
+    pub fn new(gate: Arc<Gate>) -> Self {
+        Self { gate }
     }
 
     pub fn into_server(self) -> AuthorizationServer<Self> {
@@ -96,73 +79,47 @@ impl EnvoyAuthorization {
 
     async fn answer(&self, request: &CheckRequest, metadata: &HeaderMap) -> CheckResponse {
         let started = std::time::Instant::now();
-        let mut span = if self.shared.telemetry.tracing() {
-            self.shared
-                .telemetry
-                .start_span(&trace_parent(metadata, request), ENVOY_CHECK)
-        } else {
-            None
-        };
+        let trace = trace_parent(metadata, request);
         let attributes = request.attributes.as_ref();
-        let Some(http) = attributes
+        let http = attributes
             .and_then(|a| a.request.as_ref())
-            .and_then(|r| r.http.as_ref())
-        else {
-            mark(&mut span, &CheckRequestError::NoHttpRequest);
-            return invalid(
-                &CheckRequestError::NoHttpRequest,
-                self.shared.decider.next_id(),
-            );
-        };
-        let authenticated = match self.shared.identity {
-            IdentityMode::InsecureHeader => None,
-            // Envoy verified the peer's certificate; x-caller is ignored.
-            IdentityMode::Mtls => Some(
-                self.shared.naming.caller_from_name(
-                    attributes
-                        .and_then(|a| a.source.as_ref())
-                        .map_or("", |s| s.principal.as_str()),
-                ),
-            ),
-        };
-        let ctx = match call_headers(http).and_then(|h| Ok(context::extract(&h, authenticated)?)) {
-            Ok(ctx) => ctx,
-            Err(e) => {
-                mark(&mut span, &e);
-                return invalid(&e, self.shared.decider.next_id());
-            }
-        };
+            .and_then(|r| r.http.as_ref());
+        // Envoy verified the peer's certificate and names it; read only in mTLS mode.
+        let principal = attributes
+            .and_then(|a| a.source.as_ref())
+            .map_or("", |s| s.principal.as_str());
         // The service routes on the path alone; a query string must not make the method
         // unknown, nor name another one.
-        let path = http
-            .path
-            .split_once('?')
-            .map_or(http.path.as_str(), |(p, _)| p);
-        let caller = ctx.caller.clone();
-        // Decided and audited as a call through the data plane is: Envoy forwards the call
-        // pdgate allows, so it is an access like any other.
-        let (decision, decided) = self.shared.decide_call_loaded(path, ctx).await;
-        let mut body = audit::body_of(&decision, &decided, RecordKind::Access);
-        body.method = Some(path.to_owned());
-        if let Some((trace, span)) = span.as_ref().and_then(CallSpan::ids) {
-            body.trace_id = Some(trace);
-            body.span_id = Some(span);
-        }
-        body.latency_us = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX);
-        let decision = self.shared.audited(decision, body).await;
-        self.shared.observe(&decision, &decided.purpose, started);
-        if let Some(span) = &mut span {
-            span.record_decision(&decision, &decided, Some(path));
-        }
-        if decision.allowed {
-            allowed(
-                &decision,
-                &caller,
-                self.shared.identity == IdentityMode::Mtls,
-            )
+        let path = http.map(|h| h.path.split_once('?').map_or(h.path.as_str(), |(p, _)| p));
+        let headers = http
+            .ok_or(MetadataError::NoHttpRequest)
+            .and_then(call_headers);
+        let ask = match (&headers, path) {
+            (Ok(metadata), Some(path)) => Ask::Method { path, metadata },
+            (Err(error), path) => Ask::Unreadable {
+                path,
+                error: error.clone(),
+            },
+            (Ok(_), None) => Ask::Unreadable {
+                path: None,
+                error: MetadataError::NoHttpRequest,
+            },
+        };
+        let admission = self
+            .gate
+            .admit(Call {
+                door: Door::Envoy,
+                ask,
+                peer: Peer::Principal(principal),
+                trace: &trace,
+                started,
+            })
+            .await;
+        if admission.allowed() {
+            allowed(&admission, http)
         } else {
-            tracing::debug!(path, decision = %decision.decision_id, "denied (ext_authz)");
-            denied(&decision)
+            tracing::debug!(path, decision = %admission.decision.decision_id, "refused (ext_authz)");
+            refused(&admission)
         }
     }
 }
@@ -220,17 +177,10 @@ fn checked_header(http: &HttpRequest, key: &str) -> Option<HeaderValue> {
     HeaderValue::from_str(http.headers.get(key)?).ok()
 }
 
-/// Records a refusal (`INVALID_ARGUMENT`) on the check's span, if there is one.
-fn mark(span: &mut Option<CallSpan>, error: &CheckRequestError) {
-    if let Some(span) = span {
-        span.record_status(tonic::Code::InvalidArgument, &error.to_string());
-    }
-}
-
-/// The headers pdgate reads, as an `http::HeaderMap` for [`context::extract`]: from
+/// The headers pdgate reads, as an `http::HeaderMap` for the gate: from
 /// `header_map` when Envoy sends raw headers (`encode_raw_headers`: repeated headers stay
 /// apart, values are bytes), else from the `headers` map (repeated headers joined by `,`).
-fn call_headers(http: &HttpRequest) -> Result<HeaderMap, CheckRequestError> {
+fn call_headers(http: &HttpRequest) -> Result<HeaderMap, MetadataError> {
     let mut headers = HeaderMap::new();
     if let Some(raw) = http.header_map.as_ref().filter(|m| !m.headers.is_empty()) {
         for header in &raw.headers {
@@ -264,58 +214,70 @@ fn call_headers(http: &HttpRequest) -> Result<HeaderMap, CheckRequestError> {
     Ok(headers)
 }
 
-fn allowed(decision: &Decision, caller: &str, mtls: bool) -> CheckResponse {
-    let id = decision.decision_id.to_string();
+/// `OK`, with the metadata the upstream must see (as the data plane would stamp it): pdgate's
+/// caller and decision id set, any other client-sent `x-pdgate-*` and, in mTLS mode,
+/// `x-caller` removed.
+fn allowed(admission: &Admission, http: Option<&HttpRequest>) -> CheckResponse {
     // Overwrite, never append: a client must not be able to send its own x-pdgate-caller.
     let overwrite = Some(HeaderAppendAction::OverwriteIfExistsOrAdd);
     let mut ok = OkHttpResponseBuilder::new();
-    ok.add_header(AUTHENTICATED_CALLER, caller, overwrite, false)
-        .add_header(DECISION_ID, id.as_str(), overwrite, false)
-        .add_response_header(DECISION_ID, id, overwrite, false);
-    if mtls {
-        // As at the data plane: the service learns the caller pdgate authorized, nothing a
-        // client claimed.
-        ok.remove_header(CALLER);
+    let set = admission.upstream_metadata();
+    for (name, value) in &set {
+        if let Ok(value) = value.to_str() {
+            ok.add_header(name.as_str(), value, overwrite, false);
+        }
+    }
+    if let Some(id) = admission.decision_id() {
+        ok.add_response_header(DECISION_ID, id.to_string(), overwrite, false);
+    }
+    for name in http.map(sent_header_names).unwrap_or_default() {
+        if admission.strips(&name) && !set.iter().any(|(n, _)| n.as_str() == name) {
+            ok.remove_header(&name);
+        }
     }
     let mut response = CheckResponse::with_status(Status::ok(""));
     response.set_http_response(ok);
     response
 }
 
-fn denied(decision: &Decision) -> CheckResponse {
-    let codes: Vec<&str> = decision.reasons.iter().map(|r| r.code.as_str()).collect();
-    refused(
-        &rescue::denied_status(decision),
-        HttpStatusCode::Forbidden,
-        decision.decision_id,
-        Some(codes.join(",")),
-    )
+/// The names of the headers of the checked request, lowercase.
+fn sent_header_names(http: &HttpRequest) -> Vec<String> {
+    match http.header_map.as_ref().filter(|m| !m.headers.is_empty()) {
+        Some(raw) => raw
+            .headers
+            .iter()
+            .map(|h| h.key.to_ascii_lowercase())
+            .collect(),
+        None => http
+            .headers
+            .keys()
+            .map(|k| k.to_ascii_lowercase())
+            .collect(),
+    }
 }
 
-fn invalid(error: &CheckRequestError, id: DecisionId) -> CheckResponse {
-    refused(
-        &rescue::invalid_argument_status(error),
-        HttpStatusCode::BadRequest,
-        id,
-        None,
-    )
-}
-
-/// A refusal: `status` for Envoy, and the HTTP answer Envoy sends the client.
-fn refused(
-    status: &Status,
-    http_status: HttpStatusCode,
-    id: DecisionId,
-    reasons: Option<String>,
-) -> CheckResponse {
+/// A refusal: the status for Envoy, and the HTTP answer Envoy sends the client
+/// (`403` with the reason codes for a denial, `400` for an unreadable call).
+fn refused(admission: &Admission) -> CheckResponse {
+    let status = rescue::refusal_status(admission);
     let overwrite = Some(HeaderAppendAction::OverwriteIfExistsOrAdd);
     let mut denied = DeniedHttpResponseBuilder::new();
-    denied
-        .set_http_status(http_status)
-        .set_body(status.message())
-        .add_header(DECISION_ID, id.to_string(), overwrite, false);
-    if let Some(reasons) = reasons {
-        denied.add_header(REASONS, reasons, overwrite, false);
+    denied.set_body(status.message());
+    if admission.malformed.is_some() {
+        denied.set_http_status(HttpStatusCode::BadRequest);
+    } else {
+        let codes: Vec<&str> = admission
+            .decision
+            .reasons
+            .iter()
+            .map(|r| r.code.as_str())
+            .collect();
+        denied
+            .set_http_status(HttpStatusCode::Forbidden)
+            .add_header(REASONS, codes.join(","), overwrite, false);
+    }
+    if let Some(id) = admission.decision_id() {
+        denied.add_header(DECISION_ID, id.to_string(), overwrite, false);
     }
     // grpc-message is left out: Envoy makes it from the body.
     let mut grpc = HeaderMap::new();
@@ -367,12 +329,12 @@ mod tests {
         http.headers.insert(SUBJECT.into(), "cust-1, cust-2".into());
         let headers = call_headers(&http).unwrap();
         assert_eq!(
-            context::extract(&headers, None),
+            crate::gate::metadata::extract(&headers, None),
             Err(MetadataError::Repeated(PURPOSE, 2))
         );
         http.headers
             .insert(PURPOSE.into(), "service.billing".into());
-        let ctx = context::extract(&call_headers(&http).unwrap(), None).unwrap();
+        let ctx = crate::gate::metadata::extract(&call_headers(&http).unwrap(), None).unwrap();
         assert_eq!(ctx.subjects, vec!["cust-1", "cust-2"]);
     }
 
@@ -393,7 +355,7 @@ mod tests {
         assert_eq!(headers.get_all(SUBJECT).iter().count(), 2);
         assert!(headers.get("authorization").is_none());
         assert_eq!(
-            context::extract(&headers, None),
+            crate::gate::metadata::extract(&headers, None),
             Err(MetadataError::NotText(PURPOSE))
         );
     }

@@ -10,18 +10,17 @@ pub mod metrics;
 pub mod policy_admin;
 pub mod subject_rights;
 
-use crate::sidecar::Shared;
+use crate::gate::Gate;
 use std::future::Future;
 use std::sync::Arc;
 use tokio::net::TcpListener;
-use tonic::transport::server::TcpIncoming;
 use tonic_health::ServingStatus;
 use tonic_health::server::HealthReporter;
 
 /// Reports `SERVING` while a valid policy is loaded and `NOT_SERVING` otherwise, both for the
 /// server as a whole (`""`) and for `pdgate.v1.AccessControl`.
-pub async fn report_health(reporter: &HealthReporter, shared: &Shared) {
-    let status = if shared.decider.policy().is_some() {
+pub async fn report_health(reporter: &HealthReporter, gate: &Gate) {
+    let status = if gate.decider().policy().is_some() {
         ServingStatus::Serving
     } else {
         ServingStatus::NotServing
@@ -35,20 +34,20 @@ pub async fn report_health(reporter: &HealthReporter, shared: &Shared) {
 /// Serves the API on `listener` until `shutdown` completes.
 pub async fn serve_api(
     listener: TcpListener,
-    shared: Arc<Shared>,
-    tls: Option<&crate::config::TlsFiles>,
+    gate: Arc<Gate>,
+    tls: Option<&crate::transport::TlsFiles>,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
     let (reporter, health) = tonic_health::server::health_reporter();
-    report_health(&reporter, &shared).await;
+    report_health(&reporter, &gate).await;
     // Health follows the policy: a reload (file watch, Apply, Rollback) may be the first valid
     // policy. The task ends when the server does (aborted below).
     let health_task = {
-        let (reporter, shared) = (reporter.clone(), shared.clone());
-        let mut changes = shared.policies.subscribe();
+        let (reporter, gate) = (reporter.clone(), gate.clone());
+        let mut changes = gate.policies().subscribe();
         tokio::spawn(async move {
             while changes.changed().await.is_ok() {
-                report_health(&reporter, &shared).await;
+                report_health(&reporter, &gate).await;
             }
         })
     };
@@ -56,7 +55,7 @@ pub async fn serve_api(
         .register_encoded_file_descriptor_set(crate::proto::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1()?;
-    let metrics = metrics::MetricsEndpointLayer::new(shared.telemetry.metrics().clone());
+    let metrics = metrics::MetricsEndpointLayer::new(gate.telemetry().metrics().clone());
     // `AuditLog.Tail` streams run until their client leaves; they must end at shutdown too, or
     // the graceful shutdown would wait on them: the same signal, fanned out to them.
     let (stopping, tails_stop) = tokio::sync::watch::channel(false);
@@ -64,21 +63,18 @@ pub async fn serve_api(
         shutdown.await;
         let _ = stopping.send(true);
     };
-    let served = crate::sidecar::server_builder(tls)?
+    let served = crate::transport::server_builder(tls)?
         // HTTP/1 for `GET /metrics` (a Prometheus scrape); gRPC stays on HTTP/2.
         .accept_http1(true)
         .layer(metrics)
         .add_service(health)
         .add_service(reflection)
-        .add_service(envoy::EnvoyAuthorization::new(shared.clone()).into_server())
-        .add_service(subject_rights::SubjectRightsService::new(shared.clone()).into_server())
-        .add_service(policy_admin::PolicyAdminService::new(shared.clone()).into_server())
-        .add_service(audit_log::AuditLogService::new(shared.clone(), tails_stop).into_server())
-        .add_service(access::AccessControlService::new(shared).into_server())
-        .serve_with_incoming_shutdown(
-            TcpIncoming::from(listener).with_nodelay(Some(true)),
-            shutdown,
-        )
+        .add_service(envoy::EnvoyAuthorization::new(gate.clone()).into_server())
+        .add_service(subject_rights::SubjectRightsService::new(gate.clone()).into_server())
+        .add_service(policy_admin::PolicyAdminService::new(gate.clone()).into_server())
+        .add_service(audit_log::AuditLogService::new(gate.clone(), tails_stop).into_server())
+        .add_service(access::AccessControlService::new(gate).into_server())
+        .serve_with_incoming_shutdown(crate::transport::incoming(listener), shutdown)
         .await;
     health_task.abort();
     served?;

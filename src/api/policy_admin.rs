@@ -1,7 +1,7 @@
 //! `pdgate.v1.PolicyAdmin`: the security team's policy lifecycle on the API port — validate,
 //! apply, roll back, status, explain, shadow. The work is the [`PolicyManager`]'s; this file
-//! checks roles, audits and turns outcomes into gRPC answers (errors into statuses in
-//! [`reload_status`] only).
+//! checks roles, audits and turns outcomes into gRPC answers (its errors become statuses in
+//! [`crate::transport::rescue`]).
 //!
 //! Roles (see `api::admin`): `policy-admin` for every method; `operator` for Status and
 //! Explain. Status is also open to `policy-admin`: it is read-only, and after a push the
@@ -12,25 +12,24 @@
 //! effect: when the record cannot be written nothing changes (`UNAVAILABLE`). A rejected
 //! candidate is audited as a `deny` with its reason code.
 
-use super::admin::{self, Admin, AdminRole};
+use super::admin::{self, Admin};
 use crate::audit::RecordReason;
 use crate::decision::{Request, StageReport};
-use crate::policy::{
-    Bundle, CheckError, Origin, Persisted, PolicyManager, PolicySource, ReloadError, TestFile,
-    VersionInfo,
+use crate::gate::{
+    Bundle, CheckError, Gate, Origin, Persisted, PolicyManager, ReloadError, TestFile, VersionInfo,
 };
+use crate::identity::AdminRole;
+use crate::policy::PolicySource;
 use crate::proto::v1::policy_admin_server::{PolicyAdmin, PolicyAdminServer};
 use crate::proto::v1::{
     ApplyRequest, ApplyResponse, ClearShadowRequest, ClearShadowResponse, ExplainRequest,
     ExplainResponse, PolicyBundle, PolicyProblem, PolicyVersionInfo, RollbackRequest, StageOutcome,
     StatusRequest, StatusResponse, ValidateRequest, ValidateResponse,
 };
-use crate::sidecar::Shared;
 use crate::subjects::{InMemorySubjects, SubjectState};
-use std::collections::HashMap;
+use crate::transport::rescue::{self, ApiError};
 use std::sync::Arc;
-use tonic::{Code, Request as GrpcRequest, Response, Status};
-use tonic_types::{ErrorDetails, FieldViolation, StatusExt};
+use tonic::{Request as GrpcRequest, Response, Status};
 
 const VALIDATE: &str = "/pdgate.v1.PolicyAdmin/Validate";
 const APPLY: &str = "/pdgate.v1.PolicyAdmin/Apply";
@@ -41,18 +40,17 @@ const SET_SHADOW: &str = "/pdgate.v1.PolicyAdmin/SetShadow";
 const CLEAR_SHADOW: &str = "/pdgate.v1.PolicyAdmin/ClearShadow";
 
 /// Reason codes of a rejected candidate (`google.rpc.ErrorInfo.reason` and the audit record).
-pub const POLICY_INVALID: &str = "POLICY_INVALID";
-pub const POLICY_TESTS_FAILED: &str = "POLICY_TESTS_FAILED";
-pub const POLICY_VERSION_UNKNOWN: &str = "POLICY_VERSION_UNKNOWN";
-pub const POLICY_STORE_FAILED: &str = "POLICY_STORE_FAILED";
+pub use crate::transport::rescue::{
+    POLICY_INVALID, POLICY_STORE_FAILED, POLICY_TESTS_FAILED, POLICY_VERSION_UNKNOWN,
+};
 
 pub struct PolicyAdminService {
-    shared: Arc<Shared>,
+    gate: Arc<Gate>,
 }
 
 impl PolicyAdminService {
-    pub fn new(shared: Arc<Shared>) -> Self {
-        Self { shared }
+    pub fn new(gate: Arc<Gate>) -> Self {
+        Self { gate }
     }
 
     pub fn into_server(self) -> PolicyAdminServer<Self> {
@@ -60,16 +58,16 @@ impl PolicyAdminService {
     }
 
     fn manager(&self) -> &PolicyManager {
-        &self.shared.policies
+        self.gate.policies()
     }
 
     /// Audits a rejected change (`deny`, with its reason code); the rejection is answered
     /// whether or not the record could be written.
     async fn audit_rejected(&self, admin: &Admin, error: &ReloadError, version: Option<String>) {
-        let code = reason_of(error);
+        let code = rescue::reload_reason(error);
         let detail = format!("rejected: {error}");
         let _ = admin
-            .record(&self.shared, |body| {
+            .record(&self.gate, |body| {
                 body.decision = "deny".into();
                 body.reasons = vec![RecordReason {
                     code: code.into(),
@@ -97,7 +95,7 @@ impl PolicyAdminService {
             Err(e) => {
                 self.audit_rejected(&admin, &e, Some(version.to_string()))
                     .await;
-                return Err(reload_status(&e));
+                return Err(ApiError::from(e).into());
             }
         };
         let previous = staged.previous();
@@ -107,7 +105,7 @@ impl PolicyAdminService {
             previous.map_or_else(|| "none".to_owned(), |v| v.to_string()),
         );
         admin
-            .record(&self.shared, |body| {
+            .record(&self.gate, |body| {
                 body.policy_version = Some(version.to_string());
                 body.detail = Some(detail);
             })
@@ -115,7 +113,7 @@ impl PolicyAdminService {
         let applied = staged
             .commit(Origin::Admin(admin.identity.clone()), &comment)
             .await
-            .map_err(|e| reload_status(&e))?;
+            .map_err(ApiError::from)?;
         Ok(Response::new(ApplyResponse {
             version: applied.version.to_string(),
             previous_version: applied.previous.map(|v| v.to_string()).unwrap_or_default(),
@@ -136,7 +134,7 @@ impl PolicyAdmin for PolicyAdminService {
         request: GrpcRequest<ValidateRequest>,
     ) -> Result<Response<ValidateResponse>, Status> {
         let admin =
-            admin::authorize(&self.shared, &request, VALIDATE, AdminRole::PolicyAdmin).await?;
+            admin::authorize(&self.gate, &request, VALIDATE, AdminRole::PolicyAdmin).await?;
         let bundle = bundle_of(request.into_inner().bundle)?;
         let version = bundle.version();
         let response = match self.manager().validate(&bundle).await {
@@ -184,7 +182,7 @@ impl PolicyAdmin for PolicyAdminService {
             )
         };
         admin
-            .record(&self.shared, |body| {
+            .record(&self.gate, |body| {
                 body.policy_version = Some(version.to_string());
                 body.detail = Some(detail);
             })
@@ -196,7 +194,7 @@ impl PolicyAdmin for PolicyAdminService {
         &self,
         request: GrpcRequest<ApplyRequest>,
     ) -> Result<Response<ApplyResponse>, Status> {
-        let admin = admin::authorize(&self.shared, &request, APPLY, AdminRole::PolicyAdmin).await?;
+        let admin = admin::authorize(&self.gate, &request, APPLY, AdminRole::PolicyAdmin).await?;
         let message = request.into_inner();
         let bundle = bundle_of(message.bundle)?;
         self.change(admin, bundle, message.comment, "apply").await
@@ -207,13 +205,13 @@ impl PolicyAdmin for PolicyAdminService {
         request: GrpcRequest<RollbackRequest>,
     ) -> Result<Response<ApplyResponse>, Status> {
         let admin =
-            admin::authorize(&self.shared, &request, ROLLBACK, AdminRole::PolicyAdmin).await?;
+            admin::authorize(&self.gate, &request, ROLLBACK, AdminRole::PolicyAdmin).await?;
         let message = request.into_inner();
         let bundle = match self.manager().find(&message.version) {
             Ok(bundle) => bundle,
             Err(e) => {
                 self.audit_rejected(&admin, &e, None).await;
-                return Err(reload_status(&e));
+                return Err(ApiError::from(e).into());
             }
         };
         self.change(admin, bundle, message.comment, "roll back to")
@@ -225,7 +223,7 @@ impl PolicyAdmin for PolicyAdminService {
         request: GrpcRequest<StatusRequest>,
     ) -> Result<Response<StatusResponse>, Status> {
         let admin = admin::authorize_any(
-            &self.shared,
+            &self.gate,
             &request,
             STATUS,
             &[AdminRole::Operator, AdminRole::PolicyAdmin],
@@ -233,7 +231,7 @@ impl PolicyAdmin for PolicyAdminService {
         .await?;
         let status = self.manager().status();
         admin
-            .record(&self.shared, |body| {
+            .record(&self.gate, |body| {
                 body.detail = Some("status".into());
             })
             .await?;
@@ -254,7 +252,7 @@ impl PolicyAdmin for PolicyAdminService {
         request: GrpcRequest<ExplainRequest>,
     ) -> Result<Response<ExplainResponse>, Status> {
         let admin = admin::authorize_any(
-            &self.shared,
+            &self.gate,
             &request,
             EXPLAIN,
             &[AdminRole::PolicyAdmin, AdminRole::Operator],
@@ -262,22 +260,24 @@ impl PolicyAdmin for PolicyAdminService {
         .await?;
         let message = request.into_inner();
         let Some(check) = message.request else {
-            return Err(Status::invalid_argument(
-                "`request` is required: the CheckRequest to explain",
-            ));
+            return Err(ApiError::InvalidField {
+                field: "request",
+                message: "required: the CheckRequest to explain".into(),
+            }
+            .into());
         };
         let request = Request::from(check);
         let explanation = if message.subjects.is_empty() {
             // The registry, as a call would read it (loading what the cache does not hold).
-            if let Some(cache) = &self.shared.subject_cache {
+            if let Some(cache) = self.gate.subjects().registry() {
                 cache.load(&request.subjects).await;
             }
-            self.shared
-                .decider
-                .explain(&request, self.shared.subjects.as_ref())
+            self.gate
+                .decider()
+                .explain(&request, self.gate.subjects().states())
         } else {
             let inline = inline_subjects(&message.subjects)?;
-            self.shared.decider.explain(&request, &inline)
+            self.gate.decider().explain(&request, &inline)
         };
         let decision = &explanation.decision;
         let detail = format!(
@@ -305,7 +305,7 @@ impl PolicyAdmin for PolicyAdminService {
         let purpose = request.purpose.clone();
         let categories = request.categories.clone();
         admin
-            .record(&self.shared, |body| {
+            .record(&self.gate, |body| {
                 body.subjects = subjects;
                 body.purpose = purpose;
                 body.categories = categories;
@@ -323,7 +323,7 @@ impl PolicyAdmin for PolicyAdminService {
         request: GrpcRequest<ApplyRequest>,
     ) -> Result<Response<ApplyResponse>, Status> {
         let admin =
-            admin::authorize(&self.shared, &request, SET_SHADOW, AdminRole::PolicyAdmin).await?;
+            admin::authorize(&self.gate, &request, SET_SHADOW, AdminRole::PolicyAdmin).await?;
         let message = request.into_inner();
         let bundle = bundle_of(message.bundle)?;
         let version = bundle.version();
@@ -333,18 +333,18 @@ impl PolicyAdmin for PolicyAdminService {
                 let e = ReloadError::Check(e);
                 self.audit_rejected(&admin, &e, Some(version.to_string()))
                     .await;
-                return Err(reload_status(&e));
+                return Err(ApiError::from(e).into());
             }
         };
         let tests = checked.cases;
-        let active = self.shared.decider.policy().map(|p| p.version());
+        let active = self.gate.decider().policy().map(|p| p.version());
         let detail = format!(
             "shadow version {version} (active {}); {tests} policy test cases passed; comment: {}",
             active.map_or_else(|| "none".to_owned(), |v| v.to_string()),
             message.comment
         );
         admin
-            .record(&self.shared, |body| {
+            .record(&self.gate, |body| {
                 body.policy_version = Some(version.to_string());
                 body.detail = Some(detail);
             })
@@ -368,8 +368,8 @@ impl PolicyAdmin for PolicyAdminService {
         request: GrpcRequest<ClearShadowRequest>,
     ) -> Result<Response<ClearShadowResponse>, Status> {
         let admin =
-            admin::authorize(&self.shared, &request, CLEAR_SHADOW, AdminRole::PolicyAdmin).await?;
-        let shadow = self.shared.decider.shadow();
+            admin::authorize(&self.gate, &request, CLEAR_SHADOW, AdminRole::PolicyAdmin).await?;
+        let shadow = self.gate.decider().shadow();
         let detail = match shadow {
             Some((version, differences)) => {
                 format!("clear shadow version {version} ({differences} differences)")
@@ -377,7 +377,7 @@ impl PolicyAdmin for PolicyAdminService {
             None => "clear shadow: none was loaded".to_owned(),
         };
         admin
-            .record(&self.shared, |body| {
+            .record(&self.gate, |body| {
                 body.policy_version = shadow.map(|(v, _)| v.to_string());
                 body.detail = Some(detail);
             })
@@ -395,11 +395,13 @@ fn count(n: usize) -> u32 {
 }
 
 /// A bundle from its message: `bundle` required, test names plain and unique.
-fn bundle_of(bundle: Option<PolicyBundle>) -> Result<Bundle, Status> {
+fn bundle_of(bundle: Option<PolicyBundle>) -> Result<Bundle, ApiError> {
     let Some(b) = bundle else {
-        return Err(Status::invalid_argument(
-            "`bundle` is required: the policy files (model, policy, taxonomy, routes) and tests",
-        ));
+        return Err(ApiError::InvalidField {
+            field: "bundle",
+            message: "required: the policy files (model, policy, taxonomy, routes) and tests"
+                .into(),
+        });
     };
     let mut tests: Vec<TestFile> = b
         .tests
@@ -411,19 +413,25 @@ fn bundle_of(bundle: Option<PolicyBundle>) -> Result<Bundle, Status> {
         .collect();
     tests.sort_by(|a, b| a.name.cmp(&b.name));
     if let Some(pair) = tests.windows(2).find(|w| w[0].name == w[1].name) {
-        return Err(Status::invalid_argument(format!(
-            "`bundle.tests`: the name `{}` is given twice; test file names must be unique",
-            pair[0].name
-        )));
+        return Err(ApiError::InvalidField {
+            field: "bundle.tests",
+            message: format!(
+                "the name `{}` is given twice; test file names must be unique",
+                pair[0].name
+            ),
+        });
     }
     if let Some(bad) = tests
         .iter()
-        .find(|t| !crate::policy::bundle::is_test_name(&t.name))
+        .find(|t| !crate::gate::bundle::is_test_name(&t.name))
     {
-        return Err(Status::invalid_argument(format!(
-            "`bundle.tests`: `{}` is not allowed; a test file name is a plain name ending in `.yaml` or `.yml`",
-            bad.name
-        )));
+        return Err(ApiError::InvalidField {
+            field: "bundle.tests",
+            message: format!(
+                "`{}` is not allowed; a test file name is a plain name ending in `.yaml` or `.yml`",
+                bad.name
+            ),
+        });
     }
     Ok(Bundle {
         source: PolicySource {
@@ -441,51 +449,10 @@ fn problems_of(e: &CheckError) -> Vec<PolicyProblem> {
     e.problems()
         .into_iter()
         .map(|p| PolicyProblem {
-            location: match p.line {
-                Some(line) => format!("{}:{line}", p.file),
-                None => p.file,
-            },
+            location: p.location(),
             message: p.message,
         })
         .collect()
-}
-
-fn reason_of(e: &ReloadError) -> &'static str {
-    match e {
-        ReloadError::Check(CheckError::TestsFailed { .. }) => POLICY_TESTS_FAILED,
-        ReloadError::Check(_) => POLICY_INVALID,
-        ReloadError::Store(_) => POLICY_STORE_FAILED,
-        ReloadError::UnknownVersion(_)
-        | ReloadError::AmbiguousVersion(_)
-        | ReloadError::BadVersion(_) => POLICY_VERSION_UNKNOWN,
-    }
-}
-
-/// The one place a lifecycle error becomes a status: a rejected candidate is
-/// `FAILED_PRECONDITION` with every problem as a field violation (`field` = `file:line`); an
-/// unknown version `NOT_FOUND`; a malformed one `INVALID_ARGUMENT`; a store that cannot keep
-/// the policy `UNAVAILABLE` (the running policy stays in every case).
-fn reload_status(e: &ReloadError) -> Status {
-    let code = match e {
-        ReloadError::Check(_) => Code::FailedPrecondition,
-        ReloadError::UnknownVersion(_) => Code::NotFound,
-        ReloadError::AmbiguousVersion(_) | ReloadError::BadVersion(_) => Code::InvalidArgument,
-        ReloadError::Store(_) => Code::Unavailable,
-    };
-    let mut details = ErrorDetails::with_error_info(reason_of(e), "pdgate", HashMap::new());
-    if let ReloadError::Check(check) = e {
-        details.set_bad_request(
-            problems_of(check)
-                .into_iter()
-                .map(|p| FieldViolation::new(p.location, p.message))
-                .collect::<Vec<_>>(),
-        );
-    }
-    let message = match e {
-        ReloadError::Check(_) => format!("{e}\nthe running policy is unchanged"),
-        _ => e.to_string(),
-    };
-    Status::with_error_details(code, message, details)
 }
 
 fn info_message(info: &VersionInfo) -> PolicyVersionInfo {
@@ -518,12 +485,15 @@ fn stage_message(stage: &StageReport) -> StageOutcome {
 /// The subjects' state given in an Explain request, instead of the registry's.
 fn inline_subjects(
     subjects: &[crate::proto::v1::ExplainSubject],
-) -> Result<InMemorySubjects, Status> {
+) -> Result<InMemorySubjects, ApiError> {
     if let Some(blank) = subjects.iter().find(|s| s.subject.trim().is_empty()) {
-        return Err(Status::invalid_argument(format!(
-            "`subjects`: an entry has no `subject` id (consent {:?}); name the data subject",
-            blank.consent
-        )));
+        return Err(ApiError::InvalidField {
+            field: "subjects",
+            message: format!(
+                "an entry has no `subject` id (consent {:?}); name the data subject",
+                blank.consent
+            ),
+        });
     }
     Ok(subjects
         .iter()

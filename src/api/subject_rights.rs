@@ -16,20 +16,21 @@
 //! not checked, so that a consent recorded under an older policy can still be withdrawn. With
 //! no policy loaded, nothing can be checked and the consent is recorded.
 
-use super::admin::{self, Admin, AdminRole};
+use super::admin::{self, Admin};
+use crate::gate::Gate;
+use crate::identity::AdminRole;
 use crate::proto::v1::subject_rights_server::{SubjectRights, SubjectRightsServer};
 use crate::proto::v1::{
     ConsentRequest, GetSubjectRequest, SubjectChangeRequest, SubjectEvent, SubjectHistoryResponse,
     SubjectStateResponse,
 };
 use crate::registry::{
-    Action, Change, InvalidChange, RegistryError, SubjectCache, SubjectRecord, validate_subject,
+    Action, Change, InvalidChange, SubjectCache, SubjectRecord, validate_subject,
 };
-use crate::sidecar::Shared;
+use crate::transport::rescue::ApiError;
 use std::sync::Arc;
 use std::time::UNIX_EPOCH;
-use tonic::{Code, Request, Response, Status};
-use tonic_types::{ErrorDetails, FieldViolation, StatusExt};
+use tonic::{Request, Response, Status};
 
 const SET_CONSENT: &str = "/pdgate.v1.SubjectRights/SetConsent";
 const WITHDRAW_CONSENT: &str = "/pdgate.v1.SubjectRights/WithdrawConsent";
@@ -42,12 +43,12 @@ const GET: &str = "/pdgate.v1.SubjectRights/Get";
 const HISTORY: &str = "/pdgate.v1.SubjectRights/History";
 
 pub struct SubjectRightsService {
-    shared: Arc<Shared>,
+    gate: Arc<Gate>,
 }
 
 impl SubjectRightsService {
-    pub fn new(shared: Arc<Shared>) -> Self {
-        Self { shared }
+    pub fn new(gate: Arc<Gate>) -> Self {
+        Self { gate }
     }
 
     pub fn into_server(self) -> SubjectRightsServer<Self> {
@@ -56,12 +57,8 @@ impl SubjectRightsService {
 
     /// The registry, or `FAILED_PRECONDITION` when this sidecar runs on in-memory subjects
     /// (tests, the demo): there is nothing to change.
-    fn cache(&self) -> Result<&Arc<SubjectCache>, Status> {
-        self.shared.subject_cache.as_ref().ok_or_else(|| {
-            Status::failed_precondition(
-                "this sidecar has no subject registry (in-memory subjects): start it with `pdgate serve`",
-            )
-        })
+    fn cache(&self) -> Result<&Arc<SubjectCache>, ApiError> {
+        self.gate.subjects().registry().ok_or(ApiError::NoRegistry)
     }
 
     /// Validates, audits, applies one change; answers the state it produced.
@@ -72,7 +69,7 @@ impl SubjectRightsService {
         read: impl FnOnce(T) -> (String, Action, String),
     ) -> Result<Response<SubjectStateResponse>, Status> {
         let admin =
-            admin::authorize(&self.shared, &request, method, AdminRole::PrivacyOffice).await?;
+            admin::authorize(&self.gate, &request, method, AdminRole::PrivacyOffice).await?;
         let cache = self.cache()?;
         let (subject, action, source) = read(request.into_inner());
         let change = Change {
@@ -81,12 +78,12 @@ impl SubjectRightsService {
             actor: admin.identity.clone(),
             source: (!source.is_empty()).then_some(source),
         };
-        change.validate().map_err(|e| invalid(&e))?;
+        change.validate().map_err(ApiError::from)?;
         if let Action::Consent { purpose, .. } = &change.action {
             self.check_purpose(purpose)?;
         }
-        record(&admin, &self.shared, &change).await?;
-        let record = cache.apply(&change).await.map_err(|e| status(&e))?;
+        record(&admin, &self.gate, &change).await?;
+        let record = cache.apply(&change).await.map_err(ApiError::from)?;
         tracing::info!(subject = %change.subject, change = change.action.name(), actor = %change.actor, version = record.version, "subject change recorded");
         Ok(Response::new(state_response(
             &change.subject,
@@ -95,18 +92,19 @@ impl SubjectRightsService {
     }
 
     /// A consent must name a purpose of the active policy (when one is loaded).
-    fn check_purpose(&self, purpose: &str) -> Result<(), Status> {
-        if self.shared.decider.policy().is_none() || self.shared.decider.knows_purpose(purpose) {
+    fn check_purpose(&self, purpose: &str) -> Result<(), ApiError> {
+        if self.gate.decider().policy().is_none() || self.gate.decider().knows_purpose(purpose) {
             return Ok(());
         }
-        Err(invalid(&InvalidChange {
+        Err(InvalidChange {
             problems: vec![crate::registry::Problem {
                 field: "purpose",
                 message: format!(
                     "`{purpose}` is not a purpose of the active policy (taxonomy.toml); a consent to it could never match a call"
                 ),
             }],
-        }))
+        }
+        .into())
     }
 
     /// Authorizes, validates and audits a read of `subject`.
@@ -115,12 +113,11 @@ impl SubjectRightsService {
         request: &Request<T>,
         method: &'static str,
         subject: &str,
-    ) -> Result<(), Status> {
-        let admin =
-            admin::authorize(&self.shared, request, method, AdminRole::PrivacyOffice).await?;
-        validate_subject(subject).map_err(|e| invalid(&e))?;
+    ) -> Result<(), ApiError> {
+        let admin = admin::authorize(&self.gate, request, method, AdminRole::PrivacyOffice).await?;
+        validate_subject(subject)?;
         admin
-            .record(&self.shared, |b| {
+            .record(&self.gate, |b| {
                 b.subjects = vec![subject.to_owned()];
                 b.detail = Some(format!(
                     "read the {} of `{subject}`",
@@ -136,7 +133,7 @@ impl SubjectRightsService {
 }
 
 /// The audit record of a change, written before it is applied.
-async fn record(admin: &Admin, shared: &Shared, change: &Change) -> Result<(), Status> {
+async fn record(admin: &Admin, gate: &Gate, change: &Change) -> Result<(), ApiError> {
     let source = change
         .source
         .as_deref()
@@ -156,7 +153,7 @@ async fn record(admin: &Admin, shared: &Shared, change: &Change) -> Result<(), S
         other => other.name().to_owned(),
     };
     admin
-        .record(shared, |b| {
+        .record(gate, |b| {
             b.subjects = vec![change.subject.clone()];
             if let Some((purpose, _)) = change.action.purpose() {
                 purpose.clone_into(&mut b.purpose);
@@ -164,35 +161,6 @@ async fn record(admin: &Admin, shared: &Shared, change: &Change) -> Result<(), S
             b.detail = Some(format!("{what}{source}"));
         })
         .await
-}
-
-/// `INVALID_ARGUMENT` naming every field at fault, with a `BadRequest` detail per field.
-fn invalid(e: &InvalidChange) -> Status {
-    let violations = e
-        .problems
-        .iter()
-        .map(|p| FieldViolation::new(p.field, p.message.clone()))
-        .collect::<Vec<_>>();
-    Status::with_error_details(
-        Code::InvalidArgument,
-        e.to_string(),
-        ErrorDetails::with_bad_request(violations),
-    )
-}
-
-/// A registry error as a status: the caller's input is `INVALID_ARGUMENT`, a store that cannot
-/// be reached `UNAVAILABLE` (retry), a record this version cannot read `INTERNAL`.
-fn status(e: &RegistryError) -> Status {
-    match e {
-        RegistryError::Invalid(invalid_change) => invalid(invalid_change),
-        RegistryError::InvalidUrl(_) => Status::invalid_argument(e.to_string()),
-        RegistryError::Open { .. } | RegistryError::Unavailable { .. } => {
-            Status::unavailable(e.to_string())
-        }
-        RegistryError::Migrate { .. } | RegistryError::Corrupt { .. } => {
-            Status::internal(e.to_string())
-        }
-    }
 }
 
 fn state_response(subject: &str, record: Option<&SubjectRecord>) -> SubjectStateResponse {
@@ -295,7 +263,7 @@ impl SubjectRights for SubjectRightsService {
     ) -> Result<Response<SubjectStateResponse>, Status> {
         let subject = request.get_ref().subject.clone();
         self.read_access(&request, GET, &subject).await?;
-        let record = self.cache()?.get(&subject).await.map_err(|e| status(&e))?;
+        let record = self.cache()?.get(&subject).await.map_err(ApiError::from)?;
         Ok(Response::new(state_response(&subject, record.as_ref())))
     }
 
@@ -309,7 +277,7 @@ impl SubjectRights for SubjectRightsService {
             .cache()?
             .history(&subject)
             .await
-            .map_err(|e| status(&e))?;
+            .map_err(ApiError::from)?;
         let events = events
             .into_iter()
             .map(|e| {

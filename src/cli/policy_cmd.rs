@@ -4,7 +4,9 @@
 use super::admin_client::{AdminArgs, AdminChannel, report_status};
 use super::check::RequestArgs;
 use super::{EXIT_DENIED, EXIT_OK, EXIT_USAGE, print_json};
-use crate::policy::{self, Bundle, Problems, fixtures};
+use crate::decision::fixtures;
+use crate::gate::Bundle;
+use crate::policy::{self, Problems};
 use crate::proto::v1::policy_admin_client::PolicyAdminClient;
 use crate::proto::v1::{
     ApplyRequest, ApplyResponse, CheckRequest, ClearShadowRequest, ExplainRequest, ExplainSubject,

@@ -5,8 +5,9 @@ use crate::audit::{AuditLog, AuditSettings};
 use crate::config::{Config, ConfigError, FileConfig};
 use crate::demo::customer::CustomerService;
 use crate::demo::walkthrough;
+use crate::gate::Subjects;
+use crate::identity::IdentityMode;
 use crate::server::{self, Listeners};
-use crate::sidecar::IdentityMode;
 use clap::Args;
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -199,8 +200,8 @@ pub async fn serve(args: ServeArgs) -> u8 {
     };
     // Before any port is bound: an OTLP exporter that cannot be built is a bad
     // `telemetry.otlp_endpoint`.
-    let shared = match server::shared_state_with_registry(&config, policy, subjects, audit) {
-        Ok(shared) => shared,
+    let gate = match server::gate(&config, policy, Subjects::Registry(subjects), audit) {
+        Ok(gate) => gate,
         Err(e) => {
             eprintln!("error: {e}");
             writer.close().await;
@@ -214,7 +215,7 @@ pub async fn serve(args: ServeArgs) -> u8 {
                 "error: cannot bind `{}` / `{}`: {e}",
                 config.listen, config.api_listen
             );
-            shared.telemetry.shutdown().await;
+            gate.telemetry().shutdown().await;
             writer.close().await;
             return EXIT_DENIED;
         }
@@ -225,7 +226,7 @@ pub async fn serve(args: ServeArgs) -> u8 {
         );
     }
     tracing::info!(data = %config.listen, api = %config.api_listen, upstream = %config.upstream, "pdgate serving");
-    let result = server::run(&config, listeners, shared, server::shutdown_signal()).await;
+    let result = server::run(&config, listeners, gate, server::shutdown_signal()).await;
     // A clean shutdown writes every record still queued.
     writer.close().await;
     match result {
@@ -317,7 +318,7 @@ pub async fn demo(args: DemoArgs) -> u8 {
             crate::audit::now_us()
         ))),
         telemetry: crate::telemetry::TelemetrySettings::default(),
-        admin_roles: crate::api::admin::AdminRoles::default(),
+        admin_roles: crate::identity::AdminRoles::default(),
         subjects: crate::config::SubjectsSettings::default(),
         fleet: None,
         reload: crate::config::ReloadSettings {
@@ -346,13 +347,13 @@ pub async fn demo(args: DemoArgs) -> u8 {
             return EXIT_DENIED;
         }
     };
-    let shared = match server::shared_state(
+    let gate = match server::gate(
         &config,
         Some(policy),
-        Arc::new(walkthrough::demo_subjects()),
+        Subjects::Fixed(Arc::new(walkthrough::demo_subjects())),
         audit,
     ) {
-        Ok(shared) => shared,
+        Ok(gate) => gate,
         Err(e) => {
             eprintln!("error: {e}");
             return EXIT_DENIED;
@@ -362,7 +363,7 @@ pub async fn demo(args: DemoArgs) -> u8 {
     let sidecar_stop = stopped(stop_rx);
     let sidecar_task =
         tokio::spawn(
-            async move { server::run(&sidecar_config, listeners, shared, sidecar_stop).await },
+            async move { server::run(&sidecar_config, listeners, gate, sidecar_stop).await },
         );
 
     println!(

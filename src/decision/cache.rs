@@ -6,28 +6,16 @@
 //! older policy can never be found under a newer one. The value holds no subject state.
 
 use super::engine::{self, Outcome};
-use super::{Decision, DecisionIds, Request};
-use crate::policy::{Action, NodeId, PolicyVersion, Snapshot};
+use super::key::CacheKey;
+use super::{Decision, DecisionId, DecisionIds, Request};
+use crate::policy::Snapshot;
 use crate::subjects::SubjectStates;
 use arc_swap::ArcSwapOption;
 use moka::sync::Cache;
 use rustc_hash::FxBuildHasher;
-use smallvec::SmallVec;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
-
-/// Everything a subject-independent decision depends on.
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
-pub struct CacheKey {
-    pub version: PolicyVersion,
-    pub caller: u32,
-    pub purpose: NodeId,
-    pub action: Action,
-    /// Sorted, without duplicates.
-    pub categories: SmallVec<[NodeId; 4]>,
-    pub recipient: Option<u32>,
-}
 
 /// Bounds of the decision cache.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -83,6 +71,28 @@ pub struct Decider {
     ids: DecisionIds,
     stats: Arc<CacheStats>,
     shadow_stats: Arc<ShadowStats>,
+}
+
+/// A decision begun by [`Decider::begin`] or [`Decider::refuse`]: its id and the part that
+/// does not depend on whose data it is. [`Decider::finish`] turns it into a [`Decision`].
+pub struct Pending<'s> {
+    snapshot: Option<&'s Snapshot>,
+    part: Part,
+    id: DecisionId,
+}
+
+enum Part {
+    /// Stages 1–4, from the cache (`true`) or the engine.
+    Evaluated(Arc<Outcome>, bool),
+    /// Denied before the engine: unknown names, no route, unreadable metadata; with no
+    /// snapshot and no reason, no policy is loaded.
+    Denied(Vec<super::Reason>),
+}
+
+impl Pending<'_> {
+    pub fn decision_id(&self) -> DecisionId {
+        self.id
+    }
 }
 
 impl Decider {
@@ -153,25 +163,27 @@ impl Decider {
     }
 
     /// Decides `request`: stages 1–4 from the cache (or computed and cached), stage 5 against
-    /// `subjects` on every call.
+    /// `subjects`.
     pub fn decide(&self, request: &Request, subjects: &dyn SubjectStates) -> Decision {
-        let guard = self.policy.load();
-        match guard.as_deref() {
-            Some(snapshot) => self.decide_under(snapshot, request, subjects),
-            None => engine::no_policy(self.ids.next()),
-        }
+        let snapshot = self.policy.load();
+        let pending = self.begin(snapshot.as_deref(), request);
+        self.finish(&pending, request, subjects)
     }
 
-    /// Decides under a snapshot the caller already holds (the sidecar reads the route from
-    /// the same snapshot it decides under).
-    pub fn decide_under(
-        &self,
-        snapshot: &Snapshot,
-        request: &Request,
-        subjects: &dyn SubjectStates,
-    ) -> Decision {
+    /// The subject-independent part of a decision under `snapshot` (the one the caller loaded,
+    /// so that a route and its decision come from the same policy): stages 1–4 from the cache
+    /// or the engine, and a decision id. Counted once as a cache hit or miss, however often
+    /// [`Decider::finish`] then runs.
+    pub fn begin<'s>(&self, snapshot: Option<&'s Snapshot>, request: &Request) -> Pending<'s> {
         let id = self.ids.next();
-        let mut decision = match engine::resolve(snapshot, request) {
+        let Some(snapshot) = snapshot else {
+            return Pending {
+                snapshot,
+                part: Part::Denied(Vec::new()),
+                id,
+            };
+        };
+        let part = match engine::resolve(snapshot, request) {
             Ok(key) => {
                 let (outcome, hit) = self.outcome(snapshot, key);
                 let counter = if hit {
@@ -180,12 +192,52 @@ impl Decider {
                     &self.stats.misses
                 };
                 counter.fetch_add(1, Ordering::Relaxed);
-                engine::finish(snapshot, &outcome, request, subjects, id, hit)
+                Part::Evaluated(outcome, hit)
             }
-            Err(reasons) => engine::denied_early(snapshot, reasons, id),
+            Err(reasons) => Part::Denied(reasons),
+        };
+        Pending {
+            snapshot: Some(snapshot),
+            part,
+            id,
+        }
+    }
+
+    /// A decision the engine is not asked for, denied for `reason` before it (a method with
+    /// no route, metadata that cannot be read), with its own decision id.
+    pub fn refuse<'s>(&self, snapshot: Option<&'s Snapshot>, reason: super::Reason) -> Pending<'s> {
+        Pending {
+            snapshot,
+            part: Part::Denied(vec![reason]),
+            id: self.ids.next(),
+        }
+    }
+
+    /// Completes `pending` with stage 5 against `subjects` (and, with a shadow policy loaded,
+    /// notes whether the shadow decides otherwise). Runs again, with the same id, when the
+    /// subjects' state had to be read first.
+    pub fn finish(
+        &self,
+        pending: &Pending<'_>,
+        request: &Request,
+        subjects: &dyn SubjectStates,
+    ) -> Decision {
+        let mut decision = match (pending.snapshot, &pending.part) {
+            (Some(snapshot), Part::Evaluated(outcome, hit)) => {
+                engine::finish(snapshot, outcome, request, subjects, pending.id, *hit)
+            }
+            (Some(snapshot), Part::Denied(reasons)) => {
+                engine::denied_early(snapshot, reasons.clone(), pending.id)
+            }
+            (None, Part::Denied(reasons)) if !reasons.is_empty() => {
+                let mut decision = engine::no_policy(pending.id);
+                decision.reasons.clone_from(reasons);
+                decision
+            }
+            (None, _) => engine::no_policy(pending.id),
         };
         let shadow = self.shadow.load();
-        if let Some(shadow) = shadow.as_deref() {
+        if let (Some(shadow), Part::Evaluated(..)) = (shadow.as_deref(), &pending.part) {
             self.compare_with_shadow(shadow, request, subjects, &mut decision);
         }
         decision
@@ -240,8 +292,8 @@ impl Decider {
     }
 
     /// Counts `decision`'s shadow difference, if it has one. Called once per final, audited
-    /// decision (`Shared::audited`), not here in `decide`: a call may be decided twice (again
-    /// after its subjects' state was read) and must count once.
+    /// decision (by the gate), not in [`Decider::finish`], which may run twice for one call
+    /// (again after its subjects' state was read).
     pub fn count_shadow_difference(&self, decision: &Decision) {
         let Some(shadow_allowed) = decision.shadow_allowed else {
             return;
@@ -263,17 +315,8 @@ impl Decider {
         engine::explain(guard.as_deref(), request, subjects, self.ids.next())
     }
 
-    /// A deny that the engine did not reach (no route for a method, say), with a fresh id.
-    pub fn deny(&self, snapshot: Option<&Snapshot>, reason: super::Reason) -> Decision {
-        let id = self.ids.next();
-        match snapshot {
-            Some(s) => engine::denied_early(s, vec![reason], id),
-            None => engine::no_policy(id),
-        }
-    }
-
-    /// A fresh decision id, for a response that carries no decision (malformed metadata).
-    pub fn next_id(&self) -> super::DecisionId {
+    /// A fresh decision id, for an admin record.
+    pub fn next_id(&self) -> DecisionId {
         self.ids.next()
     }
 

@@ -3,7 +3,7 @@
 //! [`CacheKey`] ([`evaluate`]) and cached; stage 5 reads the subjects' state on every call
 //! ([`finish`]), so nothing subject-dependent is ever cached.
 
-use super::cache::CacheKey;
+use super::key::CacheKey;
 use super::reason::{Reason, ReasonCode};
 use super::{Decision, DecisionId, Request};
 use crate::policy::{

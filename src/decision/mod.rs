@@ -5,13 +5,16 @@
 
 mod cache;
 mod engine;
+pub mod fixtures;
+mod key;
 mod reason;
 
-pub use cache::{CacheKey, CacheSettings, CacheStats, Decider, ShadowStats};
+pub use cache::{CacheSettings, CacheStats, Decider, Pending, ShadowStats};
 pub use engine::{
     Explanation, Outcome, Requirements, Stage, StageOutcome, StageReport, decide_fresh, evaluate,
     explain, finish,
 };
+pub use key::CacheKey;
 pub use reason::{Reason, ReasonCode};
 
 use crate::policy::{MatchedRule, PolicyVersion};

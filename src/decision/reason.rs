@@ -35,12 +35,14 @@ pub enum ReasonCode {
     PolicyUnavailable,
     // The sidecar: the gRPC method has no route in routes.yaml.
     RouteUnknown,
+    // The call's metadata cannot be read as intended (answered `INVALID_ARGUMENT`).
+    MetadataInvalid,
     // The decision's audit record could not be written: an allow becomes this deny.
     AuditUnavailable,
 }
 
 impl ReasonCode {
-    pub const ALL: [ReasonCode; 21] = [
+    pub const ALL: [ReasonCode; 22] = [
         Self::PurposeNotDeclared,
         Self::PurposeUnknown,
         Self::CategoryNotDeclared,
@@ -61,6 +63,7 @@ impl ReasonCode {
         Self::SubjectStateUnavailable,
         Self::PolicyUnavailable,
         Self::RouteUnknown,
+        Self::MetadataInvalid,
         Self::AuditUnavailable,
     ];
 
@@ -86,6 +89,7 @@ impl ReasonCode {
             Self::SubjectStateUnavailable => "SUBJECT_STATE_UNAVAILABLE",
             Self::PolicyUnavailable => "POLICY_UNAVAILABLE",
             Self::RouteUnknown => "ROUTE_UNKNOWN",
+            Self::MetadataInvalid => "METADATA_INVALID",
             Self::AuditUnavailable => "AUDIT_UNAVAILABLE",
         }
     }

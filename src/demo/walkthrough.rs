@@ -2,12 +2,12 @@
 //! denied, each printed with the decision pdgate made. Each step states the outcome the policy
 //! promises; a step that comes out otherwise makes the demo fail.
 
+use crate::gate::metadata::{CALLER, DECISION_ID, PURPOSE, SUBJECT};
 use crate::proto::demo::customer_data_client::CustomerDataClient;
 use crate::proto::demo::{
     DisclosureRequest, ExportRequest, GetBillingStatementRequest, GetCallHistoryRequest,
     GetProfileRequest, GetUsageHistoryRequest, UsageStatisticsRequest,
 };
-use crate::sidecar::context::{CALLER, DECISION_ID, PURPOSE, SUBJECT};
 use crate::subjects::{InMemorySubjects, SubjectState};
 use std::fmt::Write as _;
 use tonic::metadata::MetadataValue;

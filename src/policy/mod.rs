@@ -1,14 +1,10 @@
 //! Policy: reading a policy directory, validating it whole, and compiling it into an immutable
-//! [`Snapshot`]. Also the policy tests (`policy/tests/*.yaml`), the casbin reference that
-//! the compiled index is checked against, and the lifecycle of a running sidecar's policy
-//! ([`manager`]: reload, history, rollback, shadow; [`store`]: where it is kept, [`fleet`] in
-//! PostgreSQL for a fleet; [`watch`]: the file watch, which also follows the fleet).
+//! [`Snapshot`], and the casbin reference that the compiled index is checked against. Pure:
+//! files in, a snapshot (or every problem) out. What runs a policy in a sidecar — reload,
+//! history, rollback, the stores and the watch — is the gate's ([`crate::gate`]); the policy
+//! tests are run by [`crate::decision::fixtures`].
 
-pub mod bundle;
 mod compile;
-pub mod fixtures;
-pub mod fleet;
-pub mod manager;
 mod model;
 mod problem;
 pub mod reference;
@@ -16,15 +12,10 @@ pub mod routes;
 mod rows;
 mod snapshot;
 mod source;
-pub mod store;
 pub mod synthetic;
 mod taxonomy;
-pub mod watch;
 
-pub use bundle::{Bundle, CheckError, Checked, TestFile};
 pub use compile::compile;
-pub use fleet::PostgresPolicyStore;
-pub use manager::{Applied, Origin, PolicyManager, ReloadError, Status, VersionInfo};
 pub use model::SUPPORTED_MODEL;
 pub use problem::{Problem, Problems, line_of};
 pub use routes::{ROUTES_FILE, Route, SubjectSource};
@@ -34,7 +25,6 @@ pub use snapshot::{
     PolicyVersion, PurposeInfo, SecrecyUse, Snapshot, Tree,
 };
 pub use source::{MODEL_FILE, PolicySource};
-pub use store::{FileStore, MemoryStore, Persisted, PolicyStore, StoreError};
 pub use taxonomy::{CallerKind, TAXONOMY_FILE};
 
 use std::path::Path;

@@ -13,6 +13,14 @@ pub struct Problem {
 }
 
 impl Problem {
+    /// Where it is: `file:line`, or the file alone.
+    pub fn location(&self) -> String {
+        match self.line {
+            Some(line) => format!("{}:{line}", self.file),
+            None => self.file.clone(),
+        }
+    }
+
     pub fn at(file: &str, line: usize, message: impl Into<String>) -> Self {
         Self {
             file: file.to_owned(),

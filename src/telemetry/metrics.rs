@@ -169,7 +169,7 @@ impl Metrics {
         self.latency.observe(latency);
     }
 
-    /// Counts a policy reload that was swapped in (`policy::manager`).
+    /// Counts a policy reload that was swapped in (`gate::manager`).
     pub fn record_reload(&self) {
         self.reloads.fetch_add(1, Ordering::Relaxed);
     }

@@ -8,15 +8,16 @@
 
 pub mod pg;
 
-use pdgate::api::admin::{AdminRole, AdminRoles};
 use pdgate::audit::{AuditLog, AuditSettings, AuditWriter};
 use pdgate::config::{Config, ReloadSettings, SubjectsSettings, TlsFiles};
 use pdgate::decision::CacheSettings;
 use pdgate::demo::customer::CustomerService;
 use pdgate::demo::walkthrough::demo_subjects;
+use pdgate::gate::Subjects;
+use pdgate::identity::IdentityMode;
+use pdgate::identity::{AdminRole, AdminRoles};
 use pdgate::proto::demo::customer_data_client::CustomerDataClient;
 use pdgate::server::{self, Listeners, ServeError};
-use pdgate::sidecar::IdentityMode;
 use pdgate::telemetry::TelemetrySettings;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -42,6 +43,9 @@ pub struct Harness {
     upstream: Option<JoinHandle<Result<(), tonic::transport::Error>>>,
     pub audit_dir: PathBuf,
     audit_writer: Option<AuditWriter>,
+    /// A second handle on the data plane's listening socket, when
+    /// [`Options::data_listener_handle`] asked for it.
+    data_listener: Option<std::net::TcpListener>,
     /// Keeps the temporary audit directory (when the test did not choose one).
     _audit_tmp: Option<tempfile::TempDir>,
 }
@@ -66,6 +70,9 @@ pub struct Options {
     pub stale_after: Duration,
     /// `[reload]`. Default: no file watch (the policy directory is the repository's).
     pub reload: ReloadSettings,
+    /// Keep a second handle on the data plane's listening socket (which then stays bound
+    /// until the harness is dropped). Default: no.
+    pub data_listener_handle: bool,
 }
 
 /// Where a harness's sidecar reads subject state.
@@ -116,6 +123,7 @@ impl Default for Options {
                 watch: false,
                 ..ReloadSettings::default()
             },
+            data_listener_handle: false,
         }
     }
 }
@@ -152,6 +160,10 @@ impl Harness {
         .unwrap();
         let data_addr = listeners.data_addr().unwrap();
         let api_addr = listeners.api_addr().unwrap();
+        let data_listener = options.data_listener_handle.then(|| {
+            use std::os::fd::AsFd;
+            std::net::TcpListener::from(listeners.data.as_fd().try_clone_to_owned().unwrap())
+        });
         let (audit_settings, audit_tmp) = match options.audit {
             Some(settings) => (settings, None),
             None => {
@@ -197,20 +209,16 @@ impl Harness {
             reload: options.reload,
         };
         let policy = server::load_policy(&config).await;
-        let shared = match options.subjects {
-            SubjectsChoice::Demo => {
-                server::shared_state(&config, policy, Arc::new(demo_subjects()), audit).unwrap()
-            }
+        let subjects = match options.subjects {
+            SubjectsChoice::Demo => Subjects::Fixed(Arc::new(demo_subjects())),
             SubjectsChoice::Sqlite(_) | SubjectsChoice::Postgres(_) => {
-                let cache = server::open_subject_cache(&config).await.unwrap();
-                server::shared_state_with_registry(&config, policy, cache, audit).unwrap()
+                Subjects::Registry(server::open_subject_cache(&config).await.unwrap())
             }
         };
+        let gate = server::gate(&config, policy, subjects, audit).unwrap();
         let sidecar_stop = stopped(stop_rx);
         let sidecar =
-            tokio::spawn(
-                async move { server::run(&config, listeners, shared, sidecar_stop).await },
-            );
+            tokio::spawn(async move { server::run(&config, listeners, gate, sidecar_stop).await });
         Self {
             service,
             upstream_addr,
@@ -221,6 +229,7 @@ impl Harness {
             upstream,
             audit_dir,
             audit_writer: Some(audit_writer),
+            data_listener,
             _audit_tmp: audit_tmp,
         }
     }
@@ -268,6 +277,16 @@ impl Harness {
         })
         .unwrap();
         all
+    }
+
+    /// A second handle on the data plane's listening socket, for a test to shut it down
+    /// under the running sidecar ([`Options::data_listener_handle`]).
+    pub fn data_listener_handle(&self) -> std::net::TcpListener {
+        self.data_listener
+            .as_ref()
+            .expect("start the harness with `data_listener_handle: true`")
+            .try_clone()
+            .unwrap()
     }
 
     pub fn signal_shutdown(&self) {

@@ -11,9 +11,8 @@
 //! changed the policy when); a sidecar keeps the last `keep_versions` of them for Rollback.
 
 use super::bundle::{Bundle, TestFile};
-use super::manager::Origin;
-use super::source::PolicySource;
-use super::store::{Persisted, PolicyStore, StoreError};
+use super::store::{Origin, Persisted, PolicyStore, StoreError};
+use crate::policy::PolicySource;
 use sqlx::postgres::{PgConnectOptions, PgListener, PgPool, PgPoolOptions};
 use sqlx::{ConnectOptions, Row};
 use std::path::PathBuf;

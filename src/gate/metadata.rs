@@ -1,7 +1,9 @@
-//! The request context: who calls, for what purpose, about whom, read from the call's
-//! metadata (and, in mTLS mode, from the peer certificate).
+//! A call's context: who calls, for what purpose, about whom, and by when, read from the
+//! call's gRPC metadata (and, in mTLS mode, from the peer). Both doors that carry a call — the
+//! data plane and Envoy's `ext_authz` — present it as an `http::HeaderMap` and read it here.
 
 use http::HeaderMap;
+use std::time::Duration;
 
 /// Metadata the sidecar reads.
 pub const PURPOSE: &str = "x-purpose";
@@ -11,8 +13,14 @@ pub const CALLER: &str = "x-caller";
 /// Set by pdgate on forwarded calls: the caller it authenticated (any incoming value is
 /// replaced).
 pub const AUTHENTICATED_CALLER: &str = "x-pdgate-caller";
-/// On every response: the id of the decision (and of its audit record).
+/// On every response, and on every call pdgate forwards: the id of the decision (and of its
+/// audit record).
 pub const DECISION_ID: &str = "x-pdgate-decision-id";
+/// The prefix of the metadata pdgate sets. A client cannot set any of it: every door drops
+/// what a client sent under it before the call goes on.
+pub const PDGATE_PREFIX: &str = "x-pdgate-";
+/// The caller's deadline (gRPC over HTTP/2: `TimeoutValue TimeoutUnit`).
+pub const GRPC_TIMEOUT: &str = "grpc-timeout";
 
 /// What one call says about itself.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -22,6 +30,8 @@ pub struct CallContext {
     pub purpose: String,
     pub subjects: Vec<String>,
     pub recipient: Option<String>,
+    /// The caller's `grpc-timeout`, when it gives one.
+    pub timeout: Option<Duration>,
 }
 
 /// Metadata that cannot be read as intended: the call is refused `INVALID_ARGUMENT`.
@@ -33,13 +43,22 @@ pub enum MetadataError {
     NotText(&'static str),
     #[error("metadata `{0}` is empty")]
     Empty(&'static str),
+    #[error(
+        "metadata `grpc-timeout` is `{0}`; expected 1 to 8 digits and a unit (H, M, S, m, u, n)"
+    )]
+    Timeout(String),
+    /// An Envoy check request without the checked call's HTTP attributes.
+    #[error(
+        "the check request has no HTTP request attributes; pdgate authorizes HTTP/2 (gRPC) calls (Envoy's HTTP ext_authz filter, not the network one)"
+    )]
+    NoHttpRequest,
 }
 
 /// Reads the context. `caller` is the authenticated identity when the transport gives one
 /// (mTLS); otherwise (`insecure-header` mode) it comes from `x-caller`.
-pub fn extract(headers: &HeaderMap, caller: Option<String>) -> Result<CallContext, MetadataError> {
+pub fn extract(headers: &HeaderMap, caller: Option<&str>) -> Result<CallContext, MetadataError> {
     let caller = match caller {
-        Some(c) => c,
+        Some(c) => c.to_owned(),
         None => single(headers, CALLER)?.unwrap_or_default(),
     };
     let purpose = single(headers, PURPOSE)?.unwrap_or_default();
@@ -65,7 +84,34 @@ pub fn extract(headers: &HeaderMap, caller: Option<String>) -> Result<CallContex
         purpose,
         subjects,
         recipient,
+        timeout: timeout(headers)?,
     })
+}
+
+/// Reads `grpc-timeout`.
+fn timeout(headers: &HeaderMap) -> Result<Option<Duration>, MetadataError> {
+    let Some(value) = headers.get(GRPC_TIMEOUT) else {
+        return Ok(None);
+    };
+    let text = value.to_str().map_err(|_| {
+        MetadataError::Timeout(String::from_utf8_lossy(value.as_bytes()).into_owned())
+    })?;
+    let bad = || MetadataError::Timeout(text.to_owned());
+    let (digits, unit) = text.split_at(text.len().saturating_sub(1));
+    if digits.is_empty() || digits.len() > 8 || !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return Err(bad());
+    }
+    let n: u64 = digits.parse().map_err(|_| bad())?;
+    let duration = match unit {
+        "H" => Duration::from_secs(n * 3600),
+        "M" => Duration::from_secs(n * 60),
+        "S" => Duration::from_secs(n),
+        "m" => Duration::from_millis(n),
+        "u" => Duration::from_micros(n),
+        "n" => Duration::from_nanos(n),
+        _ => return Err(bad()),
+    };
+    Ok(Some(duration))
 }
 
 fn single(headers: &HeaderMap, name: &'static str) -> Result<Option<String>, MetadataError> {
@@ -99,7 +145,7 @@ mod tests {
         assert_eq!(ctx.subjects, vec!["cust-1", "cust-2", "cust-3"]);
         // An authenticated caller wins over the header.
         assert_eq!(
-            extract(&h, Some("fraud-service".into())).unwrap().caller,
+            extract(&h, Some("fraud-service")).unwrap().caller,
             "fraud-service"
         );
     }
@@ -123,5 +169,40 @@ mod tests {
         let ctx = extract(&HeaderMap::new(), None).unwrap();
         assert_eq!(ctx.purpose, "");
         assert_eq!(ctx.caller, "");
+    }
+
+    fn with_timeout(value: &str) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        h.insert(GRPC_TIMEOUT, HeaderValue::from_str(value).unwrap());
+        h
+    }
+
+    #[test]
+    fn reads_every_timeout_unit() {
+        let timeout = |v: &str| extract(&with_timeout(v), None).map(|c| c.timeout);
+        assert_eq!(timeout("2H"), Ok(Some(Duration::from_secs(7200))));
+        assert_eq!(timeout("3M"), Ok(Some(Duration::from_secs(180))));
+        assert_eq!(timeout("10S"), Ok(Some(Duration::from_secs(10))));
+        assert_eq!(timeout("250m"), Ok(Some(Duration::from_millis(250))));
+        assert_eq!(timeout("7u"), Ok(Some(Duration::from_micros(7))));
+        assert_eq!(
+            timeout("99999999n"),
+            Ok(Some(Duration::from_nanos(99_999_999)))
+        );
+        assert_eq!(
+            extract(&HeaderMap::new(), None).map(|c| c.timeout),
+            Ok(None)
+        );
+    }
+
+    #[test]
+    fn refuses_malformed_timeouts() {
+        for bad in ["", "S", "10", "10s", "123456789S", "-1S", "1.5S"] {
+            assert_eq!(
+                extract(&with_timeout(bad), None),
+                Err(MetadataError::Timeout(bad.to_owned())),
+                "{bad}"
+            );
+        }
     }
 }

@@ -3,11 +3,8 @@
 //! [`Bundle`]; [`check`] compiles it and runs its tests, and only a checked bundle can become
 //! active.
 
-use super::compile::compile;
-use super::fixtures::{self, FixtureError, FixtureFile};
-use super::problem::{Problem, Problems};
-use super::snapshot::{PolicyVersion, Snapshot};
-use super::source::PolicySource;
+use crate::decision::fixtures::{self, FixtureError, FixtureFile};
+use crate::policy::{PolicySource, PolicyVersion, Problem, Problems, Snapshot, compile};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 

@@ -1,6 +1,6 @@
 //! Policy tests as data: `policy/tests/*.yaml`, each case a request, the subjects' state and
 //! the expected decision with its reason codes. One runner serves `pdgate policy test`,
-//! `cargo test` and every reload (`policy::bundle::check`), which refuses a policy whose tests
+//! `cargo test` and every reload (`gate::bundle::check`), which refuses a policy whose tests
 //! fail.
 //!
 //! ```yaml
@@ -18,11 +18,8 @@
 //! limits do when a grant is added by mistake. A subject with `unavailable: true` behaves like
 //! a store that cannot be read.
 
-use super::compile::compile;
-use super::problem::Problems;
-use super::snapshot::Snapshot;
-use super::source::PolicySource;
 use crate::decision::{DecisionIds, ReasonCode, Request, decide_fresh};
+use crate::policy::{PolicyRows, PolicySource, Problems, Snapshot, compile};
 use crate::subjects::{SubjectState, SubjectStateError, SubjectStates};
 use serde::Deserialize;
 use std::collections::{BTreeMap, HashMap};
@@ -177,7 +174,7 @@ pub fn overlay_sets(files: &[(PathBuf, FixtureFile)]) -> Vec<(Vec<String>, PathB
 /// `source` with `rows` appended to its policy.csv.
 pub fn overlay_source(source: &PolicySource, rows: &[String]) -> PolicySource {
     let mut source = source.clone();
-    super::rows::PolicyRows::push_text(&mut source.policy, rows);
+    PolicyRows::push_text(&mut source.policy, rows);
     source
 }
 
@@ -264,7 +261,7 @@ pub async fn run_with(
                     p.clone()
                 } else {
                     let mut source: PolicySource = snapshot.source().clone();
-                    super::rows::PolicyRows::push_text(&mut source.policy, &case.extra_rules);
+                    PolicyRows::push_text(&mut source.policy, &case.extra_rules);
                     let compiled = Arc::new(compile(source).await.map_err(|problems| {
                         FixtureError::Overlay {
                             path: path.clone(),

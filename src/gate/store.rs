@@ -1,19 +1,14 @@
 //! Where the current policy is kept between restarts, behind one small trait so that the
-//! embedded policy directory and (later) a fleet's PostgreSQL store plug into the same
+//! embedded policy directory ([`FileStore`]) and a fleet's PostgreSQL store
+//! ([`PostgresPolicyStore`](super::fleet::PostgresPolicyStore)) plug into the same
 //! [`PolicyManager`](super::manager::PolicyManager).
 //!
 //! A store answers three questions: what is the stored policy now ([`PolicyStore::current`]),
 //! has it perhaps changed ([`PolicyStore::marker`], cheap, polled by the watch), and keep this
-//! one ([`PolicyStore::publish`], after an Apply or a Rollback). Fleet mode would implement
-//! them over a `policy_versions` table (`current` = the newest row, `marker` = its id, or a
-//! `LISTEN` notification, `publish` = an insert), and every sidecar's watch would pick up the
-//! others' applies with `applied_by = "fleet"`.
+//! one ([`PolicyStore::publish`], after an Apply or a Rollback).
 
 use super::bundle::{Bundle, TESTS_DIR, is_test_name};
-use super::manager::Origin;
-use super::problem::Problem;
-use super::source::MODEL_FILE;
-use super::{POLICY_FILE, ROUTES_FILE, TAXONOMY_FILE};
+use crate::policy::{MODEL_FILE, POLICY_FILE, Problem, ROUTES_FILE, TAXONOMY_FILE};
 use std::hash::{Hash, Hasher};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -38,6 +33,28 @@ fn join(problems: &[Problem]) -> String {
         .map(ToString::to_string)
         .collect::<Vec<_>>()
         .join("; ")
+}
+
+/// Who made a version active.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Origin {
+    /// The policy directory: at start, or a change seen by the file watch.
+    File,
+    /// An admin identity, through `PolicyAdmin`.
+    Admin(String),
+    /// Another sidecar of the fleet, through the shared store.
+    Fleet,
+}
+
+impl Origin {
+    /// `applied_by` in `Status`: `file`, `fleet`, or the admin identity.
+    pub fn applied_by(&self) -> String {
+        match self {
+            Self::File => "file".into(),
+            Self::Admin(identity) => identity.clone(),
+            Self::Fleet => "fleet".into(),
+        }
+    }
 }
 
 /// Whether a published policy survives a restart.
@@ -332,7 +349,7 @@ impl PolicyStore for FileStore {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::policy::bundle::TestFile;
+    use crate::gate::bundle::TestFile;
     use std::path::Path;
 
     fn default_bundle() -> Bundle {

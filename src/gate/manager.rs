@@ -14,36 +14,14 @@
 //! never validates against one active version and swaps over another.
 
 use super::bundle::{Bundle, CheckError, Checked, TestFile, check};
-use super::snapshot::{PolicyVersion, Snapshot};
-use super::store::{MemoryStore, Persisted, PolicyStore, StoreError};
+use super::store::{MemoryStore, Origin, Persisted, PolicyStore, StoreError};
 use crate::decision::Decider;
+use crate::policy::{PolicyVersion, Snapshot};
 use crate::telemetry::metrics::Metrics;
 use serde::Serialize;
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use tokio::sync::watch;
-
-/// Who made a version active.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Origin {
-    /// The policy directory: at start, or a change seen by the file watch.
-    File,
-    /// An admin identity, through `PolicyAdmin`.
-    Admin(String),
-    /// Another sidecar of the fleet, through the shared store.
-    Fleet,
-}
-
-impl Origin {
-    /// `applied_by` in `Status`: `file`, `fleet`, or the admin identity.
-    pub fn applied_by(&self) -> String {
-        match self {
-            Self::File => "file".into(),
-            Self::Admin(identity) => identity.clone(),
-            Self::Fleet => "fleet".into(),
-        }
-    }
-}
 
 /// A version as `Status` shows it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]

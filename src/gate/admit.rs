@@ -1,0 +1,402 @@
+//! The admission pipeline: one call, from what a door read of it to what the door must answer.
+//!
+//! ```text
+//! door ─ Call ─▶ Gate::admit: caller (peer) → snapshot, loaded once → metadata → route
+//!                  → decide (cache, engine; subjects read once if the registry must be asked,
+//!                    stage 5 finished again, same id) → audit record, written before the answer
+//!                  → metrics, span ─▶ Admission ─▶ door: forward | refuse (transport::rescue)
+//! ```
+//!
+//! Every answer that carries a decision id has its audit record, refusals of unreadable
+//! metadata included; a decision whose record cannot be written becomes `AUDIT_UNAVAILABLE`
+//! and its answer carries no decision id.
+
+use super::Gate;
+use super::metadata::{
+    self, AUTHENTICATED_CALLER, CALLER, DECISION_ID, MetadataError, PDGATE_PREFIX,
+};
+use crate::audit::{self, RecordBody, RecordKind};
+use crate::decision::{Decision, DecisionId, Pending, Reason, ReasonCode, Request};
+use crate::identity::IdentityMode;
+use crate::policy::Snapshot;
+use crate::telemetry::CallSpan;
+use crate::telemetry::metrics::{PURPOSE_NONE, PURPOSE_UNKNOWN};
+use http::{HeaderMap, HeaderName, HeaderValue};
+use std::time::{Duration, Instant};
+
+/// The door a call came through: it names the call's span and the kind of its record.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Door {
+    /// The data plane: the call itself passes through pdgate.
+    DataPlane,
+    /// Envoy's `ext_authz`: Envoy asks about a call and forwards it itself.
+    Envoy,
+    /// `AccessControl.Check`: a service asks about a request.
+    Check,
+    /// One request of an `AccessControl.BatchCheck`.
+    BatchCheck,
+}
+
+/// Who is at the other end, as the transport verified it. Read only in mTLS mode; in the
+/// insecure development mode the caller names itself (`x-caller`, or the Check request).
+#[derive(Debug, Clone, Copy)]
+pub enum Peer<'a> {
+    /// The client certificate (leaf, DER) of the connection; `None` when it has none.
+    Certificate(Option<&'a [u8]>),
+    /// A peer that a proxy verified and named (Envoy's `source.principal`).
+    Principal(&'a str),
+}
+
+/// What a call asks.
+#[derive(Debug)]
+pub enum Ask<'a> {
+    /// A call to a method of the protected service: the route says what it does, the
+    /// metadata who asks, for what purpose, about whom.
+    Method {
+        path: &'a str,
+        metadata: &'a HeaderMap,
+    },
+    /// A call the door could not read as one (an Envoy check without HTTP attributes, or
+    /// whose headers are not text): refused `INVALID_ARGUMENT`, and audited.
+    Unreadable {
+        path: Option<&'a str>,
+        error: MetadataError,
+    },
+    /// `AccessControl.Check`: the request names what it asks.
+    Check(Request),
+}
+
+/// A call, as a door hands it to [`Gate::admit`].
+pub struct Call<'a> {
+    pub door: Door,
+    pub ask: Ask<'a>,
+    pub peer: Peer<'a>,
+    /// The metadata holding the trace context the call continues (`traceparent`).
+    pub trace: &'a HeaderMap,
+    /// When the call arrived: its decision latency counts from here.
+    pub started: Instant,
+}
+
+/// The gate's answer: the decision, and what the door needs to carry it out.
+pub struct Admission {
+    pub decision: Decision,
+    /// The request as decided: the caller as verified, the route's action and categories.
+    pub request: Request,
+    /// Why the call could not be read, when it could not: the door answers
+    /// `INVALID_ARGUMENT` (the refusal is recorded).
+    pub malformed: Option<MetadataError>,
+    /// The caller's deadline (`grpc-timeout`).
+    pub timeout: Option<Duration>,
+    /// Whether the decision's record was written; when not, the decision is an
+    /// `AUDIT_UNAVAILABLE` deny.
+    recorded: bool,
+    mtls: bool,
+    /// The call's span (OTLP on): the door keeps it until the call ends.
+    span: Option<CallSpan>,
+}
+
+impl Gate {
+    /// Admits or refuses one call. Never fails: whatever cannot be evaluated is a deny, and
+    /// the answer is audited before it is returned.
+    pub async fn admit(&self, call: Call<'_>) -> Admission {
+        let Call {
+            door,
+            ask,
+            peer,
+            trace,
+            started,
+        } = call;
+        let policy = self.decider.policy();
+        let snapshot = policy.as_deref();
+        let method = match &ask {
+            Ask::Method { path, .. } => Some(*path),
+            Ask::Unreadable { path, .. } => *path,
+            Ask::Check(_) => None,
+        };
+        let mut span = self.telemetry.start_span(trace, door.rpc(method));
+        let authenticated = self.authenticate(peer, snapshot);
+
+        let mut malformed = None;
+        let mut timeout = None;
+        let (pending, request) = match ask {
+            Ask::Method { path, metadata } => {
+                match metadata::extract(metadata, authenticated.as_deref()) {
+                    Ok(context) => {
+                        timeout = context.timeout;
+                        self.route(snapshot, path, context)
+                    }
+                    Err(error) => self.unreadable(snapshot, authenticated, error, &mut malformed),
+                }
+            }
+            Ask::Unreadable { error, .. } => {
+                self.unreadable(snapshot, authenticated, error, &mut malformed)
+            }
+            Ask::Check(mut request) => {
+                if let Some(caller) = authenticated {
+                    request.caller = caller;
+                }
+                (self.decider.begin(snapshot, &request), request)
+            }
+        };
+        let decision = self.finish(&pending, &request).await;
+
+        let mut body = audit::body_of(&decision, &request, door.record_kind());
+        body.method = method.map(str::to_owned);
+        body.detail = malformed.as_ref().map(ToString::to_string);
+        // pdgate's own span when it makes one (same trace as the caller's), else the caller's
+        // span as its traceparent names it.
+        if let Some((trace_id, span_id)) = span
+            .as_ref()
+            .and_then(CallSpan::ids)
+            .or_else(|| traceparent(trace))
+        {
+            body.trace_id = Some(trace_id);
+            body.span_id = Some(span_id);
+        }
+        body.latency_us = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX);
+        let (decision, recorded) = self.record(decision, body).await;
+        if !recorded {
+            malformed = None;
+        }
+
+        self.observe(&decision, &request.purpose, snapshot, started);
+        if let Some(span) = &mut span {
+            span.record_decision(&decision, &request, method);
+            if let Some(error) = &malformed {
+                span.record_status(tonic::Code::InvalidArgument, &error.to_string());
+            }
+        }
+        Admission {
+            decision,
+            request,
+            malformed,
+            timeout,
+            recorded,
+            mtls: self.identity == IdentityMode::Mtls,
+            span,
+        }
+    }
+
+    /// The caller the transport vouches for: `None` in the insecure mode (the call names
+    /// itself); in mTLS mode the peer's name, empty when it has none (`CALLER_UNKNOWN`).
+    fn authenticate(&self, peer: Peer<'_>, snapshot: Option<&Snapshot>) -> Option<String> {
+        match self.identity {
+            IdentityMode::InsecureHeader => None,
+            IdentityMode::Mtls => Some(match peer {
+                Peer::Certificate(None) => String::new(),
+                Peer::Certificate(Some(leaf)) => self.naming.caller(leaf, |name| {
+                    snapshot.is_some_and(|p| p.caller(name).is_some())
+                }),
+                Peer::Principal(principal) => self.naming.caller_from_name(principal),
+            }),
+        }
+    }
+
+    /// The request a call to `path` makes under `snapshot`: the route's action and
+    /// categories. A method without a route is denied `ROUTE_UNKNOWN`.
+    fn route<'s>(
+        &self,
+        snapshot: Option<&'s Snapshot>,
+        path: &str,
+        context: metadata::CallContext,
+    ) -> (Pending<'s>, Request) {
+        let mut request = Request {
+            caller: context.caller,
+            purpose: context.purpose,
+            action: String::new(),
+            categories: Vec::new(),
+            subjects: context.subjects,
+            recipient: context.recipient,
+        };
+        let route = snapshot.and_then(|s| s.route(path));
+        match (snapshot, route) {
+            (Some(snapshot), None) => {
+                let reason = Reason::new(
+                    ReasonCode::RouteUnknown,
+                    "§6(5)",
+                    format!(
+                        "method `{path}` has no route in routes.yaml; pdgate denies methods it does not know"
+                    ),
+                );
+                (self.decider.refuse(Some(snapshot), reason), request)
+            }
+            (_, route) => {
+                if let Some(route) = route {
+                    route.action.as_str().clone_into(&mut request.action);
+                    request.categories.clone_from(&route.categories);
+                }
+                (self.decider.begin(snapshot, &request), request)
+            }
+        }
+    }
+
+    /// The refusal of a call whose metadata cannot be read: denied `METADATA_INVALID`,
+    /// recorded with the caller the transport vouches for (if any).
+    fn unreadable<'s>(
+        &self,
+        snapshot: Option<&'s Snapshot>,
+        authenticated: Option<String>,
+        error: MetadataError,
+        malformed: &mut Option<MetadataError>,
+    ) -> (Pending<'s>, Request) {
+        let reason = Reason::new(ReasonCode::MetadataInvalid, "§6(5)", error.to_string());
+        *malformed = Some(error);
+        let request = Request {
+            caller: authenticated.unwrap_or_default(),
+            ..Request::default()
+        };
+        (self.decider.refuse(snapshot, reason), request)
+    }
+
+    /// Stage 5 against the subjects' state. When the decision found a subject the registry's
+    /// cache cannot answer for, that state is read and stage 5 finished again — the same
+    /// decision, id and cache lookup: a decision that needs no subject never waits for the
+    /// registry.
+    async fn finish(&self, pending: &Pending<'_>, request: &Request) -> Decision {
+        let states = self.subjects.states();
+        let decision = self.decider.finish(pending, request, states);
+        if let Some(cache) = self.subjects.registry()
+            && cache.wants_load(&decision, &request.subjects)
+        {
+            cache.load(&request.subjects).await;
+            return self.decider.finish(pending, request, states);
+        }
+        decision
+    }
+
+    /// Writes the decision's audit record and waits until it is written. If it cannot be
+    /// written, the decision becomes an `AUDIT_UNAVAILABLE` deny: no call goes through, and
+    /// no answer names a decision, without its record.
+    async fn record(&self, mut decision: Decision, mut body: RecordBody) -> (Decision, bool) {
+        body.latency_us = body.latency_us.max(1);
+        // A shadow policy that decided otherwise: recorded and counted here, once per call.
+        body.shadow_decision = decision.shadow_decision();
+        self.decider.count_shadow_difference(&decision);
+        match self.audit.record(body).await {
+            Ok(_) => (decision, true),
+            Err(e) => {
+                tracing::error!(error = %e, decision = %decision.decision_id, allowed = decision.allowed, "audit record not written; answering AUDIT_UNAVAILABLE");
+                decision.allowed = false;
+                decision.reasons = vec![Reason::new(
+                    ReasonCode::AuditUnavailable,
+                    "§6(3)",
+                    format!("the decision cannot be audited ({e}); calls are refused until it can"),
+                )];
+                (decision, false)
+            }
+        }
+    }
+
+    /// Counts a final decision in the metrics, with the time since the call arrived. The
+    /// purpose label is the declared purpose only when the policy defines it, so callers
+    /// cannot make new series by sending new names.
+    fn observe(
+        &self,
+        decision: &Decision,
+        purpose: &str,
+        snapshot: Option<&Snapshot>,
+        started: Instant,
+    ) {
+        let label = if purpose.is_empty() {
+            PURPOSE_NONE
+        } else if snapshot.is_some_and(|p| p.purposes().id(purpose).is_some()) {
+            purpose
+        } else {
+            PURPOSE_UNKNOWN
+        };
+        self.telemetry
+            .record_decision(decision, label, started.elapsed());
+    }
+}
+
+impl Door {
+    /// The RPC the call's span is named after (`rpc.method`).
+    fn rpc(self, method: Option<&str>) -> &str {
+        match self {
+            Self::DataPlane => method.map_or("", |m| m.strip_prefix('/').unwrap_or(m)),
+            Self::Envoy => "envoy.service.auth.v3.Authorization/Check",
+            Self::Check => "pdgate.v1.AccessControl/Check",
+            Self::BatchCheck => "pdgate.v1.AccessControl/BatchCheck",
+        }
+    }
+
+    fn record_kind(self) -> RecordKind {
+        match self {
+            // Envoy forwards the call pdgate allows: it is an access like any other.
+            Self::DataPlane | Self::Envoy => RecordKind::Access,
+            Self::Check | Self::BatchCheck => RecordKind::Check,
+        }
+    }
+}
+
+impl Admission {
+    pub fn allowed(&self) -> bool {
+        self.decision.allowed
+    }
+
+    /// The decision id the answer carries: `None` when the decision has no record.
+    pub fn decision_id(&self) -> Option<DecisionId> {
+        self.recorded.then_some(self.decision.decision_id)
+    }
+
+    /// Whether the upstream must not see metadata `name` as the client sent it: pdgate's own
+    /// (`x-pdgate-*`), and in mTLS mode `x-caller`, which names no one there.
+    pub fn strips(&self, name: &str) -> bool {
+        name.starts_with(PDGATE_PREFIX) || (self.mtls && name == CALLER)
+    }
+
+    /// The metadata pdgate sets on an allowed call for the upstream: the caller it
+    /// authorized and the decision id.
+    pub fn upstream_metadata(&self) -> Vec<(HeaderName, HeaderValue)> {
+        let mut set = Vec::with_capacity(2);
+        if let Ok(caller) = HeaderValue::from_str(&self.request.caller) {
+            set.push((HeaderName::from_static(AUTHENTICATED_CALLER), caller));
+        }
+        if let Some(id) = self.decision_id()
+            && let Ok(id) = HeaderValue::from_str(&id.to_string())
+        {
+            set.push((HeaderName::from_static(DECISION_ID), id));
+        }
+        set
+    }
+
+    /// Rewrites an allowed call's metadata for the upstream: what [`Admission::strips`]
+    /// names goes, [`Admission::upstream_metadata`] is set, and with a span the upstream
+    /// continues the trace as pdgate's child (without one, the caller's `traceparent` passes
+    /// through untouched).
+    pub fn stamp(&self, headers: &mut HeaderMap) {
+        let stripped: Vec<HeaderName> = headers
+            .keys()
+            .filter(|name| self.strips(name.as_str()))
+            .cloned()
+            .collect();
+        for name in stripped {
+            headers.remove(name);
+        }
+        for (name, value) in self.upstream_metadata() {
+            headers.insert(name, value);
+        }
+        if let Some(span) = &self.span {
+            span.inject(headers);
+        }
+    }
+
+    /// The call's span, to mark what the door answers.
+    pub fn span_mut(&mut self) -> Option<&mut CallSpan> {
+        self.span.as_mut()
+    }
+
+    /// The call's span, for the door to end when the call ends (a stream's last message).
+    pub fn take_span(&mut self) -> Option<CallSpan> {
+        self.span.take()
+    }
+}
+
+/// The trace and parent span ids of a W3C `traceparent` header (`00-<trace>-<span>-<flags>`).
+fn traceparent(headers: &HeaderMap) -> Option<(String, String)> {
+    let value = headers.get("traceparent")?.to_str().ok()?;
+    let mut parts = value.split('-');
+    let (_version, trace, span) = (parts.next()?, parts.next()?, parts.next()?);
+    let hex = |s: &str, n: usize| s.len() == n && s.bytes().all(|b| b.is_ascii_hexdigit());
+    (hex(trace, 32) && hex(span, 16)).then(|| (trace.to_owned(), span.to_owned()))
+}
