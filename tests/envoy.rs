@@ -251,6 +251,38 @@ async fn an_allowed_call_gets_the_caller_and_the_decision_id_and_is_audited() {
 }
 
 #[tokio::test]
+async fn client_sent_pdgate_headers_never_reach_the_upstream() {
+    let mut h = Harness::start().await;
+    let mut envoy = client(h.api_addr).await;
+    let answer = Answer::of(
+        ask(
+            &mut envoy,
+            check(
+                BILLING,
+                &[
+                    ("x-caller", "billing-service"),
+                    ("x-purpose", "service.billing"),
+                    ("x-data-subject", "cust-1"),
+                    ("x-pdgate-decision-id", "forged-decision"),
+                    ("x-pdgate-anything", "forged"),
+                ],
+                "",
+            ),
+        )
+        .await,
+    );
+    assert_eq!(answer.code, OK, "{answer:?}");
+    // pdgate's own id, overwriting the client's (OVERWRITE_IF_EXISTS_OR_ADD, checked in
+    // `Answer::of`), and the one with a record.
+    let id = answer.header("x-pdgate-decision-id").to_owned();
+    assert_ne!(id, "forged-decision");
+    assert!(h.audit_records().iter().any(|r| r.body.decision_id == id));
+    // Any other x-pdgate-* header the client sent is removed.
+    assert_eq!(answer.headers_to_remove, ["x-pdgate-anything"]);
+    h.shutdown().await.unwrap();
+}
+
+#[tokio::test]
 async fn a_denied_call_carries_the_reasons_as_the_data_plane_would() {
     let mut h = Harness::start().await;
     let mut envoy = client(h.api_addr).await;
