@@ -26,6 +26,7 @@
 //! ```text
 //! cargo build --release --bin pdgate && cargo bench --bench load
 //! PDGATE_LOAD_CONCURRENCY=1,16,64 PDGATE_LOAD_SECONDS=5 cargo bench --bench load
+//! PDGATE_LOAD_BINARY=/path/to/another/pdgate cargo bench --bench load   # another build
 //! ```
 
 // The harness aborts with a message when its setup fails (no runtime, no loopback socket):
@@ -155,7 +156,11 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    let pdgate = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/release/pdgate");
+    // PDGATE_LOAD_BINARY: another build to measure (e.g. the previous commit's, for an A/B run).
+    let pdgate = std::env::var_os("PDGATE_LOAD_BINARY").map_or_else(
+        || Path::new(env!("CARGO_MANIFEST_DIR")).join("target/release/pdgate"),
+        PathBuf::from,
+    );
     if !pdgate.is_file() {
         eprintln!(
             "error: `{}` not found; build it first:\n  cargo build --release --bin pdgate",
