@@ -43,6 +43,7 @@ pub mod decision;
 pub mod demo;
 pub mod gate;
 pub mod identity;
+pub mod message;
 pub mod policy;
 pub mod proto;
 pub mod registry;

@@ -73,6 +73,15 @@ impl From<crate::gate::Bundle> for v1::PolicyBundle {
                     content: t.content,
                 })
                 .collect(),
+            descriptors: b
+                .source
+                .descriptors
+                .into_iter()
+                .map(|d| v1::PolicyDescriptorFile {
+                    name: d.name,
+                    content: d.content,
+                })
+                .collect(),
         }
     }
 }

@@ -15,7 +15,8 @@ use std::path::Path;
 /// Lowest first. A module may import modules of lower layers only, never its own layer's.
 const LAYERS: &[&[&str]] = &[
     // Pure parts: no imports of the crate's other modules.
-    &["subjects", "identity", "policy"],
+    &["subjects", "identity", "message"],
+    &["policy"],
     &["decision"],
     &["audit", "registry"],
     &["telemetry"],

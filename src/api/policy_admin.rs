@@ -19,7 +19,7 @@ use crate::gate::{
     Bundle, CheckError, Gate, Origin, Persisted, PolicyManager, ReloadError, TestFile, VersionInfo,
 };
 use crate::identity::AdminRole;
-use crate::policy::PolicySource;
+use crate::policy::{DescriptorFile, PolicySource};
 use crate::proto::v1::policy_admin_server::{PolicyAdmin, PolicyAdminServer};
 use crate::proto::v1::{
     ApplyRequest, ApplyResponse, ClearShadowRequest, ClearShadowResponse, ExplainRequest,
@@ -440,6 +440,14 @@ fn bundle_of(bundle: Option<PolicyBundle>) -> Result<Bundle, ApiError> {
             policy: b.policy,
             taxonomy: b.taxonomy,
             routes: (!b.routes.is_empty()).then_some(b.routes),
+            descriptors: b
+                .descriptors
+                .into_iter()
+                .map(|d| DescriptorFile {
+                    name: d.name,
+                    content: d.content,
+                })
+                .collect(),
         },
         tests,
     })

@@ -155,6 +155,7 @@ impl PostgresPolicyStore {
                 policy: get("policy")?,
                 taxonomy: get("taxonomy")?,
                 routes,
+                descriptors: Vec::new(),
             },
             tests: tests
                 .into_iter()
@@ -209,6 +210,13 @@ impl PolicyStore for PostgresPolicyStore {
         applied_by: &str,
         comment: &str,
     ) -> Result<Persisted, StoreError> {
+        if !bundle.source.descriptors.is_empty() {
+            // Never applied on some sidecars with descriptors and on others without.
+            return Err(StoreError::Refused(format!(
+                "the fleet store does not keep `{}/` yet: a bundle with the service's descriptors can only be applied to an embedded (policy directory) sidecar",
+                crate::policy::DESCRIPTORS_DIR
+            )));
+        }
         self.migrate().await?;
         let tests: Vec<(&str, &str)> = bundle
             .tests

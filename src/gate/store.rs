@@ -8,7 +8,9 @@
 //! one ([`PolicyStore::publish`], after an Apply or a Rollback).
 
 use super::bundle::{Bundle, TESTS_DIR, is_test_name};
-use crate::policy::{MODEL_FILE, POLICY_FILE, Problem, ROUTES_FILE, TAXONOMY_FILE};
+use crate::policy::{
+    DESCRIPTORS_DIR, MODEL_FILE, POLICY_FILE, Problem, ROUTES_FILE, TAXONOMY_FILE,
+};
 use std::hash::{Hash, Hasher};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -181,6 +183,12 @@ impl FileStore {
             more.sort();
             paths.extend(more);
         }
+        let descriptors = self.dir.join(DESCRIPTORS_DIR);
+        paths.push(descriptors.clone());
+        let mut more = Vec::new();
+        files_below(&descriptors, &mut more);
+        more.sort();
+        paths.extend(more);
         paths
     }
 
@@ -192,13 +200,38 @@ impl FileStore {
             )));
         }
         let tests_dir = self.dir.join(TESTS_DIR);
-        let mut files: Vec<(PathBuf, &str)> = vec![
-            (self.dir.join(MODEL_FILE), &bundle.source.model),
-            (self.dir.join(POLICY_FILE), &bundle.source.policy),
-            (self.dir.join(TAXONOMY_FILE), &bundle.source.taxonomy),
+        let mut files: Vec<(PathBuf, &[u8])> = vec![
+            (self.dir.join(MODEL_FILE), bundle.source.model.as_bytes()),
+            (self.dir.join(POLICY_FILE), bundle.source.policy.as_bytes()),
+            (
+                self.dir.join(TAXONOMY_FILE),
+                bundle.source.taxonomy.as_bytes(),
+            ),
         ];
         if let Some(routes) = &bundle.source.routes {
-            files.push((self.routes_path(), routes));
+            files.push((self.routes_path(), routes.as_bytes()));
+        }
+        let descriptors_dir = self.dir.join(DESCRIPTORS_DIR);
+        for file in &bundle.source.descriptors {
+            let safe = !file.name.is_empty()
+                && file
+                    .name
+                    .split('/')
+                    .all(|part| !part.is_empty() && part != ".." && !part.starts_with('.'));
+            if !safe {
+                return Err(StoreError::Refused(format!(
+                    "descriptor file name `{}` is not a relative path inside `{DESCRIPTORS_DIR}/`",
+                    file.name
+                )));
+            }
+            let path = descriptors_dir.join(&file.name);
+            if let Some(parent) = path.parent() {
+                std::fs::create_dir_all(parent).map_err(|source| StoreError::Io {
+                    path: parent.to_owned(),
+                    source,
+                })?;
+            }
+            files.push((path, &file.content));
         }
         if !bundle.tests.is_empty() {
             std::fs::create_dir_all(&tests_dir).map_err(|source| StoreError::Io {
@@ -213,7 +246,7 @@ impl FileStore {
                     test.name
                 )));
             }
-            files.push((tests_dir.join(&test.name), &test.content));
+            files.push((tests_dir.join(&test.name), test.content.as_bytes()));
         }
         // Stage every file; on any failure remove what was staged and change nothing.
         let mut staged: Vec<(PathBuf, PathBuf)> = Vec::with_capacity(files.len());
@@ -241,6 +274,13 @@ impl FileStore {
         if bundle.source.routes.is_none() {
             remove_if_present(&self.routes_path())?;
         }
+        let mut present = Vec::new();
+        files_below(&descriptors_dir, &mut present);
+        for path in present {
+            if !files.iter().any(|(kept, _)| *kept == path) {
+                remove_if_present(&path)?;
+            }
+        }
         let keep: Vec<&str> = bundle.tests.iter().map(|t| t.name.as_str()).collect();
         if let Ok(entries) = std::fs::read_dir(&tests_dir) {
             for entry in entries.flatten() {
@@ -251,6 +291,21 @@ impl FileStore {
             }
         }
         Ok(())
+    }
+}
+
+/// Every file below `dir`, recursively (none when it does not exist).
+fn files_below(dir: &Path, out: &mut Vec<PathBuf>) {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let path = entry.path();
+        if path.is_dir() {
+            files_below(&path, out);
+        } else {
+            out.push(path);
+        }
     }
 }
 

@@ -365,13 +365,24 @@ fn build(
         }
     }
 
-    let routes = source
+    let mut routes = source
         .routes
         .as_deref()
         .map_or_else(Default::default, |text| {
             let known = |c: &str| category_tree.index.contains_key(c);
             super::routes::parse(text, &known, &mut problems_here)
         });
+    let categories = category_tree.into_tree(category_info);
+    let mut warnings = Vec::new();
+    if problems_here.is_empty() {
+        super::inspect::inspect_routes(
+            &source.descriptors,
+            &mut routes,
+            &categories,
+            &mut problems_here,
+            &mut warnings,
+        );
+    }
 
     let empty = problems_here.is_empty();
     problems.append(&mut problems_here);
@@ -382,7 +393,7 @@ fn build(
     Some(Snapshot {
         version,
         purposes: purpose_tree.into_tree(purpose_info),
-        categories: category_tree.into_tree(category_info),
+        categories,
         callers,
         caller_index,
         roles: roles.names.into_iter().map(Arc::from).collect(),
@@ -395,6 +406,7 @@ fn build(
             suspension_clause: tax.suspension.clause.as_str().into(),
         },
         routes,
+        warnings,
         source,
         rows,
     })

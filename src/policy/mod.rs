@@ -5,6 +5,7 @@
 //! tests are run by [`crate::decision::fixtures`].
 
 mod compile;
+pub mod inspect;
 mod model;
 mod problem;
 pub mod reference;
@@ -24,7 +25,7 @@ pub use snapshot::{
     CallerInfo, CategoryInfo, GrantCell, GrantKey, Limits, MatchedRule, MatchingRows, NodeId,
     PolicyVersion, PurposeInfo, SecrecyUse, Snapshot, Tree,
 };
-pub use source::{MODEL_FILE, PolicySource};
+pub use source::{DESCRIPTORS_DIR, DescriptorFile, MODEL_FILE, PolicySource};
 pub use taxonomy::{CallerKind, TAXONOMY_FILE};
 
 use std::path::Path;

@@ -205,6 +205,9 @@ pub struct Snapshot {
     pub(crate) limits: Limits,
     /// gRPC method path -> route.
     pub(crate) routes: std::collections::BTreeMap<String, super::routes::Route>,
+    /// What validation found worth saying but not refusing (a route that trusts the
+    /// caller's `x-data-subject`), with where.
+    pub(crate) warnings: Vec<super::problem::Problem>,
     /// The files it was built from (for overlays in policy tests and for the casbin reference).
     pub(crate) source: PolicySource,
     pub(crate) rows: PolicyRows,
@@ -260,6 +263,10 @@ impl Snapshot {
 
     pub fn route(&self, path: &str) -> Option<&super::routes::Route> {
         self.routes.get(path)
+    }
+
+    pub fn warnings(&self) -> &[super::problem::Problem] {
+        &self.warnings
     }
 
     pub fn route_count(&self) -> usize {

@@ -1,4 +1,6 @@
-//! Reading a policy directory: the three files a snapshot is compiled from.
+//! Reading a policy directory: the files a snapshot is compiled from — `model.conf`,
+//! `policy.csv`, `taxonomy.toml`, `routes.yaml`, and the protected service's descriptors in
+//! `descriptors/`.
 
 use super::problem::Problem;
 use super::routes::ROUTES_FILE;
@@ -19,6 +21,20 @@ pub struct PolicySource {
     pub taxonomy: String,
     /// `routes.yaml`, when there is one (only the sidecar needs routes).
     pub routes: Option<String>,
+    /// `descriptors/`: the protected service's `.proto` files or FileDescriptorSets, by
+    /// name (the path below `descriptors/`, `/`-separated), sorted. Empty when there are none.
+    pub descriptors: Vec<DescriptorFile>,
+}
+
+/// The directory of the protected service's descriptors, inside the policy directory.
+pub const DESCRIPTORS_DIR: &str = "descriptors";
+
+/// One file of `descriptors/`: a `.proto` file (compiled at load), or a FileDescriptorSet
+/// (`.binpb`, `.pb`, `.desc`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DescriptorFile {
+    pub name: String,
+    pub content: Vec<u8>,
 }
 
 impl PolicySource {
@@ -66,12 +82,14 @@ impl PolicySource {
                 None
             }
         };
+        let descriptors = read_descriptors(&dir.join(DESCRIPTORS_DIR), &mut problems);
         let source = Self {
             origin: dir.to_path_buf(),
             model,
             policy,
             taxonomy,
             routes,
+            descriptors,
         };
         if problems.is_empty() {
             Ok(source)
@@ -98,6 +116,60 @@ impl PolicySource {
             hasher.update((routes.len() as u64).to_be_bytes());
             hasher.update(routes.as_bytes());
         }
+        for file in &self.descriptors {
+            let name = format!("{DESCRIPTORS_DIR}/{}", file.name);
+            hasher.update(name.as_bytes());
+            hasher.update((file.content.len() as u64).to_be_bytes());
+            hasher.update(&file.content);
+        }
         hasher.finalize().into()
+    }
+}
+
+/// The files below `dir` (none when it does not exist), sorted by name. Hidden files and
+/// directories (a Kubernetes ConfigMap's `..data`) are skipped.
+fn read_descriptors(dir: &Path, problems: &mut Vec<Problem>) -> Vec<DescriptorFile> {
+    let mut files = Vec::new();
+    if dir.is_dir() {
+        walk(dir, dir, &mut files, problems);
+    }
+    files.sort_by(|a, b| a.name.cmp(&b.name));
+    files
+}
+
+fn walk(root: &Path, dir: &Path, files: &mut Vec<DescriptorFile>, problems: &mut Vec<Problem>) {
+    let entries = match std::fs::read_dir(dir) {
+        Ok(entries) => entries,
+        Err(e) => {
+            problems.push(Problem::in_file(
+                &dir.display().to_string(),
+                format!("cannot be read: {e}"),
+            ));
+            return;
+        }
+    };
+    for entry in entries.flatten() {
+        let path = entry.path();
+        if entry.file_name().to_string_lossy().starts_with('.') {
+            continue;
+        }
+        if path.is_dir() {
+            walk(root, &path, files, problems);
+            continue;
+        }
+        let name = path
+            .strip_prefix(root)
+            .unwrap_or(&path)
+            .components()
+            .map(|c| c.as_os_str().to_string_lossy().into_owned())
+            .collect::<Vec<_>>()
+            .join("/");
+        match std::fs::read(&path) {
+            Ok(content) => files.push(DescriptorFile { name, content }),
+            Err(e) => problems.push(Problem::in_file(
+                &path.display().to_string(),
+                format!("cannot be read: {e}"),
+            )),
+        }
     }
 }

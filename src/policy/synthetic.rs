@@ -125,6 +125,7 @@ pub fn random_policy(seed: u64, shape: Shape) -> PolicySource {
         policy,
         taxonomy,
         routes: None,
+        descriptors: Vec::new(),
     }
 }
 
@@ -182,5 +183,6 @@ pub fn scaled_default(base: &PolicySource, rows: usize, seed: u64) -> PolicySour
         policy,
         taxonomy,
         routes: base.routes.clone(),
+        descriptors: base.descriptors.clone(),
     }
 }
