@@ -30,6 +30,7 @@ pub enum ReasonCode {
     ConsentRequired,
     UseSuspended,
     ProvisionSuspended,
+    DeletionRequested,
     SubjectStateUnavailable,
     // Anything the engine could not evaluate.
     PolicyUnavailable,
@@ -40,7 +41,7 @@ pub enum ReasonCode {
 }
 
 impl ReasonCode {
-    pub const ALL: [ReasonCode; 21] = [
+    pub const ALL: [ReasonCode; 22] = [
         Self::PurposeNotDeclared,
         Self::PurposeUnknown,
         Self::CategoryNotDeclared,
@@ -58,6 +59,7 @@ impl ReasonCode {
         Self::ConsentRequired,
         Self::UseSuspended,
         Self::ProvisionSuspended,
+        Self::DeletionRequested,
         Self::SubjectStateUnavailable,
         Self::PolicyUnavailable,
         Self::RouteUnknown,
@@ -83,6 +85,7 @@ impl ReasonCode {
             Self::ConsentRequired => "CONSENT_REQUIRED",
             Self::UseSuspended => "USE_SUSPENDED",
             Self::ProvisionSuspended => "PROVISION_SUSPENDED",
+            Self::DeletionRequested => "DELETION_REQUESTED",
             Self::SubjectStateUnavailable => "SUBJECT_STATE_UNAVAILABLE",
             Self::PolicyUnavailable => "POLICY_UNAVAILABLE",
             Self::RouteUnknown => "ROUTE_UNKNOWN",
