@@ -17,6 +17,14 @@ use pdgate::subjects::InMemorySubjects;
 use std::collections::BTreeSet;
 use std::path::Path;
 
+/// Rows no case may reach, and why. Each must still exist and still be unreached, so that the
+/// exemption cannot outlive its reason.
+const LEFT_UNTESTED: [(&str, &str); 1] = [(
+    "p, role:billing, service.billing, customer.name, read, allow",
+    "tests/reload.rs, tests/fleet.rs and tests/policy_admin.rs apply a policy that denies it \
+     (DENY_NAMES); a reload runs the policy tests, so no case may expect it",
+)];
+
 #[tokio::test]
 async fn every_policy_row_is_matched_by_a_test_case_that_expects_its_effect() {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("policy");
@@ -48,28 +56,41 @@ async fn every_policy_row_is_matched_by_a_test_case_that_expects_its_effect() {
         }
     }
     let rows = &snapshot.rows().grants;
+    let text = |row: &pdgate::policy::GrantRow| {
+        let effect = match row.effect {
+            Effect::Allow => "allow",
+            Effect::Deny => "deny",
+        };
+        format!(
+            "p, {}, {}, {}, {}, {effect}",
+            row.role,
+            row.purpose,
+            row.category,
+            row.action.as_str()
+        )
+    };
+    for (rule, why) in LEFT_UNTESTED {
+        let row = rows
+            .iter()
+            .find(|row| text(row) == rule)
+            .unwrap_or_else(|| panic!("`{rule}` is exempted ({why}) but is not in policy.csv"));
+        assert!(
+            !covered.contains(&row.line),
+            "`{rule}` (line {}) is exempted ({why}) but a case reaches it: drop the exemption",
+            row.line
+        );
+    }
     let missing: Vec<String> = rows
         .iter()
         .filter(|row| !covered.contains(&row.line))
-        .map(|row| {
-            let effect = match row.effect {
-                Effect::Allow => "allow",
-                Effect::Deny => "deny",
-            };
-            format!(
-                "  policy.csv line {}: p, {}, {}, {}, {}, {effect}",
-                row.line,
-                row.role,
-                row.purpose,
-                row.category,
-                row.action.as_str()
-            )
-        })
+        .filter(|row| !LEFT_UNTESTED.iter().any(|(rule, _)| text(row) == *rule))
+        .map(|row| format!("  policy.csv line {}: {}", row.line, text(row)))
         .collect();
     println!(
-        "policy rule coverage: {} of {} rows matched by a test case",
-        rows.len() - missing.len(),
-        rows.len()
+        "policy rule coverage: {} of {} rows matched by a test case ({} left untested on purpose)",
+        rows.len() - missing.len() - LEFT_UNTESTED.len(),
+        rows.len(),
+        LEFT_UNTESTED.len()
     );
     assert!(
         missing.is_empty(),
