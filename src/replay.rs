@@ -266,6 +266,7 @@ fn as_recorded(record: &AuditRecord) -> InMemorySubjects {
         },
         use_suspended: has(ReasonCode::UseSuspended),
         provision_suspended: has(ReasonCode::ProvisionSuspended),
+        deletion_requested: has(ReasonCode::DeletionRequested),
     };
     b.subjects
         .iter()

@@ -1,6 +1,6 @@
 //! The data subject's state as decisions see it: consent per purpose, consent to the use of
 //! communications data per purpose (kept apart: a marketing opt-in is not it), suspension of
-//! use and of third-party provision (§7).
+//! use and of third-party provision, and a request for deletion (§7).
 //!
 //! Decisions read it through [`SubjectStates`]; [`InMemorySubjects`] is the implementation for
 //! the demo and tests. The persistent registry (SQLite, PostgreSQL) reaches decisions through
@@ -27,6 +27,10 @@ pub struct SubjectState {
     /// The subject asked to stop providing their data to third parties.
     #[serde(default)]
     pub provision_suspended: bool,
+    /// The subject asked for their data to be deleted: until it is, the data serves only their
+    /// requests and what the law requires to be kept.
+    #[serde(default)]
+    pub deletion_requested: bool,
 }
 
 impl SubjectState {

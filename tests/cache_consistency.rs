@@ -109,13 +109,17 @@ fn state() -> impl Strategy<Value = SubjectState> {
         proptest::sample::subsequence(vec!["marketing", "service.support"], 0..=1),
         any::<bool>(),
         any::<bool>(),
+        any::<bool>(),
     )
         .prop_map(
-            |(consent, comms, use_suspended, provision_suspended)| SubjectState {
-                consent: consent.into_iter().map(String::from).collect(),
-                comms_consent: comms.into_iter().map(String::from).collect(),
-                use_suspended,
-                provision_suspended,
+            |(consent, comms, use_suspended, provision_suspended, deletion_requested)| {
+                SubjectState {
+                    consent: consent.into_iter().map(String::from).collect(),
+                    comms_consent: comms.into_iter().map(String::from).collect(),
+                    use_suspended,
+                    provision_suspended,
+                    deletion_requested,
+                }
             },
         )
 }

@@ -15,8 +15,9 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 /// The clauses the default policy's tests must cover ("§1" is general well-formedness).
-const CLAUSES: [&str; 11] = [
-    "§1", "§1(1)", "§1(2)", "§1(3)", "§1(4)", "§1(5)", "§2", "§3", "§4", "§5", "§7",
+const CLAUSES: [&str; 14] = [
+    "§1", "§1(1)", "§1(2)", "§1(3)", "§1(4)", "§1(5)", "§2", "§2(a)", "§2(b)", "§2(c)", "§3", "§4",
+    "§5", "§7",
 ];
 
 fn policy_dir() -> PathBuf {
@@ -79,6 +80,34 @@ async fn default_policy_passes_its_tests_and_covers_every_code_and_clause() {
         missing.is_empty(),
         "no policy test case illustrates these clauses: {}",
         missing.join(", ")
+    );
+}
+
+/// §2(d): the manager responsible for jointly used data is the CISO. The taxonomy says so on
+/// `joint_use`, and every joint-use purpose inherits it; no other purpose names a manager.
+#[tokio::test]
+async fn joint_use_names_the_ciso_as_responsible() {
+    let snapshot = match pdgate::policy::load_dir(&policy_dir()).await {
+        Ok(s) => s,
+        Err(problems) => panic!("the default policy does not load: {problems}"),
+    };
+    let purposes = snapshot.purposes();
+    let mut joint = 0;
+    for name in purposes.iter_names() {
+        let id = purposes.id(name).expect("a listed purpose resolves");
+        let manager = purposes.info(id).manager.as_ref();
+        if name.as_ref() == "joint_use" || name.starts_with("joint_use.") {
+            joint += 1;
+            let (who, clause) = manager.unwrap_or_else(|| panic!("`{name}` names no manager"));
+            assert!(who.contains("CISO"), "`{name}`: manager is `{who}`");
+            assert_eq!(clause.as_ref(), "§2(d)", "`{name}`");
+        } else {
+            assert!(manager.is_none(), "`{name}` names a manager: {manager:?}");
+        }
+    }
+    assert!(
+        joint >= 7,
+        "joint_use, its marketing research and the five §1 counterparts"
     );
 }
 

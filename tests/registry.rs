@@ -256,7 +256,7 @@ mod cases {
         apply(&r, "cust-1", consent("marketing")).await;
         apply(&r, "cust-1", Action::SuspendUse).await;
         let rec = apply(&r, "cust-1", Action::RequestDeletion).await;
-        assert!(rec.deletion_requested);
+        assert!(rec.state.deletion_requested);
         assert_eq!(rec.state.consent, set(&["marketing"]));
         assert!(rec.state.use_suspended);
         let last = r.history("cust-1").await.unwrap().pop().unwrap();

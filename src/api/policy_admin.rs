@@ -513,6 +513,7 @@ fn inline_subjects(
                     comms_consent: s.comms_consent.iter().cloned().collect(),
                     use_suspended: s.use_suspended,
                     provision_suspended: s.provision_suspended,
+                    deletion_requested: s.deletion_requested,
                 },
             )
         })

@@ -172,7 +172,7 @@ fn state_response(subject: &str, record: Option<&SubjectRecord>) -> SubjectState
         comms_consent: r.state.comms_consent.iter().cloned().collect(),
         use_suspended: r.state.use_suspended,
         provision_suspended: r.state.provision_suspended,
-        deletion_requested: r.deletion_requested,
+        deletion_requested: r.state.deletion_requested,
         version: r.version,
     }
 }

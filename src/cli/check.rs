@@ -14,8 +14,9 @@ use std::sync::Arc;
 #[command(
     after_help = "The subject's state is read from the registry (--store, default subjects.db, \
 or --database-url), as `pdgate subjects` recorded it; a registry that cannot be read denies \
-SUBJECT_STATE_UNAVAILABLE. The flags --consent, --comms-consent, --suspend-use and \
---suspend-provision give the state inline instead (the registry is not read).\n\n\
+SUBJECT_STATE_UNAVAILABLE. The flags --consent, --comms-consent, --suspend-use, \
+--suspend-provision and --deletion-requested give the state inline instead (the registry is not \
+read).\n\n\
 An unknown caller, purpose, category or action is not an input error: it is denied with its \
 reason code (exit 1), exactly as the sidecar decides it.\n\n\
 Examples:\n  \
@@ -93,6 +94,9 @@ pub struct RequestArgs {
     /// The subject asked to stop providing their data to third parties.
     #[arg(long, requires = "subjects")]
     pub suspend_provision: bool,
+    /// The subject asked for their data to be deleted (§7).
+    #[arg(long, requires = "subjects")]
+    pub deletion_requested: bool,
 }
 
 impl RequestArgs {
@@ -102,6 +106,7 @@ impl RequestArgs {
             || !self.comms_consent.is_empty()
             || self.suspend_use
             || self.suspend_provision
+            || self.deletion_requested
     }
 
     /// The state the inline flags give each subject.
@@ -111,6 +116,7 @@ impl RequestArgs {
             comms_consent: self.comms_consent.iter().cloned().collect(),
             use_suspended: self.suspend_use,
             provision_suspended: self.suspend_provision,
+            deletion_requested: self.deletion_requested,
         }
     }
 

@@ -498,6 +498,7 @@ pub async fn explain(args: ExplainArgs) -> u8 {
                 comms_consent: state.comms_consent.iter().cloned().collect(),
                 use_suspended: state.use_suspended,
                 provision_suspended: state.provision_suspended,
+                deletion_requested: state.deletion_requested,
             })
             .collect()
     } else {

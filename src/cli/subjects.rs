@@ -473,8 +473,8 @@ fn record_of(r: SubjectStateResponse) -> SubjectRecord {
             comms_consent: r.comms_consent.into_iter().collect(),
             use_suspended: r.use_suspended,
             provision_suspended: r.provision_suspended,
+            deletion_requested: r.deletion_requested,
         },
-        deletion_requested: r.deletion_requested,
         version: r.version,
     }
 }
@@ -590,7 +590,7 @@ fn record_json(subject: &str, record: Option<&SubjectRecord>) -> serde_json::Val
         "recorded": record.is_some(),
         "version": r.version,
         "state": r.state,
-        "deletion_requested": r.deletion_requested,
+        "deletion_requested": r.state.deletion_requested,
     })
 }
 
@@ -621,7 +621,7 @@ fn print_record(subject: &str, record: Option<&SubjectRecord>) {
         "  third-party provision: {}",
         suspended(r.state.provision_suspended)
     );
-    if r.deletion_requested {
+    if r.state.deletion_requested {
         println!("  deletion: REQUESTED");
     }
 }

@@ -2,6 +2,11 @@
 //! must satisfy depend only on the policy and the request, so they are computed once per
 //! [`CacheKey`] ([`evaluate`]) and cached; stage 5 reads the subjects' state on every call
 //! ([`finish`]), so nothing subject-dependent is ever cached.
+//!
+//! Stages 1–4 are evaluated in full once the request's names resolve: a deny lists every rule
+//! they find broken, in stage order (a joint user asking for call history hears `NO_GRANT` and
+//! `SECRECY_OF_COMMUNICATIONS`). Stage 5 runs only when they all allow, so a caller without a
+//! grant learns nothing about a subject.
 
 use super::key::CacheKey;
 use super::reason::{Reason, ReasonCode};
@@ -35,6 +40,8 @@ pub struct Requirements {
     pub use_suspension: Option<Arc<str>>,
     /// A suspension of third-party provision stops this request; the §7 clause.
     pub provision_suspension: Option<Arc<str>>,
+    /// A deletion request stops this request; the §7 clause.
+    pub deletion: Option<Arc<str>>,
     /// The purpose needs a named subject even when no state applies.
     pub subject_required: bool,
 }
@@ -46,6 +53,7 @@ impl Requirements {
             || self.comms_consent.is_some()
             || self.use_suspension.is_some()
             || self.provision_suspension.is_some()
+            || self.deletion.is_some()
             || self.subject_required
     }
 }
@@ -200,26 +208,24 @@ pub(crate) fn resolve(snapshot: &Snapshot, request: &Request) -> Result<CacheKey
 
 /// Stages 1 (registration, recipient), 2 (grants), 3 (secrecy), 4 (de-identification), and
 /// what stage 5 must check. Deterministic in (`snapshot`, `key`): this is what the cache holds.
+/// Every stage runs, so a deny names every rule the request breaks, in stage order.
 pub fn evaluate(snapshot: &Snapshot, key: &CacheKey) -> Outcome {
     let caller = snapshot.caller_by_id(key.caller);
-    let recipient = key.recipient.map_or(caller, |r| snapshot.caller_by_id(r));
+    let named = key.recipient.map(|r| snapshot.caller_by_id(r));
+    // A joint user or a third party that calls receives the data itself (DESIGN §1): a company
+    // it names instead is refused below, and never counts as where the data goes.
+    let recipient = match named {
+        Some(named) if caller.kind == CallerKind::Internal => named,
+        _ => caller,
+    };
     let purposes = snapshot.purposes();
     let categories = snapshot.categories();
     let purpose = purposes.info(key.purpose);
     let purpose_name = purposes.name(key.purpose);
-    let deny = |reasons: Vec<Reason>, rules: Vec<MatchedRule>| Outcome {
-        reasons: reasons.into(),
-        matched_rules: rules.into(),
-        requirements: Requirements::default(),
-    };
 
     // Stage 1: the purpose is registered for the caller, the data goes where the purpose says.
     let mut reasons = Vec::new();
-    if !caller
-        .registered
-        .iter()
-        .any(|r| purposes.is_within(key.purpose, *r))
-    {
+    if !is_registered(snapshot, caller, key.purpose) {
         reasons.push(Reason::new(
             ReasonCode::PurposeNotRegistered,
             "§1",
@@ -229,17 +235,16 @@ pub fn evaluate(snapshot: &Snapshot, key: &CacheKey) -> Outcome {
             ),
         ));
     }
-    if let Some(reason) = recipient_mismatch(
+    let mismatch = recipient_mismatch(
         caller,
         recipient,
         purpose_name,
         &purpose.recipient,
         &purpose.clause,
-    ) {
+    );
+    let named_wrong = || named_recipient_wrong(snapshot, caller, named?, key.purpose);
+    if let Some(reason) = mismatch.or_else(named_wrong) {
         reasons.push(reason);
-    }
-    if !reasons.is_empty() {
-        return deny(reasons, Vec::new());
     }
 
     // Stage 2: casbin grants, deny rows overriding allow rows.
@@ -285,9 +290,6 @@ pub fn evaluate(snapshot: &Snapshot, key: &CacheKey) -> Outcome {
             granted.extend_from_slice(&allow);
         }
     }
-    if !reasons.is_empty() {
-        return deny(reasons, rules(snapshot, denied));
-    }
 
     // Stage 3: secrecy of communications.
     let limits = snapshot.limits();
@@ -319,9 +321,6 @@ pub fn evaluate(snapshot: &Snapshot, key: &CacheKey) -> Outcome {
             )),
         }
     }
-    if !reasons.is_empty() {
-        return deny(reasons, Vec::new());
-    }
 
     // Stage 4: de-identified data only, for research.
     if purpose.deidentified_only {
@@ -337,9 +336,14 @@ pub fn evaluate(snapshot: &Snapshot, key: &CacheKey) -> Outcome {
                 ));
             }
         }
-        if !reasons.is_empty() {
-            return deny(reasons, Vec::new());
-        }
+    }
+
+    if !reasons.is_empty() {
+        return Outcome {
+            reasons: reasons.into(),
+            matched_rules: rules(snapshot, denied).into(),
+            requirements: Requirements::default(),
+        };
     }
 
     // What stage 5 must check. De-identified data is not personal data: no subject's state
@@ -359,6 +363,7 @@ pub fn evaluate(snapshot: &Snapshot, key: &CacheKey) -> Outcome {
             comms_consent,
             use_suspension: (!purpose.use_exempt).then(|| limits.suspension_clause.clone()),
             provision_suspension: purpose.provision.then(|| limits.suspension_clause.clone()),
+            deletion: (!purpose.deletion_exempt).then(|| limits.suspension_clause.clone()),
             subject_required: purpose.subject_required,
         }
     } else {
@@ -376,6 +381,58 @@ fn rules(snapshot: &Snapshot, mut ids: Vec<u32>) -> Vec<MatchedRule> {
     ids.sort_unstable();
     ids.dedup();
     ids.into_iter().map(|i| snapshot.rule(i).clone()).collect()
+}
+
+/// Whether `caller` may declare `purpose` (a registered parent covers its children).
+fn is_registered(snapshot: &Snapshot, caller: &CallerInfo, purpose: NodeId) -> bool {
+    caller
+        .registered
+        .iter()
+        .any(|r| snapshot.purposes().is_within(purpose, *r))
+}
+
+/// A recipient named in the request must be who receives the data: a joint user or third party
+/// that calls receives it itself and can name no one else (else the audit log and the
+/// disclosure report would credit another company with the provision); an internal caller that
+/// hands data to a company names it, and that company must be registered for the purpose.
+fn named_recipient_wrong(
+    snapshot: &Snapshot,
+    caller: &CallerInfo,
+    named: &CallerInfo,
+    purpose: NodeId,
+) -> Option<Reason> {
+    if named.id == caller.id {
+        return None;
+    }
+    let purposes = snapshot.purposes();
+    let purpose_name = purposes.name(purpose);
+    let clause = purposes
+        .info(purpose)
+        .recipient
+        .as_ref()
+        .map_or_else(|| purposes.info(purpose).clause.clone(), |(_, c)| c.clone());
+    if caller.kind != CallerKind::Internal {
+        return Some(Reason::new(
+            ReasonCode::RecipientNotAllowed,
+            clause,
+            format!(
+                "`{}` is a {} and receives the data itself: it cannot name `{}` as recipient",
+                caller.name,
+                caller.kind.as_str().replace('_', " "),
+                named.name
+            ),
+        ));
+    }
+    (!is_registered(snapshot, named, purpose)).then(|| {
+        Reason::new(
+            ReasonCode::RecipientNotAllowed,
+            clause,
+            format!(
+                "recipient `{}` is not registered for purpose `{purpose_name}`",
+                named.name
+            ),
+        )
+    })
 }
 
 /// A purpose that hands data to a joint user or a third party needs such a recipient; any
@@ -503,6 +560,11 @@ fn subject_reasons<'n>(
         {
             add(ReasonCode::ProvisionSuspended, clause, name);
         }
+        if let Some(clause) = &req.deletion
+            && state.deletion_requested
+        {
+            add(ReasonCode::DeletionRequested, clause, name);
+        }
     }
     let purpose = req.purpose_chain.first().map_or("", |p| p);
     found
@@ -525,6 +587,9 @@ fn subject_reasons<'n>(
                 ReasonCode::ProvisionSuspended => {
                     "provision of their data to third parties is suspended at their request".into()
                 }
+                ReasonCode::DeletionRequested => "they asked for their data to be deleted: it \
+                     serves only their requests and what the law requires to be kept"
+                    .into(),
                 _ => "their state could not be read".into(),
             };
             Reason::new(
@@ -536,8 +601,8 @@ fn subject_reasons<'n>(
         .collect()
 }
 
-/// A stage of DESIGN §2, as `Explain` reports it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+/// A stage of DESIGN §2, as `Explain` reports it, in the order they run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, serde::Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Stage {
     WellFormed,
@@ -567,7 +632,8 @@ impl Stage {
     }
 
     /// The stage of stages 1–4 that denies with `code` (stage 5's codes are told apart by
-    /// where they come from: [`finish`] only adds reasons when stages 1–4 found none).
+    /// where they come from: [`finish`] only adds reasons when stages 1–4 found none, and
+    /// `SECRECY_OF_COMMUNICATIONS` is in both).
     fn of_early(code: ReasonCode) -> Self {
         match code {
             ReasonCode::NoGrant | ReasonCode::DeniedByRule => Self::Grant,
@@ -586,7 +652,8 @@ impl Stage {
 pub enum StageOutcome {
     Pass,
     Deny,
-    /// An earlier stage denied; this one was not evaluated.
+    /// Not evaluated: a name of the request did not resolve (stages 2–5), or stages 1–4
+    /// denied (stage 5).
     Skipped,
 }
 
@@ -614,9 +681,10 @@ pub struct Explanation {
     pub stages: Vec<StageReport>,
 }
 
-/// Decides `request` uncached and says what each stage concluded. The stages stop at the
-/// first that denies (as [`evaluate`] does), so the stages after it are `skipped`: the
-/// explanation is exactly the decision's own path, not a second evaluation that could differ.
+/// Decides `request` uncached and says what each stage concluded: exactly the decision's own
+/// path, not a second evaluation that could differ. Stages 1–4 all run once the request's names
+/// resolve, so each reports its own reasons; stage 5 is `skipped` when any of them denied, and
+/// stages 2–5 are when a name did not resolve (there is nothing to evaluate them on).
 pub fn explain(
     snapshot: Option<&Snapshot>,
     request: &Request,
@@ -625,52 +693,55 @@ pub fn explain(
 ) -> Explanation {
     let Some(snapshot) = snapshot else {
         let decision = no_policy(id);
-        let stages = stage_reports(Stage::WellFormed, decision.reasons.clone());
+        let stages = stage_reports(Stage::WellFormed, &decision.reasons, |_| Stage::WellFormed);
         return Explanation { decision, stages };
     };
-    let (decision, denied_at) = match resolve(snapshot, request) {
-        Err(reasons) => (denied_early(snapshot, reasons, id), Some(Stage::WellFormed)),
+    let (decision, last) = match resolve(snapshot, request) {
+        Err(reasons) => (denied_early(snapshot, reasons, id), Stage::WellFormed),
         Ok(key) => {
             let outcome = evaluate(snapshot, &key);
-            let early = outcome.reasons.first().map(|r| Stage::of_early(r.code));
             let decision = finish(snapshot, &outcome, request, subjects, id, false);
-            let at = early.or((!decision.allowed).then_some(Stage::SubjectState));
-            (decision, at)
+            if outcome.reasons.is_empty() {
+                (decision, Stage::SubjectState)
+            } else {
+                (decision, Stage::Deidentification)
+            }
         }
     };
-    let stages = match denied_at {
-        Some(stage) => stage_reports(stage, decision.reasons.clone()),
-        None => Stage::ALL
-            .iter()
-            .map(|&stage| StageReport {
-                stage,
-                outcome: StageOutcome::Pass,
-                reasons: Vec::new(),
-            })
-            .collect(),
+    let stage_of = |code| match last {
+        Stage::SubjectState => Stage::SubjectState,
+        _ => Stage::of_early(code),
     };
+    let stages = stage_reports(last, &decision.reasons, stage_of);
     Explanation { decision, stages }
 }
 
-/// Stages before `denied` passed, `denied` denied with `reasons`, the rest were skipped.
-fn stage_reports(denied: Stage, reasons: Vec<Reason>) -> Vec<StageReport> {
-    let mut reasons = Some(reasons);
-    let mut seen = false;
+/// Stages up to `last` were evaluated: each denied with the reasons `stage_of` puts in it, or
+/// passed; the stages after `last` were skipped.
+fn stage_reports(
+    last: Stage,
+    reasons: &[Reason],
+    stage_of: impl Fn(ReasonCode) -> Stage,
+) -> Vec<StageReport> {
     Stage::ALL
         .iter()
         .map(|&stage| {
-            let (outcome, reasons) = if stage == denied {
-                seen = true;
-                (StageOutcome::Deny, reasons.take().unwrap_or_default())
-            } else if seen {
-                (StageOutcome::Skipped, Vec::new())
+            let mine: Vec<Reason> = reasons
+                .iter()
+                .filter(|r| stage_of(r.code) == stage)
+                .cloned()
+                .collect();
+            let outcome = if stage > last {
+                StageOutcome::Skipped
+            } else if mine.is_empty() {
+                StageOutcome::Pass
             } else {
-                (StageOutcome::Pass, Vec::new())
+                StageOutcome::Deny
             };
             StageReport {
                 stage,
                 outcome,
-                reasons,
+                reasons: mine,
             }
         })
         .collect()

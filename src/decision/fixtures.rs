@@ -62,18 +62,22 @@ pub struct FixtureSubject {
     pub use_suspended: bool,
     #[serde(default)]
     pub provision_suspended: bool,
+    #[serde(default)]
+    pub deletion_requested: bool,
     /// The store fails when asked for this subject.
     #[serde(default)]
     pub unavailable: bool,
 }
 
 impl FixtureSubject {
-    fn state(&self) -> SubjectState {
+    /// The state this subject gives a decision (`unavailable` aside).
+    pub fn state(&self) -> SubjectState {
         SubjectState {
             consent: self.consent.iter().cloned().collect(),
             comms_consent: self.comms_consent.iter().cloned().collect(),
             use_suspended: self.use_suspended,
             provision_suspended: self.provision_suspended,
+            deletion_requested: self.deletion_requested,
         }
     }
 }

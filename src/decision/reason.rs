@@ -30,6 +30,7 @@ pub enum ReasonCode {
     ConsentRequired,
     UseSuspended,
     ProvisionSuspended,
+    DeletionRequested,
     SubjectStateUnavailable,
     // Anything the engine could not evaluate.
     PolicyUnavailable,
@@ -60,6 +61,7 @@ impl ReasonCode {
         Self::ConsentRequired,
         Self::UseSuspended,
         Self::ProvisionSuspended,
+        Self::DeletionRequested,
         Self::SubjectStateUnavailable,
         Self::PolicyUnavailable,
         Self::RouteUnknown,
@@ -86,6 +88,7 @@ impl ReasonCode {
             Self::ConsentRequired => "CONSENT_REQUIRED",
             Self::UseSuspended => "USE_SUSPENDED",
             Self::ProvisionSuspended => "PROVISION_SUSPENDED",
+            Self::DeletionRequested => "DELETION_REQUESTED",
             Self::SubjectStateUnavailable => "SUBJECT_STATE_UNAVAILABLE",
             Self::PolicyUnavailable => "POLICY_UNAVAILABLE",
             Self::RouteUnknown => "ROUTE_UNKNOWN",

@@ -126,6 +126,12 @@ fn build(
         "purpose",
         &mut problems_here,
     );
+    let deletion_exempt = resolve_all(
+        &tax.suspension.deletion_exempt_purposes,
+        &purpose_tree,
+        "purpose",
+        &mut problems_here,
+    );
 
     let within_any = |tree: &TreeShape, node: NodeId, set: &[NodeId]| {
         set.iter()
@@ -153,6 +159,15 @@ fn build(
                     .as_ref()
                     .map(|r| (*r.get_ref(), Arc::<str>::from(p.clause.as_str())))
             });
+            let manager = nearest(&|a| tax.purposes[a].manager.is_some()).and_then(|a| {
+                let p = &tax.purposes[a];
+                p.manager.as_ref().map(|m| {
+                    (
+                        Arc::<str>::from(m.name.as_str()),
+                        Arc::<str>::from(m.clause.as_str()),
+                    )
+                })
+            });
             let secrecy = if within_any(&purpose_tree, node, &sec_purposes) {
                 SecrecyUse::Allowed
             } else if within_any(&purpose_tree, node, &sec_never) {
@@ -168,6 +183,8 @@ fn build(
                 secrecy,
                 deidentified_only: within_any(&purpose_tree, node, &deid_purposes),
                 use_exempt: within_any(&purpose_tree, node, &exempt),
+                deletion_exempt: within_any(&purpose_tree, node, &deletion_exempt),
+                manager,
                 provision: within_any(&purpose_tree, node, &provision),
                 subject_required: nearest(&|a| tax.purposes[a].subject).is_some(),
             }

@@ -135,6 +135,11 @@ pub struct PurposeInfo {
     pub deidentified_only: bool,
     /// A suspension of use does not stop it.
     pub use_exempt: bool,
+    /// A deletion request does not stop it.
+    pub deletion_exempt: bool,
+    /// Who is responsible for the data used for it, from this purpose or its nearest ancestor,
+    /// and the clause that names them (§2(d) for joint use).
+    pub manager: Option<(Arc<str>, Arc<str>)>,
     /// A suspension of third-party provision stops it.
     pub provision: bool,
     /// A call for it must name its data subject (answering a person's request, say).

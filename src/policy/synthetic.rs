@@ -117,7 +117,7 @@ pub fn random_policy(seed: u64, shape: Shape) -> PolicySource {
     taxonomy.push_str(
         "[secrecy]\nclause = \"§5\"\ncategories = []\npurposes = []\nnever_purposes = []\nnever_recipients = []\n\n\
          [deidentification]\nclause = \"§1(3)\"\npurposes = []\ncategories = []\n\n\
-         [suspension]\nclause = \"§7\"\nuse_exempt_purposes = []\nprovision_purposes = []\n",
+         [suspension]\nclause = \"§7\"\nuse_exempt_purposes = []\nprovision_purposes = []\ndeletion_exempt_purposes = []\n",
     );
     PolicySource {
         origin: format!("<random policy, seed {seed}>").into(),

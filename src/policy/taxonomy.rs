@@ -40,6 +40,19 @@ pub struct PurposeEntry {
     /// Data used for this purpose (and its children) goes to a company of this kind.
     #[serde(default)]
     pub recipient: Option<Spanned<CallerKind>>,
+    /// Who is responsible for protecting and managing the data used for this purpose (and its
+    /// children): §2(d) names the CISO for joint use.
+    #[serde(default)]
+    pub manager: Option<Manager>,
+}
+
+/// The person responsible for protecting and managing personal data used for a purpose, and the
+/// clause that names them.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Manager {
+    pub name: String,
+    pub clause: String,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -105,11 +118,14 @@ pub struct DeidentificationLimit {
     pub categories: Vec<Sp>,
 }
 
-/// §7: what the subject's suspension requests stop.
+/// §7: what the subject's suspension and deletion requests stop.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct SuspensionRules {
     pub clause: String,
     pub use_exempt_purposes: Vec<Sp>,
     pub provision_purposes: Vec<Sp>,
+    /// What a deletion request does not stop: carrying out the subject's requests and what the
+    /// law requires to be kept. Required: a policy must say what a deletion request leaves.
+    pub deletion_exempt_purposes: Vec<Sp>,
 }

@@ -60,12 +60,8 @@ pub trait SubjectRegistry: Send + Sync + fmt::Debug {
 /// A subject's current state as stored, with its version.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
 pub struct SubjectRecord {
-    /// What decisions read.
+    /// What decisions read, the deletion request (§7) included.
     pub state: SubjectState,
-    /// The subject asked for their data to be deleted (§7). Kept here rather than in
-    /// [`SubjectState`] because no decision stage reads it yet (DESIGN §2 has no stage for it):
-    /// the data service carries out the deletion.
-    pub deletion_requested: bool,
     /// 1 after the first change, +1 with each change after it. A cache holding an older
     /// version holds a stale state.
     pub version: u64,
@@ -342,9 +338,9 @@ impl RecordBuilder {
                 state: SubjectState {
                     use_suspended,
                     provision_suspended,
+                    deletion_requested: deletion,
                     ..SubjectState::default()
                 },
-                deletion_requested: deletion,
                 version,
             },
         }
