@@ -12,7 +12,7 @@
 
 use pdgate::decision::{DecisionIds, decide_fresh};
 use pdgate::policy::Effect;
-use pdgate::policy::fixtures::{self, Expected};
+use pdgate::decision::fixtures::{self, Expected};
 use pdgate::subjects::InMemorySubjects;
 use std::collections::BTreeSet;
 use std::path::Path;

@@ -43,7 +43,7 @@ pub enum ReasonCode {
 }
 
 impl ReasonCode {
-    pub const ALL: [ReasonCode; 22] = [
+    pub const ALL: [ReasonCode; 23] = [
         Self::PurposeNotDeclared,
         Self::PurposeUnknown,
         Self::CategoryNotDeclared,
