@@ -6,7 +6,12 @@
     reason = "each test file uses a different part of the harness"
 )]
 
+pub mod bin;
+pub mod logs;
 pub mod pg;
+pub mod ports;
+pub mod tls;
+pub mod wait;
 
 use pdgate::audit::{AuditLog, AuditSettings, AuditWriter};
 use pdgate::config::{Config, ReloadSettings, SubjectsSettings, TlsFiles};
@@ -48,6 +53,8 @@ pub struct Harness {
     data_listener: Option<std::net::TcpListener>,
     /// Keeps the temporary audit directory (when the test did not choose one).
     _audit_tmp: Option<tempfile::TempDir>,
+    /// Keeps the upstream's port reserved when the upstream is down.
+    _closed_upstream: Option<ports::ClosedPort>,
 }
 
 pub struct Options {
@@ -139,18 +146,15 @@ impl Harness {
         let stopped = |mut rx: watch::Receiver<bool>| async move {
             let _ = rx.wait_for(|s| *s).await;
         };
-        let upstream_listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let upstream_addr = upstream_listener.local_addr().unwrap();
-        let upstream = if options.upstream_up {
-            Some(tokio::spawn(
-                service
-                    .clone()
-                    .serve(upstream_listener, stopped(stop_rx.clone())),
-            ))
+        let (upstream, upstream_addr, closed_upstream) = if options.upstream_up {
+            let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let addr = listener.local_addr().unwrap();
+            let task = tokio::spawn(service.clone().serve(listener, stopped(stop_rx.clone())));
+            (Some(task), addr, None)
         } else {
-            // A port that was just free and is now closed: connections are refused.
-            drop(upstream_listener);
-            None
+            // Reserved for the harness's life and refusing connections.
+            let closed = ports::ClosedPort::new();
+            (None, closed.addr, Some(closed))
         };
         let listeners = Listeners::bind(
             "127.0.0.1:0".parse().unwrap(),
@@ -231,6 +235,7 @@ impl Harness {
             audit_writer: Some(audit_writer),
             data_listener,
             _audit_tmp: audit_tmp,
+            _closed_upstream: closed_upstream,
         }
     }
 
@@ -254,13 +259,17 @@ impl Harness {
 
     /// Signals shutdown; returns what the sidecar's `run` returned.
     pub async fn shutdown(&mut self) -> Result<(), ServeError> {
-        let _ = self.stop.send(true);
+        // `send_replace`: the signal is set even when every receiver is gone already.
+        self.stop.send_replace(true);
         let result = match self.sidecar.take() {
             Some(task) => task.await.unwrap(),
             None => Ok(()),
         };
         if let Some(upstream) = self.upstream.take() {
-            let _ = upstream.await;
+            upstream
+                .await
+                .unwrap()
+                .expect("the upstream service stops cleanly");
         }
         if let Some(writer) = self.audit_writer.take() {
             writer.close().await;
@@ -290,7 +299,7 @@ impl Harness {
     }
 
     pub fn signal_shutdown(&self) {
-        let _ = self.stop.send(true);
+        self.stop.send_replace(true);
     }
 }
 
