@@ -47,6 +47,9 @@ pub struct Harness {
     pub sidecar: Option<JoinHandle<Result<(), ServeError>>>,
     upstream: Option<JoinHandle<Result<(), tonic::transport::Error>>>,
     pub audit_dir: PathBuf,
+    /// The sidecar's audit log (a handle on the same writer): for what only it can tell, such
+    /// as how many `Tail` calls have subscribed.
+    pub audit: AuditLog,
     audit_writer: Option<AuditWriter>,
     /// A second handle on the data plane's listening socket, when
     /// [`Options::data_listener_handle`] asked for it.
@@ -219,7 +222,7 @@ impl Harness {
                 Subjects::Registry(server::open_subject_cache(&config).await.unwrap())
             }
         };
-        let gate = server::gate(&config, policy, subjects, audit).unwrap();
+        let gate = server::gate(&config, policy, subjects, audit.clone()).unwrap();
         let sidecar_stop = stopped(stop_rx);
         let sidecar =
             tokio::spawn(async move { server::run(&config, listeners, gate, sidecar_stop).await });
@@ -232,6 +235,7 @@ impl Harness {
             sidecar: Some(sidecar),
             upstream,
             audit_dir,
+            audit,
             audit_writer: Some(audit_writer),
             data_listener,
             _audit_tmp: audit_tmp,
