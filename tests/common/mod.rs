@@ -50,6 +50,9 @@ pub struct Harness {
     /// The sidecar's audit log (a handle on the same writer): for what only it can tell, such
     /// as how many `Tail` calls have subscribed.
     pub audit: AuditLog,
+    /// The running core, for state no API shows without being audited (the active policy
+    /// when the audit log is broken).
+    pub gate: Arc<pdgate::gate::Gate>,
     audit_writer: Option<AuditWriter>,
     /// A second handle on the data plane's listening socket, when
     /// [`Options::data_listener_handle`] asked for it.
@@ -224,8 +227,11 @@ impl Harness {
         };
         let gate = server::gate(&config, policy, subjects, audit.clone()).unwrap();
         let sidecar_stop = stopped(stop_rx);
+        let running = gate.clone();
         let sidecar =
-            tokio::spawn(async move { server::run(&config, listeners, gate, sidecar_stop).await });
+            tokio::spawn(
+                async move { server::run(&config, listeners, running, sidecar_stop).await },
+            );
         Self {
             service,
             upstream_addr,
@@ -236,6 +242,7 @@ impl Harness {
             upstream,
             audit_dir,
             audit,
+            gate,
             audit_writer: Some(audit_writer),
             data_listener,
             _audit_tmp: audit_tmp,
@@ -382,4 +389,106 @@ pub async fn policy_admin(
             Ok(request)
         },
     )
+}
+
+/// A directory made read-only for the guard's life, in a way that holds for root too:
+/// permission bits first (enough for anyone else), then, when a write still succeeds (root
+/// ignores permission bits), the immutable attribute (`chattr +i`, which stops root; it needs
+/// a file system that has it, as ext4 does). Fails the test, rather than passing vacuously,
+/// when neither makes the directory refuse a write.
+pub struct ReadOnly {
+    dir: PathBuf,
+    immutable: bool,
+}
+
+impl ReadOnly {
+    pub fn new(dir: &Path) -> Self {
+        use std::os::unix::fs::PermissionsExt;
+        let mut guard = Self {
+            dir: dir.to_owned(),
+            immutable: false,
+        };
+        for path in walk(dir) {
+            let mode = if path.is_dir() { 0o555 } else { 0o444 };
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode)).unwrap();
+        }
+        if guard.writable() {
+            let out = std::process::Command::new("chattr")
+                .arg("-R")
+                .arg("+i")
+                .arg(dir)
+                .output()
+                .expect("run chattr");
+            guard.immutable = true;
+            assert!(
+                out.status.success(),
+                "cannot make {} read-only for root: chattr +i failed: {}",
+                dir.display(),
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        assert!(!guard.writable(), "{} is still writable", dir.display());
+        guard
+    }
+
+    /// Whether a new file can be created in the directory (removed again if so).
+    fn writable(&self) -> bool {
+        let probe = self.dir.join(".pdgate-write-probe");
+        match std::fs::write(&probe, b"x") {
+            Ok(()) => {
+                std::fs::remove_file(&probe).unwrap();
+                true
+            }
+            Err(e) => {
+                assert!(
+                    matches!(
+                        e.kind(),
+                        std::io::ErrorKind::PermissionDenied
+                            | std::io::ErrorKind::ReadOnlyFilesystem
+                    ),
+                    "{e}"
+                );
+                false
+            }
+        }
+    }
+}
+
+impl Drop for ReadOnly {
+    fn drop(&mut self) {
+        use std::os::unix::fs::PermissionsExt;
+        if self.immutable {
+            let undone = std::process::Command::new("chattr")
+                .arg("-R")
+                .arg("-i")
+                .arg(&self.dir)
+                .status();
+            assert!(
+                undone.is_ok_and(|s| s.success()) || std::thread::panicking(),
+                "chattr -i {} failed",
+                self.dir.display()
+            );
+        }
+        for path in walk(&self.dir) {
+            let mode = if path.is_dir() { 0o755 } else { 0o644 };
+            // Best effort while unwinding; the temporary directory is removed after this.
+            let _ = std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode));
+        }
+    }
+}
+
+/// `dir` and everything under it.
+fn walk(dir: &Path) -> Vec<PathBuf> {
+    let mut all = vec![dir.to_owned()];
+    if let Ok(entries) = std::fs::read_dir(dir) {
+        for entry in entries.flatten() {
+            let path = entry.path();
+            if path.is_dir() {
+                all.extend(walk(&path));
+            } else {
+                all.push(path);
+            }
+        }
+    }
+    all
 }
