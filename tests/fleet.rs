@@ -256,3 +256,38 @@ async fn a_sidecar_joining_later_takes_the_fleets_policy_over_its_directory() {
     late.shutdown().await.unwrap();
     schema.remove().await;
 }
+
+#[tokio::test]
+async fn a_push_while_the_database_is_down_fails_and_the_sidecar_keeps_its_policy() {
+    // The fleet's database is a port that refuses connections (reserved for the test).
+    let schema = TestSchema::create().await;
+    let down = common::ports::ClosedPort::new();
+    let mut h = Harness::with(Options {
+        subjects: SubjectsChoice::Postgres(schema.url_via(down.addr)),
+        reload: pdgate::config::ReloadSettings {
+            watch: false,
+            debounce: POLL,
+            ..pdgate::config::ReloadSettings::default()
+        },
+        ..Options::default()
+    })
+    .await;
+    let start = active_version(&h).await;
+    assert!(!start.is_empty(), "the local policy is active");
+    let status = policy_admin(&h, "security-team")
+        .await
+        .apply(ApplyRequest {
+            bundle: Some(bundle_with(&[DENY_NAMES])),
+            comment: "CHG-7".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), tonic::Code::Unavailable, "{status:?}");
+    // Nothing applied on this sidecar alone: it still decides under the policy it had.
+    assert_eq!(active_version(&h).await, start);
+    let answer = billing_reads_name(&h).await;
+    assert!(answer.allowed, "{answer:?}");
+    assert_eq!(answer.policy_version, start);
+    h.shutdown().await.unwrap();
+    schema.remove().await;
+}
