@@ -145,6 +145,13 @@ struct Server {
     log: Option<PathBuf>,
 }
 
+/// Criterion's test mode, which CI runs (`cargo test --benches`: no `--bench` flag) to check
+/// that the benchmark still runs: once, on a small input, nothing measured.
+fn test_mode() -> bool {
+    let args: Vec<String> = std::env::args().collect();
+    args.iter().any(|a| a == "--test") || !args.iter().any(|a| a == "--bench")
+}
+
 fn main() -> ExitCode {
     if let Ok(listen) = std::env::var(BASELINE_LISTEN_ENV) {
         return baseline_main(&listen);
@@ -157,8 +164,15 @@ fn main() -> ExitCode {
         }
     };
     // PDGATE_LOAD_BINARY: another build to measure (e.g. the previous commit's, for an A/B run).
+    // In test mode: the binary cargo built with this bench, whatever the profile.
     let pdgate = std::env::var_os("PDGATE_LOAD_BINARY").map_or_else(
-        || Path::new(env!("CARGO_MANIFEST_DIR")).join("target/release/pdgate"),
+        || {
+            if test_mode() {
+                PathBuf::from(env!("CARGO_BIN_EXE_pdgate"))
+            } else {
+                Path::new(env!("CARGO_MANIFEST_DIR")).join("target/release/pdgate")
+            }
+        },
         PathBuf::from,
     );
     if !pdgate.is_file() {
@@ -188,6 +202,7 @@ impl Settings {
                     )),
                 })
                 .collect::<Result<Vec<_>, _>>()?,
+            Err(_) if test_mode() => vec![1],
             Err(_) => DEFAULT_CONCURRENCY.to_vec(),
         };
         let seconds = match std::env::var(SECONDS_ENV) {
@@ -195,6 +210,8 @@ impl Settings {
                 Ok(x) if x > 0.0 && x <= 3600.0 => x,
                 _ => return Err(format!("{SECONDS_ENV}: `{s}` is not a number of seconds")),
             },
+            // Long enough for the reload run to see a swap (one every RELOAD_EVERY).
+            Err(_) if test_mode() => 2.0,
             Err(_) => DEFAULT_SECONDS,
         };
         Ok(Self {

@@ -232,11 +232,18 @@ async fn bench_store(name: &str, registry: Arc<dyn SubjectRegistry>, subjects: u
     registry.close().await;
 }
 
+/// Criterion's test mode, which CI runs (`cargo test --benches`: no `--bench` flag) to check
+/// that the benchmark still runs: once, on a small input, nothing measured.
+fn test_mode() -> bool {
+    let args: Vec<String> = std::env::args().collect();
+    args.iter().any(|a| a == "--test") || !args.iter().any(|a| a == "--bench")
+}
+
 fn main() {
     let subjects: usize = std::env::var("PDGATE_BENCH_SUBJECTS")
         .ok()
         .and_then(|s| s.parse().ok())
-        .unwrap_or(10_000);
+        .unwrap_or(if test_mode() { 200 } else { 10_000 });
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

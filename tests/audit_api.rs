@@ -11,13 +11,14 @@
 
 mod common;
 
+use common::bin::Pdgate;
+use common::wait::eventually;
 use common::{Harness, Options, call};
 use pdgate::api::admin::ADMIN_ROLE_REQUIRED;
 use pdgate::audit::{AuditLog, AuditRecord, AuditSettings, RecordKind, Retention};
 use pdgate::proto::demo::{GetBillingStatementRequest, GetProfileRequest};
 use pdgate::proto::v1::audit_log_client::AuditLogClient;
 use pdgate::proto::v1::{AuditQuery, AuditTailRequest, AuditVerifyRequest};
-use std::process::Command;
 use std::time::Duration;
 use tonic::Code;
 use tonic::metadata::MetadataValue;
@@ -159,19 +160,20 @@ async fn an_auditor_queries_and_verifies_and_each_read_is_audited() {
     assert_eq!(v.first_seq, 1);
     assert_eq!(v.anchor_seq, 0);
 
-    // The reads are in the log, before what they read: a query finds its own record.
+    // Each read is in the log, in the order they were made, right after the three calls.
     let queries = admin_records(&h, "Query");
-    assert_eq!(queries.len(), 3);
+    let seqs: Vec<u64> = queries.iter().map(|r| r.seq).collect();
+    assert_eq!(seqs, [4, 5, 6], "the three queries, as records 4 to 6");
     let q = &queries[0].body;
     assert_eq!(q.caller, "audit-team");
     assert_eq!(q.decision, "allow");
     assert_eq!(q.method.as_deref(), Some("/pdgate.v1.AuditLog/Query"));
     assert!(q.detail.as_deref().unwrap().contains("subject=cust-1"));
-    assert!(
-        queries[0].seq < records.last().unwrap().seq + 10,
-        "written before the answer"
-    );
-    assert_eq!(admin_records(&h, "Verify").len(), 1);
+    let verifies: Vec<u64> = admin_records(&h, "Verify").iter().map(|r| r.seq).collect();
+    assert_eq!(verifies, [7]);
+    // Written before the answer: a query of the admin records finds its own record (8) as
+    // the last of what it returns. Were the record written after answering, the answer
+    // would end at 7.
     let own = client
         .query(auditor(AuditQuery {
             kind: "admin".into(),
@@ -182,6 +184,7 @@ async fn an_auditor_queries_and_verifies_and_each_read_is_audited() {
         .unwrap()
         .into_inner();
     let last = parse(&own.records.last().unwrap().json);
+    assert_eq!(last.seq, 8, "the query's answer holds its own record");
     assert_eq!(last.body.action, "Query");
     assert!(last.body.detail.unwrap().contains("kind=admin"));
 }
@@ -557,23 +560,9 @@ async fn verify_over_the_api_after_retention_reports_where_the_log_starts() {
     h.shutdown().await.unwrap();
 }
 
-fn pdgate(args: &[&str]) -> std::process::Output {
-    Command::new(env!("CARGO_BIN_EXE_pdgate"))
-        .args(args)
-        .env_remove("PDGATE_AUDIT")
-        .env_remove("PDGATE_ADMIN")
-        .env_remove("PDGATE_ADMIN_AS")
-        .output()
-        .unwrap()
-}
-
 /// Runs the CLI off the runtime's threads (the sidecar runs on them).
 async fn cli(args: Vec<String>) -> std::process::Output {
-    tokio::task::spawn_blocking(move || {
-        pdgate(&args.iter().map(String::as_str).collect::<Vec<_>>())
-    })
-    .await
-    .unwrap()
+    Pdgate::new(args).output_async().await
 }
 
 fn args(s: &[&str]) -> Vec<String> {
@@ -689,11 +678,8 @@ async fn the_cli_asks_a_running_sidecar_with_admin_and_prints_what_it_prints_for
     .await;
     assert_eq!(both.status.code(), Some(2), "{both:?}");
     // Nobody listening: exit 1.
-    let closed = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .to_string();
+    let closed_port = common::ports::ClosedPort::new();
+    let closed = closed_port.to_string();
     let down = cli(args(&[
         "audit",
         "verify",
@@ -717,41 +703,41 @@ async fn the_cli_asks_a_running_sidecar_with_admin_and_prints_what_it_prints_for
 
     // `tail --follow` keeps following past `--timeout` (which bounds connecting and each
     // answer, not a stream) and prints what is written meanwhile.
-    let mut follow = Command::new(env!("CARGO_BIN_EXE_pdgate"))
-        .args([
-            "audit",
-            "tail",
-            "--admin",
-            &addr,
-            "--as",
-            "audit-team",
-            "-n",
-            "0",
-            "--follow",
-            "--timeout",
-            "1",
-        ])
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    tokio::time::sleep(Duration::from_millis(2500)).await;
+    let subscribed = h.audit.subscribers();
+    let mut follow = Pdgate::new([
+        "audit",
+        "tail",
+        "--admin",
+        &addr,
+        "--as",
+        "audit-team",
+        "-n",
+        "0",
+        "--follow",
+        "--timeout",
+        "1",
+    ])
+    .spawn();
+    // Written once the tail has subscribed (the writer counts its subscribers), and after
+    // longer than `--timeout`.
+    let took = eventually("`tail --follow` subscribes", || async {
+        h.audit.subscribers() > subscribed
+    })
+    .await;
+    println!("`tail --follow` subscribed after {took:?}");
+    tokio::time::sleep(Duration::from_millis(1500)).await;
     billing(&h, "cust-4").await;
-    let stdout = follow.stdout.take().unwrap();
-    let line = tokio::task::spawn_blocking(move || {
-        use std::io::BufRead;
-        let mut line = String::new();
-        std::io::BufReader::new(stdout)
-            .read_line(&mut line)
-            .unwrap();
-        line
-    });
-    let printed = tokio::time::timeout(Duration::from_secs(10), line)
-        .await
-        .expect("a line within 10 s")
-        .unwrap();
-    follow.kill().unwrap();
-    let _ = follow.wait();
-    assert!(printed.contains("subjects cust-4"), "{printed}");
+    let printed = follow
+        .line("the line of the call made while following", |l| {
+            l.contains("subjects cust-4")
+        })
+        .await;
+    println!("{printed}");
+    assert!(
+        follow.try_status().is_none(),
+        "`tail --follow` exited: {}",
+        follow.stderr()
+    );
 }
 
 #[tokio::test]

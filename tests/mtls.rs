@@ -11,13 +11,10 @@
 
 mod common;
 
+use common::tls::{Ca, dns, uri};
 use common::{Harness, Options, call, reason};
-use pdgate::config::{DEFAULT_URI_PREFIX, TlsFiles};
 use pdgate::proto::demo::customer_data_client::CustomerDataClient;
 use pdgate::proto::demo::{DisclosureRequest, GetBillingStatementRequest, GetProfileRequest};
-use rcgen::{
-    BasicConstraints, CertificateParams, CertifiedIssuer, IsCa, KeyPair, KeyUsagePurpose, SanType,
-};
 use std::time::Duration;
 use tonic::Code;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Identity};
@@ -25,57 +22,14 @@ use tonic_health::pb::HealthCheckRequest;
 use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::health_client::HealthClient;
 
-struct Ca {
-    issuer: CertifiedIssuer<'static, KeyPair>,
-}
-
-impl Ca {
-    fn new() -> Self {
-        let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
-        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
-        Self {
-            issuer: CertifiedIssuer::self_signed(params, KeyPair::generate().unwrap()).unwrap(),
-        }
-    }
-
-    fn pem(&self) -> String {
-        self.issuer.pem()
-    }
-
-    /// A leaf certificate with these SANs: (cert PEM, key PEM).
-    fn leaf(&self, sans: Vec<SanType>) -> (String, String) {
-        let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
-        params.subject_alt_names = sans;
-        let key = KeyPair::generate().unwrap();
-        let cert = params.signed_by(&key, &self.issuer).unwrap();
-        (cert.pem(), key.serialize_pem())
-    }
-}
-
-fn uri(caller: &str) -> SanType {
-    SanType::URI(format!("{DEFAULT_URI_PREFIX}{caller}").try_into().unwrap())
-}
-
-fn dns(name: &str) -> SanType {
-    SanType::DnsName(name.try_into().unwrap())
-}
-
 struct Pki {
     ca: Ca,
 }
 
 impl Pki {
     async fn sidecar(&self) -> Harness {
-        let (cert, key) = self.ca.leaf(vec![dns("localhost")]);
         Harness::with(Options {
-            tls: Some(TlsFiles {
-                cert_pem: cert.into_bytes(),
-                key_pem: key.into_bytes(),
-                client_ca_pem: self.ca.pem().into_bytes(),
-                uri_prefix: DEFAULT_URI_PREFIX.to_owned(),
-                dns_suffix: Some("callers.pdgate.local".to_owned()),
-            }),
+            tls: Some(self.ca.server_files("localhost")),
             ..Options::default()
         })
         .await
@@ -195,73 +149,132 @@ async fn a_certificate_naming_no_known_caller_is_denied() {
     assert_eq!(h.service.calls(), 0);
 }
 
+/// Asserts that `connect` (then one call made with `call`) is refused at the transport, and
+/// prints how: the TLS handshake fails, or — in TLS 1.3 the server checks the client's
+/// certificate after the client has finished its handshake — the first call fails with a
+/// transport error (UNKNOWN or UNAVAILABLE with a transport error as its source). Any gRPC
+/// answer of the sidecar's, even a denial, fails the test. A crashed sidecar would be
+/// refused too: the callers check [`still_serves`] afterwards.
+async fn assert_refused<F, Fut>(
+    what: &str,
+    connect: Result<Channel, tonic::transport::Error>,
+    call: F,
+) where
+    F: FnOnce(Channel) -> Fut,
+    Fut: std::future::Future<Output = Result<(), tonic::Status>>,
+{
+    let channel = match connect {
+        Err(e) => {
+            println!("{what}: refused at the handshake ({e})");
+            return;
+        }
+        Ok(channel) => channel,
+    };
+    let status = match call(channel).await {
+        Ok(()) => panic!("{what}: served"),
+        Err(status) => status,
+    };
+    assert!(
+        matches!(status.code(), Code::Unavailable | Code::Unknown)
+            && std::error::Error::source(&status).is_some(),
+        "{what}: answered {:?} (`{}`) instead of being refused at the transport",
+        status.code(),
+        reason(&status)
+    );
+    println!(
+        "{what}: refused at the first call ({:?}, transport error)",
+        status.code()
+    );
+}
+
+/// The sidecar still serves a client with a good certificate: a refusal above was the
+/// sidecar's answer, not a crash.
+async fn still_serves(pki: &Pki, h: &Harness) {
+    let channel = pki
+        .channel(h.data_addr, Some(pki.ca.leaf(vec![uri("billing-service")])))
+        .await
+        .expect("a client with a good certificate connects");
+    CustomerDataClient::new(channel)
+        .get_billing_statement(billing("billing-service"))
+        .await
+        .expect("a client with a good certificate is served");
+}
+
+async fn billing_call(channel: Channel) -> Result<(), tonic::Status> {
+    CustomerDataClient::new(channel)
+        .get_billing_statement(billing("billing-service"))
+        .await
+        .map(drop)
+}
+
 #[tokio::test]
 async fn a_client_without_a_valid_certificate_is_refused() {
     let pki = Pki { ca: Ca::new() };
     let h = pki.sidecar().await;
-    // No client certificate: the handshake fails, or the first call does.
-    if let Ok(channel) = pki.channel(h.data_addr, None).await {
-        let result = CustomerDataClient::new(channel)
-            .get_billing_statement(billing("billing-service"))
-            .await;
-        assert!(result.is_err(), "a client without a certificate was served");
-    }
-    // A certificate from another CA.
+    assert_refused(
+        "no client certificate",
+        pki.channel(h.data_addr, None).await,
+        billing_call,
+    )
+    .await;
     let stranger = Ca::new();
-    if let Ok(channel) = pki
-        .channel(
+    assert_refused(
+        "a certificate from another CA",
+        pki.channel(
             h.data_addr,
             Some(stranger.leaf(vec![uri("billing-service")])),
         )
-        .await
-    {
-        let result = CustomerDataClient::new(channel)
-            .get_billing_statement(billing("billing-service"))
-            .await;
-        assert!(
-            result.is_err(),
-            "a client with a foreign certificate was served"
-        );
-    }
-    // Plain HTTP/2 without TLS.
-    if let Ok(channel) = Channel::from_shared(format!("http://{}", h.data_addr))
-        .unwrap()
-        .connect()
-        .await
-    {
-        let result = CustomerDataClient::new(channel)
-            .get_billing_statement(billing("billing-service"))
-            .await;
-        assert!(result.is_err(), "a cleartext client was served");
-    }
-    assert_eq!(h.service.calls(), 0);
+        .await,
+        billing_call,
+    )
+    .await;
+    assert_refused(
+        "cleartext HTTP/2",
+        Channel::from_shared(format!("http://{}", h.data_addr))
+            .unwrap()
+            .connect_timeout(Duration::from_secs(5))
+            .connect()
+            .await,
+        billing_call,
+    )
+    .await;
+    assert_eq!(
+        h.service.calls(),
+        0,
+        "a refused client reached the upstream"
+    );
+    still_serves(&pki, &h).await;
+    assert_eq!(h.service.calls(), 1);
 }
 
 #[tokio::test]
 async fn the_api_port_requires_mtls_too() {
     let pki = Pki { ca: Ca::new() };
     let h = pki.sidecar().await;
+    let health = |channel: Channel| async move {
+        HealthClient::new(channel)
+            .check(HealthCheckRequest {
+                service: String::new(),
+            })
+            .await
+            .map(|r| r.into_inner().status())
+    };
     let channel = pki
         .channel(h.api_addr, Some(pki.ca.leaf(vec![uri("privacy-office")])))
         .await
         .unwrap();
-    let status = HealthClient::new(channel)
-        .check(HealthCheckRequest {
-            service: String::new(),
-        })
-        .await
-        .unwrap();
-    assert_eq!(status.get_ref().status(), ServingStatus::Serving);
-    if let Ok(channel) = pki.channel(h.api_addr, None).await {
-        assert!(
-            HealthClient::new(channel)
-                .check(HealthCheckRequest {
-                    service: String::new()
-                })
-                .await
-                .is_err()
-        );
-    }
+    assert_eq!(
+        health(channel.clone()).await.unwrap(),
+        ServingStatus::Serving
+    );
+    assert_refused(
+        "no client certificate on the API port",
+        pki.channel(h.api_addr, None).await,
+        |channel| async move { health(channel).await.map(drop) },
+    )
+    .await;
+    // Still up: the refusal was an answer.
+    assert_eq!(health(channel).await.unwrap(), ServingStatus::Serving);
 }
 
 #[tokio::test]
@@ -311,12 +324,23 @@ async fn the_metrics_endpoint_is_behind_mtls_too() {
     .await
     .unwrap();
     let mut answer = Vec::new();
-    let _ = tokio::time::timeout(
-        Duration::from_secs(5),
+    // The TLS server answers cleartext with an alert and closes (or resets): either way the
+    // read ends, and no HTTP answer came.
+    let read = tokio::time::timeout(
+        Duration::from_secs(20),
         tokio::io::AsyncReadExt::read_to_end(&mut plain, &mut answer),
     )
-    .await;
-    assert!(!String::from_utf8_lossy(&answer).contains("pdgate_decisions_total"));
+    .await
+    .expect("the TLS port closes a cleartext connection");
+    println!(
+        "cleartext HTTP/1 to the TLS API port: {read:?}, {} bytes back",
+        answer.len()
+    );
+    assert!(
+        !answer.starts_with(b"HTTP/"),
+        "a cleartext request got an HTTP answer: {}",
+        String::from_utf8_lossy(&answer)
+    );
 
     // With a client certificate from the client CA, over HTTP/2 (TLS offers h2 only).
     let channel = pki
@@ -343,13 +367,30 @@ async fn the_metrics_endpoint_is_behind_mtls_too() {
             .contains("# TYPE pdgate_decisions_total counter")
     );
     // Without a certificate: the handshake fails, or the request does, as for every API.
-    if let Ok(channel) = pki.channel(h.api_addr, None).await {
-        let request = http::Request::get("https://localhost/metrics")
+    let metrics = || {
+        http::Request::get("https://localhost/metrics")
             .body(tonic::body::Body::empty())
-            .unwrap();
-        assert!(
-            channel.oneshot(request).await.is_err(),
-            "a client without a certificate read the metrics"
-        );
+            .unwrap()
+    };
+    match pki.channel(h.api_addr, None).await {
+        Err(_) => println!("/metrics without a certificate: refused at the handshake"),
+        Ok(channel) => match channel.oneshot(metrics()).await {
+            Err(e) => {
+                println!("/metrics without a certificate: refused at the first request ({e})")
+            }
+            Ok(response) => panic!(
+                "a client without a certificate got an HTTP answer: {}",
+                response.status()
+            ),
+        },
     }
+    // Still up: the refusal was an answer.
+    let channel = pki
+        .channel(h.api_addr, Some(pki.ca.leaf(vec![uri("billing-service")])))
+        .await
+        .unwrap();
+    assert_eq!(
+        channel.oneshot(metrics()).await.unwrap().status(),
+        http::StatusCode::OK
+    );
 }

@@ -815,3 +815,116 @@ async fn the_cli_pushes_reports_rolls_back_explains_and_shadows() {
     assert_eq!(code, 2);
     h.shutdown().await.unwrap();
 }
+
+// ---------------------------------------------------------------------------------------------
+// Where an applied policy is kept, and the audit record that comes first
+
+/// `pdgate policy … --json --admin <api> --as <identity>`, parsed.
+async fn cli_json(h: &Harness, args: &[&str], identity: &str) -> (i32, serde_json::Value) {
+    let mut all: Vec<String> = args.iter().map(|a| (*a).to_owned()).collect();
+    all.extend(
+        [
+            "--json",
+            "--admin",
+            &h.api_addr.to_string(),
+            "--as",
+            identity,
+        ]
+        .map(str::to_owned),
+    );
+    let out = common::bin::Pdgate::new(all).output_async().await;
+    let json = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        panic!(
+            "not one JSON object ({e}): {}\n{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        )
+    });
+    (out.status.code().unwrap(), json)
+}
+
+#[tokio::test]
+async fn a_read_only_policy_directory_is_applied_in_memory_only_and_push_and_status_say_so() {
+    let dir = policy_copy();
+    let before = Bundle::read_dir(dir.path(), None).unwrap().version();
+    let _read_only = common::ReadOnly::new(dir.path());
+    let mut h = Harness::with(Options {
+        policy: dir.path().to_path_buf(),
+        ..Options::default()
+    })
+    .await;
+    let candidate = policy_copy();
+    let csv = candidate.path().join("policy.csv");
+    let text = std::fs::read_to_string(&csv).unwrap();
+    std::fs::write(&csv, format!("{text}{DENY_NAMES}\n")).unwrap();
+    let (code, pushed) = cli_json(
+        &h,
+        &["policy", "push", &candidate.path().display().to_string()],
+        "security-team",
+    )
+    .await;
+    assert_eq!(code, 0, "{pushed}");
+    assert_eq!(pushed["changed"], true, "{pushed}");
+    let note = pushed["not_persisted"].as_str().unwrap();
+    assert!(
+        !note.is_empty(),
+        "push does not say the policy is in memory only: {pushed}"
+    );
+    println!("push: note: {note}");
+    // Applied: the next decision is made under it.
+    let answer = check(&h, billing_reads_name()).await;
+    assert!(!answer.allowed);
+    assert_eq!(answer.reasons[0].code, "DENIED_BY_RULE");
+    assert_eq!(answer.policy_version, pushed["version"].as_str().unwrap());
+    // In memory only: the directory still holds the old policy.
+    assert_eq!(
+        Bundle::read_dir(dir.path(), None).unwrap().version(),
+        before
+    );
+    let (code, status) = cli_json(&h, &["policy", "status"], "sre").await;
+    assert_eq!(code, 0, "{status}");
+    assert_eq!(status["active"]["version"], pushed["version"], "{status}");
+    assert_eq!(
+        status["active"]["not_persisted"].as_str().unwrap(),
+        note,
+        "status says so too: {status}"
+    );
+    h.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn an_admin_change_whose_audit_record_fails_is_not_made() {
+    // The audit log's segment is /dev/full: every record fails to be written.
+    let audit = tempfile::tempdir().unwrap();
+    std::os::unix::fs::symlink("/dev/full", audit.path().join("segment-00000001.jsonl")).unwrap();
+    let dir = policy_copy();
+    let before = Bundle::read_dir(dir.path(), None).unwrap().version();
+    let mut h = Harness::with(Options {
+        policy: dir.path().to_path_buf(),
+        audit: Some(pdgate::audit::AuditSettings::new(audit.path())),
+        ..Options::default()
+    })
+    .await;
+    let status = policy_admin(&h, "security-team")
+        .await
+        .apply(apply(with_rows(&[DENY_NAMES]), "CHG-1"))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+    // Not made: the active policy and the directory are the old ones.
+    assert_eq!(
+        Bundle::read_dir(dir.path(), None).unwrap().version(),
+        before
+    );
+    // (Status is an audited read too, so the state is read from the running core.)
+    let active = h
+        .gate
+        .policies()
+        .status()
+        .active
+        .expect("a policy is active");
+    assert_eq!(active.version, before);
+    assert_eq!(active.applied_by, "file");
+    assert_eq!(h.gate.policies().status().history.len(), 1);
+    h.shutdown().await.unwrap();
+}

@@ -12,7 +12,8 @@
 
 mod common;
 
-use common::{Harness, Options, call, decision_id, policy_admin, policy_copy, reason};
+use common::wait::eventually;
+use common::{Harness, Options, call, decision_id, logs, policy_admin, policy_copy, reason};
 use pdgate::config::ReloadSettings;
 use pdgate::gate::Bundle;
 use pdgate::proto::demo::GetProfileRequest;
@@ -64,18 +65,12 @@ async fn status(h: &Harness) -> pdgate::proto::v1::StatusResponse {
     admin.status(StatusRequest {}).await.unwrap().into_inner()
 }
 
-/// Polls `until` every 20 ms for at most 10 s.
-async fn eventually<F, Fut>(what: &str, mut until: F)
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = bool>,
-{
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !until().await {
-        assert!(Instant::now() < deadline, "timed out waiting for: {what}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
+/// Where the file watch logs, and what it logs when a change of the directory turns out to
+/// hold the active policy (its own write after an Apply, a test file) or a new one. The only
+/// signal that the watch looked at a change it did not act on.
+const WATCH: &str = "pdgate::gate::watch";
+const SAW_ACTIVE: &str = "policy store changed; the policy is the active one";
+const RELOADED: &str = "policy store changed: reloaded";
 
 fn bundle_of(dir: &Path, extra: &[&str]) -> PolicyBundle {
     let mut bundle = PolicyBundle::from(Bundle::read_dir(dir, None).unwrap());
@@ -88,6 +83,7 @@ fn bundle_of(dir: &Path, extra: &[&str]) -> PolicyBundle {
 
 #[tokio::test]
 async fn the_file_watch_reloads_a_changed_directory_and_keeps_the_last_good_policy() {
+    let (events, _capture) = logs::capture();
     let dir = policy_copy();
     let mut h = Harness::with(watching(dir.path())).await;
     let version_a = check(&h).await.policy_version;
@@ -125,19 +121,26 @@ async fn the_file_watch_reloads_a_changed_directory_and_keeps_the_last_good_poli
     assert_eq!(check(&h).await.policy_version, version_b);
 
     // A test that the directory's policy fails is a rejected reload too.
+    let looked = events.matching(WATCH, SAW_ACTIVE).len();
     std::fs::write(&csv, &text).unwrap();
     eventually("the fixed edit clears the error", || async {
-        status(&h).await.last_error.is_empty()
+        status(&h).await.last_error.is_empty() && events.matching(WATCH, SAW_ACTIVE).len() > looked
     })
     .await;
+    let looked = events.matching(WATCH, SAW_ACTIVE).len();
     std::fs::write(
         dir.path().join("tests/zz_extra.yaml"),
         "cases:\n  - name: billing reads names\n    request: { caller: billing-service, purpose: service.billing, action: read, categories: [customer.name], subjects: [cust-1] }\n    expect: { decision: allow }\n",
     )
     .unwrap();
-    // Tests alone do not change the version: nothing to reload.
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // Tests alone do not change the version: the watch looks, finds the active policy, and
+    // reloads nothing.
+    eventually("the watch looks at the new test file", || async {
+        events.matching(WATCH, SAW_ACTIVE).len() > looked
+    })
+    .await;
     assert!(status(&h).await.last_error.is_empty());
+    assert_eq!(check(&h).await.policy_version, version_b);
     std::fs::write(&csv, format!("{text}# a comment changes the version\n")).unwrap();
     eventually("the failing test is reported", || async {
         status(&h).await.last_error.contains("zz_extra.yaml")
@@ -149,6 +152,7 @@ async fn the_file_watch_reloads_a_changed_directory_and_keeps_the_last_good_poli
 
 #[tokio::test]
 async fn the_watch_sees_an_api_apply_as_its_own_write() {
+    let (events, _capture) = logs::capture();
     let dir = policy_copy();
     let mut h = Harness::with(watching(dir.path())).await;
     let mut admin = policy_admin(&h, "security-team").await;
@@ -160,8 +164,19 @@ async fn the_watch_sees_an_api_apply_as_its_own_write() {
         .await
         .unwrap()
         .into_inner();
-    // Several debounce intervals: the watch has seen the write and found the active version.
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(applied.changed);
+    // The Apply wrote the directory; the watch sees the change, reads it, and finds the
+    // version the Apply made active: nothing to reload.
+    let took = eventually("the watch looks at the Apply's write", || async {
+        !events.matching(WATCH, SAW_ACTIVE).is_empty()
+    })
+    .await;
+    println!("the watch looked at the Apply's write after {took:?}");
+    assert!(
+        events.matching(WATCH, RELOADED).is_empty(),
+        "the watch reloaded the sidecar's own write: {:?}",
+        events.matching(WATCH, RELOADED)
+    );
     let s = status(&h).await;
     let active = s.active.unwrap();
     assert_eq!(active.version, applied.version);
@@ -239,7 +254,11 @@ async fn no_call_is_decided_under_an_old_version_after_a_swap() {
     // Swaps: (started, ended, version now active).
     let mut swaps: Vec<(Instant, Instant, String)> = Vec::new();
     let mut admin = policy_admin(&h, "security-team").await;
-    tokio::time::sleep(Duration::from_millis(50)).await;
+    // Every caller is calling before the first swap.
+    eventually("the callers are calling", || async {
+        h.service.calls() >= 32
+    })
+    .await;
     for i in 0..10 {
         let bundle = if i % 2 == 0 { &bundle_b } else { &bundle_a };
         let started = Instant::now();

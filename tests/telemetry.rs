@@ -399,14 +399,11 @@ async fn a_call_is_one_span_parented_on_the_caller_and_the_upstream_continues_it
         AnyValue::BoolValue(true)
     ));
 
+    let services = collector.services.lock().unwrap().clone();
+    assert!(!services.is_empty(), "no export named a service");
     assert!(
-        collector
-            .services
-            .lock()
-            .unwrap()
-            .iter()
-            .all(|s| s == "pdgate-test"),
-        "the configured service name"
+        services.iter().all(|s| s == "pdgate-test"),
+        "the configured service name: {services:?}"
     );
 
     // The audit record names pdgate's span, in the caller's trace.
@@ -711,49 +708,25 @@ async fn the_metrics_endpoint_counts_the_calls_in_prometheus_text() {
 #[tokio::test]
 async fn serve_exports_to_the_otlp_endpoint_and_flushes_on_sigterm() {
     let (collector, addr) = Collector::start().await;
-    let free = || {
-        std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-    };
-    let (listen, api, upstream) = (free(), free(), free());
-    let audit = tempfile::tempdir().unwrap();
-    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_pdgate"))
-        .current_dir(env!("CARGO_MANIFEST_DIR"))
-        .env_remove("PDGATE_CONFIG")
-        .env_remove("PDGATE_POLICY")
-        .args([
-            "serve",
-            "--listen",
-            &listen.to_string(),
-            "--api-listen",
-            &api.to_string(),
+    let upstream = common::ports::ClosedPort::new().to_string();
+    let state = tempfile::tempdir().unwrap();
+    let mut child = common::bin::serve(
+        &common::policy_dir(),
+        state.path(),
+        &[
             "--upstream",
-            &upstream.to_string(),
-            "--policy",
-            "policy",
-            "--audit-dir",
-            &audit.path().display().to_string(),
-            "--subjects-store",
-            &audit.path().join("subjects.db").display().to_string(),
+            &upstream,
             "--otlp-endpoint",
             &format!("http://{addr}"),
-        ])
-        .kill_on_drop(true)
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
+        ],
+    )
+    .spawn();
+    let (_, api) = child.serving().await;
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{api}"))
+        .unwrap()
+        .connect()
+        .await
         .unwrap();
-    let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{api}")).unwrap();
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let channel = loop {
-        if let Ok(channel) = endpoint.connect().await {
-            break channel;
-        }
-        assert!(Instant::now() < deadline, "API port not up within 10 s");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
     let answer = AccessControlClient::new(channel)
         .check(with_traceparent(
             tonic::Request::new(CheckRequest {
@@ -772,30 +745,78 @@ async fn serve_exports_to_the_otlp_endpoint_and_flushes_on_sigterm() {
     assert!(answer.allowed);
 
     // The batch processor holds the span (it exports every 5 s); SIGTERM must flush it.
-    let pid = child.id().unwrap().to_string();
-    assert!(
-        std::process::Command::new("kill")
-            .args(["-TERM", &pid])
-            .status()
-            .unwrap()
-            .success()
-    );
-    let status = tokio::time::timeout(Duration::from_secs(15), child.wait())
-        .await
-        .expect("pdgate exits after SIGTERM")
-        .unwrap();
-    let mut stderr = String::new();
-    if let Some(mut e) = child.stderr.take() {
-        e.read_to_string(&mut stderr).await.unwrap();
-    }
-    assert_eq!(status.code(), Some(0), "{stderr}");
+    child.signal("TERM");
+    let out = child.exit_within(Duration::from_secs(30)).await;
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
     let span = collector.span(&answer.decision_id);
     assert_eq!(hex(&span.trace_id), TRACE);
     assert_eq!(hex(&span.parent_span_id), "4444444444444444");
     assert_eq!(attr_str(&span, "pdgate.decision"), "allow");
     let services = collector.services.lock().unwrap().clone();
+    assert!(!services.is_empty(), "no export named a service");
     assert!(services.iter().all(|s| s == "pdgate"), "{services:?}");
     // The final metric export went out at shutdown too.
     let decisions = collector.sums("pdgate.decisions");
     assert_eq!(decisions.values().sum::<i64>(), 1, "{decisions:?}");
+}
+
+// ---------------------------------------------------------------------------------------------
+// A collector that is down
+
+/// Calls through a sidecar exporting to `endpoint`, one after another, with a metrics export
+/// due every 100 ms: each is answered, and the slowest answer is printed and bounded.
+async fn calls_are_not_held_up_by(what: &str, endpoint: SocketAddr) {
+    let mut h = Harness::with(Options {
+        telemetry: TelemetrySettings {
+            otlp_endpoint: Some(format!("http://{endpoint}")),
+            service_name: "pdgate-test".into(),
+            metrics_interval: Duration::from_millis(100),
+        },
+        ..Options::default()
+    })
+    .await;
+    let mut client = h.client().await;
+    let started = Instant::now();
+    let mut slowest = Duration::ZERO;
+    let mut calls = 0;
+    // Past several metric exports and the span batch's own timeout.
+    while started.elapsed() < Duration::from_secs(3) || calls < 50 {
+        let call_started = Instant::now();
+        client
+            .get_billing_statement(call(
+                GetBillingStatementRequest {
+                    customer_id: "cust-1".into(),
+                    month: String::new(),
+                },
+                "billing-service",
+                "service.billing",
+                &["cust-1"],
+            ))
+            .await
+            .unwrap();
+        slowest = slowest.max(call_started.elapsed());
+        calls += 1;
+    }
+    println!("collector {what}: {calls} calls, the slowest answered in {slowest:?}");
+    // The feature is the duration: an export that waited on the collector would hold a call
+    // for its whole timeout (seconds). 1 s holds on a loaded 2-core machine.
+    assert!(
+        slowest < Duration::from_secs(1),
+        "a call took {slowest:?} with the collector {what}"
+    );
+    h.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_collector_that_refuses_connections_never_holds_up_calls() {
+    let down = common::ports::ClosedPort::new();
+    calls_are_not_held_up_by("refusing connections", down.addr).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_collector_that_never_answers_never_holds_up_calls() {
+    // Listening but never accepting: connections complete in the backlog and hang there.
+    let silent = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    calls_are_not_held_up_by("never answering", silent.local_addr().unwrap()).await;
+    drop(silent);
 }

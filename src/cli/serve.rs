@@ -225,7 +225,11 @@ pub async fn serve(args: ServeArgs) -> u8 {
             "identity mode insecure-header: callers name themselves in x-caller; development only"
         );
     }
-    tracing::info!(data = %config.listen, api = %config.api_listen, upstream = %config.upstream, "pdgate serving");
+    // The bound addresses, not the configured ones: with port 0 the kernel picks, and this line
+    // is how a supervisor (or a test) learns which.
+    let data = listeners.data_addr().unwrap_or(config.listen);
+    let api = listeners.api_addr().unwrap_or(config.api_listen);
+    tracing::info!(%data, %api, upstream = %config.upstream, "pdgate serving");
     let result = server::run(&config, listeners, gate, server::shutdown_signal()).await;
     // A clean shutdown writes every record still queued.
     writer.close().await;

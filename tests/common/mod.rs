@@ -6,7 +6,12 @@
     reason = "each test file uses a different part of the harness"
 )]
 
+pub mod bin;
+pub mod logs;
 pub mod pg;
+pub mod ports;
+pub mod tls;
+pub mod wait;
 
 use pdgate::audit::{AuditLog, AuditSettings, AuditWriter};
 use pdgate::config::{Config, ReloadSettings, SubjectsSettings, TlsFiles};
@@ -42,12 +47,20 @@ pub struct Harness {
     pub sidecar: Option<JoinHandle<Result<(), ServeError>>>,
     upstream: Option<JoinHandle<Result<(), tonic::transport::Error>>>,
     pub audit_dir: PathBuf,
+    /// The sidecar's audit log (a handle on the same writer): for what only it can tell, such
+    /// as how many `Tail` calls have subscribed.
+    pub audit: AuditLog,
+    /// The running core, for state no API shows without being audited (the active policy
+    /// when the audit log is broken).
+    pub gate: Arc<pdgate::gate::Gate>,
     audit_writer: Option<AuditWriter>,
     /// A second handle on the data plane's listening socket, when
     /// [`Options::data_listener_handle`] asked for it.
     data_listener: Option<std::net::TcpListener>,
     /// Keeps the temporary audit directory (when the test did not choose one).
     _audit_tmp: Option<tempfile::TempDir>,
+    /// Keeps the upstream's port reserved when the upstream is down.
+    _closed_upstream: Option<ports::ClosedPort>,
 }
 
 pub struct Options {
@@ -139,18 +152,15 @@ impl Harness {
         let stopped = |mut rx: watch::Receiver<bool>| async move {
             let _ = rx.wait_for(|s| *s).await;
         };
-        let upstream_listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let upstream_addr = upstream_listener.local_addr().unwrap();
-        let upstream = if options.upstream_up {
-            Some(tokio::spawn(
-                service
-                    .clone()
-                    .serve(upstream_listener, stopped(stop_rx.clone())),
-            ))
+        let (upstream, upstream_addr, closed_upstream) = if options.upstream_up {
+            let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let addr = listener.local_addr().unwrap();
+            let task = tokio::spawn(service.clone().serve(listener, stopped(stop_rx.clone())));
+            (Some(task), addr, None)
         } else {
-            // A port that was just free and is now closed: connections are refused.
-            drop(upstream_listener);
-            None
+            // Reserved for the harness's life and refusing connections.
+            let closed = ports::ClosedPort::new();
+            (None, closed.addr, Some(closed))
         };
         let listeners = Listeners::bind(
             "127.0.0.1:0".parse().unwrap(),
@@ -215,10 +225,13 @@ impl Harness {
                 Subjects::Registry(server::open_subject_cache(&config).await.unwrap())
             }
         };
-        let gate = server::gate(&config, policy, subjects, audit).unwrap();
+        let gate = server::gate(&config, policy, subjects, audit.clone()).unwrap();
         let sidecar_stop = stopped(stop_rx);
+        let running = gate.clone();
         let sidecar =
-            tokio::spawn(async move { server::run(&config, listeners, gate, sidecar_stop).await });
+            tokio::spawn(
+                async move { server::run(&config, listeners, running, sidecar_stop).await },
+            );
         Self {
             service,
             upstream_addr,
@@ -228,9 +241,12 @@ impl Harness {
             sidecar: Some(sidecar),
             upstream,
             audit_dir,
+            audit,
+            gate,
             audit_writer: Some(audit_writer),
             data_listener,
             _audit_tmp: audit_tmp,
+            _closed_upstream: closed_upstream,
         }
     }
 
@@ -254,13 +270,17 @@ impl Harness {
 
     /// Signals shutdown; returns what the sidecar's `run` returned.
     pub async fn shutdown(&mut self) -> Result<(), ServeError> {
-        let _ = self.stop.send(true);
+        // `send_replace`: the signal is set even when every receiver is gone already.
+        self.stop.send_replace(true);
         let result = match self.sidecar.take() {
             Some(task) => task.await.unwrap(),
             None => Ok(()),
         };
         if let Some(upstream) = self.upstream.take() {
-            let _ = upstream.await;
+            upstream
+                .await
+                .unwrap()
+                .expect("the upstream service stops cleanly");
         }
         if let Some(writer) = self.audit_writer.take() {
             writer.close().await;
@@ -290,7 +310,7 @@ impl Harness {
     }
 
     pub fn signal_shutdown(&self) {
-        let _ = self.stop.send(true);
+        self.stop.send_replace(true);
     }
 }
 
@@ -369,4 +389,106 @@ pub async fn policy_admin(
             Ok(request)
         },
     )
+}
+
+/// A directory made read-only for the guard's life, in a way that holds for root too:
+/// permission bits first (enough for anyone else), then, when a write still succeeds (root
+/// ignores permission bits), the immutable attribute (`chattr +i`, which stops root; it needs
+/// a file system that has it, as ext4 does). Fails the test, rather than passing vacuously,
+/// when neither makes the directory refuse a write.
+pub struct ReadOnly {
+    dir: PathBuf,
+    immutable: bool,
+}
+
+impl ReadOnly {
+    pub fn new(dir: &Path) -> Self {
+        use std::os::unix::fs::PermissionsExt;
+        let mut guard = Self {
+            dir: dir.to_owned(),
+            immutable: false,
+        };
+        for path in walk(dir) {
+            let mode = if path.is_dir() { 0o555 } else { 0o444 };
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode)).unwrap();
+        }
+        if guard.writable() {
+            let out = std::process::Command::new("chattr")
+                .arg("-R")
+                .arg("+i")
+                .arg(dir)
+                .output()
+                .expect("run chattr");
+            guard.immutable = true;
+            assert!(
+                out.status.success(),
+                "cannot make {} read-only for root: chattr +i failed: {}",
+                dir.display(),
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        assert!(!guard.writable(), "{} is still writable", dir.display());
+        guard
+    }
+
+    /// Whether a new file can be created in the directory (removed again if so).
+    fn writable(&self) -> bool {
+        let probe = self.dir.join(".pdgate-write-probe");
+        match std::fs::write(&probe, b"x") {
+            Ok(()) => {
+                std::fs::remove_file(&probe).unwrap();
+                true
+            }
+            Err(e) => {
+                assert!(
+                    matches!(
+                        e.kind(),
+                        std::io::ErrorKind::PermissionDenied
+                            | std::io::ErrorKind::ReadOnlyFilesystem
+                    ),
+                    "{e}"
+                );
+                false
+            }
+        }
+    }
+}
+
+impl Drop for ReadOnly {
+    fn drop(&mut self) {
+        use std::os::unix::fs::PermissionsExt;
+        if self.immutable {
+            let undone = std::process::Command::new("chattr")
+                .arg("-R")
+                .arg("-i")
+                .arg(&self.dir)
+                .status();
+            assert!(
+                undone.is_ok_and(|s| s.success()) || std::thread::panicking(),
+                "chattr -i {} failed",
+                self.dir.display()
+            );
+        }
+        for path in walk(&self.dir) {
+            let mode = if path.is_dir() { 0o755 } else { 0o644 };
+            // Best effort while unwinding; the temporary directory is removed after this.
+            let _ = std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode));
+        }
+    }
+}
+
+/// `dir` and everything under it.
+fn walk(dir: &Path) -> Vec<PathBuf> {
+    let mut all = vec![dir.to_owned()];
+    if let Ok(entries) = std::fs::read_dir(dir) {
+        for entry in entries.flatten() {
+            let path = entry.path();
+            if path.is_dir() {
+                all.extend(walk(&path));
+            } else {
+                all.push(path);
+            }
+        }
+    }
+    all
 }
