@@ -14,6 +14,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     for proto in &protos {
         println!("cargo:rerun-if-changed={}", proto.display());
     }
+    // Imported by the demo's proto, and read by pdgate itself (policy::inspect).
+    println!("cargo:rerun-if-changed=proto/pdgate/v1/annotations.proto");
     // `sqlx::migrate!` embeds migrations/ at compile time, and a proc macro cannot ask to be
     // rerun when a file is added there: rerunning this script rebuilds the crate.
     println!("cargo:rerun-if-changed=migrations");

@@ -45,6 +45,7 @@ fn request() -> Request {
         categories: vec![CATEGORY.to_owned()],
         subjects: vec![SUBJECT.to_owned()],
         recipient: None,
+        minimizable: Vec::new(),
     }
 }
 

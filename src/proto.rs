@@ -40,6 +40,7 @@ impl From<&Decision> for v1::CheckResponse {
                     line: u32::try_from(m.line).unwrap_or(u32::MAX),
                 })
                 .collect(),
+            minimized: d.minimized.clone(),
         }
     }
 }
@@ -53,6 +54,7 @@ impl From<v1::CheckRequest> for crate::decision::Request {
             categories: r.categories,
             subjects: r.subjects,
             recipient: (!r.recipient.is_empty()).then_some(r.recipient),
+            minimizable: r.minimizable,
         }
     }
 }

@@ -232,6 +232,7 @@ fn request_of(record: &AuditRecord, candidate: &Snapshot) -> Option<Replayed> {
         categories: b.categories.clone(),
         subjects: b.subjects.clone(),
         recipient: b.recipient.clone(),
+        minimizable: Vec::new(),
     };
     if let (Some(RecordKind::Access), Some(method)) = (b.kind, &b.method) {
         let Some(route) = candidate.route(method) else {
@@ -239,6 +240,7 @@ fn request_of(record: &AuditRecord, candidate: &Snapshot) -> Option<Replayed> {
         };
         route.action.as_str().clone_into(&mut request.action);
         request.categories.clone_from(&route.categories);
+        request.minimizable.clone_from(&route.minimize);
     }
     Some(Replayed::Decide(request))
 }

@@ -86,6 +86,9 @@ pub async fn load_policy(config: &Config) -> Option<Arc<Snapshot>> {
                 routes = snapshot.route_count(),
                 "policy loaded"
             );
+            for warning in snapshot.warnings() {
+                tracing::warn!(%warning, "policy");
+            }
             Some(Arc::new(snapshot))
         }
         Err(problems) => {

@@ -130,6 +130,7 @@ async fn check_api_decisions_are_recorded_too() {
             categories: vec!["customer.billing".into()],
             subjects: vec!["cust-9".into()],
             recipient: String::new(),
+            minimizable: Vec::new(),
         })
         .await
         .unwrap()

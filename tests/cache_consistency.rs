@@ -135,15 +135,19 @@ fn request() -> impl Strategy<Value = Request> {
             0.2,
             proptest::sample::select(&["ntt-east", "softbank", "billing-service", "acme"][..]),
         ),
+        // Categories the call may go without: which of them the decision minimizes must
+        // come out of the cache as it comes out of a fresh evaluation.
+        proptest::sample::subsequence(CATEGORIES, 0..=2),
     )
         .prop_map(
-            |(caller, purpose, action, categories, subjects, recipient)| Request {
+            |(caller, purpose, action, categories, subjects, recipient, minimizable)| Request {
                 caller: caller.into(),
                 purpose: purpose.into(),
                 action: action.into(),
                 categories: categories.into_iter().map(String::from).collect(),
                 subjects: subjects.into_iter().map(String::from).collect(),
                 recipient: recipient.map(String::from),
+                minimizable: minimizable.into_iter().map(String::from).collect(),
             },
         )
 }
@@ -163,6 +167,7 @@ fn essence(d: &Decision) -> impl PartialEq + std::fmt::Debug + use<> {
         d.reasons.clone(),
         d.matched_rules.to_vec(),
         d.policy_version,
+        d.minimized.clone(),
     )
 }
 
@@ -208,6 +213,7 @@ fn second_identical_request_is_a_hit_and_decision_ids_differ() {
         categories: vec!["customer.billing".into()],
         subjects: vec!["s1".into()],
         recipient: None,
+        minimizable: Vec::new(),
     };
     let first = decider.decide(&request, &subjects);
     let second = decider.decide(&request, &subjects);
@@ -237,6 +243,7 @@ fn subject_state_is_never_served_from_the_cache() {
         categories: vec!["customer.contact.email".into()],
         subjects: vec!["s1".into()],
         recipient: None,
+        minimizable: Vec::new(),
     };
     assert!(decider.decide(&request, &subjects).allowed);
     request.subjects = vec!["s2".into()];
@@ -261,6 +268,7 @@ fn a_swap_applies_to_the_next_call() {
         categories: vec!["customer.billing".into()],
         subjects: vec!["s1".into()],
         recipient: None,
+        minimizable: Vec::new(),
     };
     assert!(decider.decide(&request, &subjects).allowed);
     assert!(decider.decide(&request, &subjects).cache_hit);

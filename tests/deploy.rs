@@ -259,6 +259,37 @@ fn volume<'a>(d: &'a Deployment, name: &str) -> &'a Volume {
 }
 
 /// The mount of the volume that shows `source` (a ConfigMap or Secret name), with its subPath.
+/// Where each key of the policy ConfigMap lands in the mounted directory: the policy
+/// volume's `items`, which must place every key (a key left out would not be mounted).
+fn policy_items(built: &Built) -> BTreeMap<String, String> {
+    let d = &built.deployments[0];
+    let volume = pod(d)
+        .volumes
+        .as_ref()
+        .unwrap()
+        .iter()
+        .find(|v| v.config_map.as_ref().map(|m| m.name.as_str()) == Some("pdgate-policy"))
+        .expect("a volume shows the policy ConfigMap");
+    let items: BTreeMap<String, String> = volume
+        .config_map
+        .as_ref()
+        .and_then(|m| m.items.as_ref())
+        .map(|items| {
+            items
+                .iter()
+                .map(|i| (i.key.clone(), i.path.clone()))
+                .collect()
+        })
+        .unwrap_or_default();
+    for key in built.config_maps["pdgate-policy"].keys() {
+        assert!(
+            items.contains_key(key),
+            "the policy volume's `items` does not place `{key}`"
+        );
+    }
+    items
+}
+
 fn mount_of(d: &Deployment, c: &Container, source: &str) -> (PathBuf, Option<String>, bool) {
     let volumes = pod(d).volumes.as_ref().unwrap();
     let volume = volumes
@@ -462,22 +493,30 @@ fn the_policy_configmap_holds_the_repositorys_policy() {
     let built = build(&base_dir());
     let policy = &built.config_maps["pdgate-policy"];
     let repo_policy = repo().join("policy");
-    // Every file pdgate reads from a policy directory (its tests/ are for `policy test`).
-    let files: BTreeSet<String> = std::fs::read_dir(&repo_policy)
-        .unwrap()
-        .map(|e| e.unwrap().path())
-        .filter(|p| p.is_file())
-        .map(|p| p.file_name().unwrap().to_str().unwrap().to_owned())
-        .collect();
-    assert_eq!(
-        policy.keys().cloned().collect::<BTreeSet<_>>(),
-        files,
-        "the ConfigMap holds the files of policy/"
-    );
-    for (name, text) in policy {
+    let items = policy_items(&built);
+    // Every file pdgate reads from a policy directory, the service's descriptors included
+    // (its tests/ are for `policy test`).
+    let mut files: BTreeSet<String> = BTreeSet::new();
+    for dir in ["", "descriptors"] {
+        for entry in std::fs::read_dir(repo_policy.join(dir)).unwrap() {
+            let path = entry.unwrap().path();
+            if path.is_file() {
+                let name = path.file_name().unwrap().to_str().unwrap();
+                files.insert(if dir.is_empty() {
+                    name.to_owned()
+                } else {
+                    format!("{dir}/{name}")
+                });
+            }
+        }
+    }
+    let mounted: BTreeSet<String> = policy.keys().map(|k| items[k].clone()).collect();
+    assert_eq!(mounted, files, "the ConfigMap holds the files of policy/");
+    for (key, text) in policy {
+        let path = &items[key];
         assert!(
-            *text == read(&repo_policy.join(name)),
-            "deploy/kubernetes/base/policy/{name} differs from policy/{name}: copy it over \
+            *text == read(&repo_policy.join(path)),
+            "deploy/kubernetes/base/policy/{path} differs from policy/{path}: copy it over \
              (kustomize reads no file outside the kustomization's directory)"
         );
     }
@@ -494,8 +533,11 @@ async fn pdgate_accepts_the_mounted_config_and_policy() {
 
     let policy_dir = in_root(config.policy.as_deref().unwrap());
     std::fs::create_dir_all(&policy_dir).unwrap();
-    for (name, text) in &built.config_maps["pdgate-policy"] {
-        std::fs::write(policy_dir.join(name), text).unwrap();
+    let items = policy_items(&built);
+    for (key, text) in &built.config_maps["pdgate-policy"] {
+        let path = policy_dir.join(&items[key]);
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+        std::fs::write(path, text).unwrap();
     }
     let (cert, key, ca) = tls_files();
     for (path, pem) in [

@@ -55,6 +55,20 @@ fn check(path: &str, headers: &[(&str, &str)], principal: &str) -> CheckRequest 
     map.insert(":path".into(), path.into());
     map.insert(":method".into(), "POST".into());
     map.insert("content-type".into(), "application/grpc".into());
+    // The first request message, as Envoy sends it with `with_request_body` (gRPC-framed
+    // bytes): the demo's requests name their customer in field 1, and the subject the
+    // metadata names is the one the message names.
+    let subject = headers
+        .iter()
+        .find(|(k, _)| *k == "x-data-subject")
+        .map_or("", |(_, v)| *v);
+    let message = GetProfileRequest {
+        customer_id: subject.to_owned(),
+    }
+    .encode_to_vec();
+    let mut raw_body = vec![0];
+    raw_body.extend_from_slice(&u32::try_from(message.len()).unwrap().to_be_bytes());
+    raw_body.extend_from_slice(&message);
     CheckRequest {
         attributes: Some(AttributeContext {
             source: Some(Peer {
@@ -67,6 +81,7 @@ fn check(path: &str, headers: &[(&str, &str)], principal: &str) -> CheckRequest 
                     path: path.into(),
                     protocol: "HTTP/2".into(),
                     headers: map,
+                    raw_body,
                     ..HttpRequest::default()
                 }),
                 ..Request::default()
@@ -656,9 +671,15 @@ fn the_example_envoy_config_fails_closed_and_asks_pdgates_api_port() {
     assert_eq!(authz["transport_api_version"].as_str(), Some("V3"));
     // Written out, not left to a default: a failing pdgate must deny.
     assert_eq!(authz["failure_mode_allow"].as_bool(), Some(false));
+    // pdgate reads the request's subjects from its first message: Envoy must send it whole,
+    // as bytes (a partial message would be refused).
+    let body = &authz["with_request_body"];
+    assert_eq!(body["pack_as_bytes"].as_bool(), Some(true));
+    assert_eq!(body["allow_partial_message"].as_bool(), Some(false));
     assert!(
-        authz.get("with_request_body").is_none(),
-        "pdgate never reads the message; buffering it would break streams"
+        body["max_request_bytes"]
+            .as_u64()
+            .is_some_and(|n| n >= 4096)
     );
     let allowed: Vec<&str> = authz["allowed_headers"]["patterns"]
         .as_sequence()

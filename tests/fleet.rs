@@ -119,6 +119,7 @@ async fn billing_reads_name(h: &Harness) -> pdgate::proto::v1::CheckResponse {
             categories: vec!["customer.name".into()],
             subjects: vec!["cust-1".into()],
             recipient: String::new(),
+            minimizable: Vec::new(),
         })
         .await
         .unwrap()

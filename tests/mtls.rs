@@ -298,6 +298,7 @@ async fn access_control_check_decides_for_the_peer_not_the_claimed_caller() {
             categories: vec!["customer.billing".into()],
             subjects: vec!["cust-1".into()],
             recipient: String::new(),
+            minimizable: Vec::new(),
         })
         .await
         .unwrap()

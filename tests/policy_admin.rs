@@ -67,6 +67,7 @@ fn billing_reads_name() -> CheckRequest {
         categories: vec!["customer.name".into()],
         subjects: vec!["cust-1".into()],
         recipient: String::new(),
+        minimizable: Vec::new(),
     }
 }
 
@@ -420,6 +421,7 @@ async fn explain_reports_the_outcome_of_every_stage() {
         categories: vec!["customer.contact.email".into()],
         subjects: vec!["cust-9".into()],
         recipient: String::new(),
+        minimizable: Vec::new(),
     };
     let stages = |r: &pdgate::proto::v1::ExplainResponse| -> Vec<(String, String)> {
         r.stages

@@ -10,7 +10,7 @@
 
 mod common;
 
-use common::{Harness, call, policy_dir};
+use common::{Harness, call};
 use pdgate::proto::demo::{GetBillingStatementRequest, GetProfileRequest};
 use pdgate::registry::{Action, Change, SqliteRegistry, SubjectRegistry};
 use serde_json::Value;
@@ -68,13 +68,7 @@ async fn recorded_calls() -> Harness {
 
 /// A copy of the default policy with `edit` applied to policy.csv.
 fn candidate(edit: impl FnOnce(String) -> String) -> tempfile::TempDir {
-    let dir = tempfile::tempdir().unwrap();
-    for entry in std::fs::read_dir(policy_dir()).unwrap() {
-        let entry = entry.unwrap();
-        if entry.file_type().unwrap().is_file() {
-            std::fs::copy(entry.path(), dir.path().join(entry.file_name())).unwrap();
-        }
-    }
+    let dir = common::policy_copy();
     let csv = dir.path().join("policy.csv");
     let text = std::fs::read_to_string(&csv).unwrap();
     std::fs::write(&csv, edit(text)).unwrap();

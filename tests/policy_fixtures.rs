@@ -50,7 +50,8 @@ async fn default_policy_passes_its_tests_and_covers_every_code_and_clause() {
     // POLICY_UNAVAILABLE needs no policy at all, which a case run against a policy cannot show
     // (tests/cache_consistency.rs and tests/sidecar.rs do); ROUTE_UNKNOWN is the sidecar's,
     // about a gRPC method rather than a request (tests/sidecar.rs), as METADATA_INVALID is
-    // about its metadata (tests/gate.rs); AUDIT_UNAVAILABLE is about the audit log, not the
+    // about its metadata (tests/gate.rs) and SUBJECT_MISMATCH and MESSAGE_INSPECTION_REQUIRED
+    // about its message (tests/inspect.rs); AUDIT_UNAVAILABLE is about the audit log, not the
     // policy (tests/audit.rs).
     let missing: Vec<&str> = ReasonCode::ALL
         .into_iter()
@@ -60,6 +61,8 @@ async fn default_policy_passes_its_tests_and_covers_every_code_and_clause() {
                 ReasonCode::PolicyUnavailable
                     | ReasonCode::RouteUnknown
                     | ReasonCode::MetadataInvalid
+                    | ReasonCode::SubjectMismatch
+                    | ReasonCode::MessageInspectionRequired
                     | ReasonCode::AuditUnavailable
             )
         })

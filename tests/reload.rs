@@ -48,6 +48,7 @@ fn billing_reads_name() -> CheckRequest {
         categories: vec!["customer.name".into()],
         subjects: vec!["cust-1".into()],
         recipient: String::new(),
+        minimizable: Vec::new(),
     }
 }
 

@@ -10,9 +10,9 @@
     reason = "test code: a failed setup aborts the test"
 )]
 
+use pdgate::decision::fixtures::{self, Expected};
 use pdgate::decision::{DecisionIds, decide_fresh};
 use pdgate::policy::Effect;
-use pdgate::decision::fixtures::{self, Expected};
 use pdgate::subjects::InMemorySubjects;
 use std::collections::BTreeSet;
 use std::path::Path;

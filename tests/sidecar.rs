@@ -554,6 +554,7 @@ async fn access_control_check_and_batch_check() {
         categories: vec!["customer.billing".into()],
         subjects: vec!["cust-1".into()],
         recipient: String::new(),
+        minimizable: Vec::new(),
     };
     let response = api.check(allowed.clone()).await.unwrap().into_inner();
     assert!(response.allowed);

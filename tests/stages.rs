@@ -36,6 +36,7 @@ async fn explained(
         categories: vec![category.into()],
         subjects: vec!["cust-1".into()],
         recipient: None,
+        minimizable: Vec::new(),
     };
     explain(
         Some(&policy().await),

@@ -83,6 +83,7 @@ fn marketing(subject: &str) -> CheckRequest {
         categories: vec!["customer.contact.email".into()],
         subjects: vec![subject.into()],
         recipient: String::new(),
+        minimizable: Vec::new(),
     }
 }
 
@@ -96,6 +97,7 @@ fn billing(subject: &str) -> CheckRequest {
         categories: vec!["customer.billing".into()],
         subjects: vec![subject.into()],
         recipient: String::new(),
+        minimizable: Vec::new(),
     }
 }
 

@@ -436,6 +436,7 @@ async fn check_and_envoy_checks_are_spans_of_their_callers_traces() {
         categories: vec!["customer.contact.email".into()],
         subjects: vec!["cust-1".into()],
         recipient: String::new(),
+        minimizable: Vec::new(),
     };
     let answer = access
         .check(with_traceparent(
@@ -465,6 +466,9 @@ async fn check_and_envoy_checks_are_spans_of_their_callers_traces() {
                     path: format!("/{BILLING}"),
                     protocol: "HTTP/2".into(),
                     headers,
+                    // The first request message, as Envoy sends it (`with_request_body`):
+                    // pdgate reads the subject there. Field 1, `customer_id`, is `cust-1`.
+                    raw_body: [&[0u8, 0, 0, 0, 8, 0x0a, 6][..], b"cust-1"].concat(),
                     ..HttpRequest::default()
                 }),
                 ..Request::default()
@@ -736,6 +740,7 @@ async fn serve_exports_to_the_otlp_endpoint_and_flushes_on_sigterm() {
                 categories: vec!["customer.billing".into()],
                 subjects: vec!["cust-1".into()],
                 recipient: String::new(),
+                minimizable: Vec::new(),
             }),
             "4444444444444444",
         ))

@@ -39,6 +39,7 @@ impl AccessControlService {
         let admission = self
             .gate
             .admit(Call {
+                policy: self.gate.policy(),
                 door,
                 ask: Ask::Check(request.into()),
                 peer: Peer::Certificate(peer.map(AsRef::as_ref)),

@@ -34,6 +34,11 @@
 
 use crate::gate::metadata::{CALLER, DECISION_ID, MetadataError, PURPOSE, RECIPIENT, SUBJECT};
 use crate::gate::{Admission, Ask, Call, Door, Gate, Peer};
+use crate::message::{
+    self,
+    frames::{self, FrameError},
+};
+use crate::policy::inspect::Inspection;
 use crate::transport::rescue;
 use envoy_types::ext_authz::v3::pb::{
     Authorization, AuthorizationServer, CheckRequest, CheckResponse, HeaderAppendAction,
@@ -91,16 +96,28 @@ impl EnvoyAuthorization {
         // The service routes on the path alone; a query string must not make the method
         // unknown, nor name another one.
         let path = http.map(|h| h.path.split_once('?').map_or(h.path.as_str(), |(p, _)| p));
+        let policy = self.gate.policy();
         let headers = http
             .ok_or(MetadataError::NoHttpRequest)
             .and_then(call_headers);
-        let ask = match (&headers, path) {
-            (Ok(metadata), Some(path)) => Ask::Method { path, metadata },
-            (Err(error), path) => Ask::Unreadable {
+        // A route that reads its request's subjects: from the body Envoy sends along
+        // (`with_request_body`); without it, the call is refused MESSAGE_INSPECTION_REQUIRED.
+        let message_subjects = match (http, path.and_then(|p| policy.inspection(p))) {
+            (Some(http), Some(inspection)) => body_subjects(http, &inspection),
+            _ => Ok(None),
+        };
+        let ask = match (&headers, path, message_subjects) {
+            (Ok(_), path, Err(error)) => Ask::Unreadable { path, error },
+            (Ok(metadata), Some(path), Ok(message_subjects)) => Ask::Method {
+                path,
+                metadata,
+                message_subjects,
+            },
+            (Err(error), path, _) => Ask::Unreadable {
                 path,
                 error: error.clone(),
             },
-            (Ok(_), None) => Ask::Unreadable {
+            (Ok(_), None, Ok(_)) => Ask::Unreadable {
                 path: None,
                 error: MetadataError::NoHttpRequest,
             },
@@ -108,6 +125,7 @@ impl EnvoyAuthorization {
         let admission = self
             .gate
             .admit(Call {
+                policy,
                 door: Door::Envoy,
                 ask,
                 peer: Peer::Principal(principal),
@@ -134,6 +152,39 @@ impl Authorization for EnvoyAuthorization {
             self.answer(request.get_ref(), request.metadata().as_ref())
                 .await,
         ))
+    }
+}
+
+/// The subjects of the request message in the body Envoy buffered and sent, on a route that
+/// reads them: `None` when Envoy sent no body, or the call is a client stream (Envoy sees its
+/// first messages only, never what follows).
+fn body_subjects(
+    http: &HttpRequest,
+    inspection: &Inspection,
+) -> Result<Option<Vec<String>>, MetadataError> {
+    let Some(path) = &inspection.request_subjects else {
+        return Ok(None);
+    };
+    let body: &[u8] = if http.raw_body.is_empty() {
+        http.body.as_bytes()
+    } else {
+        &http.raw_body
+    };
+    if inspection.client_streaming || body.is_empty() {
+        return Ok(None);
+    }
+    match frames::first(body) {
+        Ok(Some((false, message))) => message::subjects(&message, path)
+            .map(Some)
+            .map_err(|e| MetadataError::MessageUnreadable(e.to_string())),
+        Ok(Some((true, _))) => Err(MetadataError::MessageCompressed),
+        // Cut off at Envoy's `max_request_bytes`: the message cannot be read whole.
+        Ok(None) => Err(MetadataError::MessageUnreadable(
+            "Envoy sent a partial body (raise `with_request_body.max_request_bytes`)".into(),
+        )),
+        Err(FrameError::TooLarge { len, limit }) => {
+            Err(MetadataError::MessageTooLarge { len, limit })
+        }
     }
 }
 

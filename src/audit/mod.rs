@@ -277,6 +277,7 @@ pub fn body_of(
         latency_us: 0,
         detail: None,
         shadow_decision: None,
+        minimized: decision.minimized.clone(),
     }
 }
 

@@ -63,6 +63,10 @@ pub struct RecordBody {
     /// it differs from the enforced decision.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub shadow_decision: Option<String>,
+    /// Allowed calls only: the categories the caller went without (their response fields
+    /// cleared; for a Check, to be left out by the service).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub minimized: Vec<String>,
 }
 
 /// A record as stored: its place in the chain, the body, and the hashes.

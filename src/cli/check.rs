@@ -72,6 +72,11 @@ pub struct RequestArgs {
     /// The company receiving the data when it is not the caller (joint user or third party).
     #[arg(long, value_name = "CALLER")]
     pub recipient: Option<String>,
+    /// A category the call can do without: where the purpose may not have it, the call is
+    /// allowed and told to leave it out (`minimized`) instead of denied; repeat it or separate
+    /// with commas.
+    #[arg(long = "minimizable", value_name = "CATEGORY", value_delimiter = ',')]
+    pub minimizable: Vec<String>,
     /// The subject consented to PURPOSE (covers its children); repeatable.
     #[arg(
         long = "consent",
@@ -128,6 +133,7 @@ impl RequestArgs {
             categories: self.categories.clone(),
             subjects: self.subjects.clone(),
             recipient: self.recipient.clone(),
+            minimizable: self.minimizable.clone(),
         }
     }
 }
@@ -296,6 +302,12 @@ pub(super) fn print_human(request: &Request, decision: &Decision) {
             .map(|r| format!("policy.csv:{} `{}`", r.line, r.rule))
             .collect();
         println!("  granted by {}; {tail}", rules.join(", "));
+        if !decision.minimized.is_empty() {
+            println!(
+                "  minimized (leave out): `{}`",
+                decision.minimized.join("`, `")
+            );
+        }
     } else {
         println!("DENY {what}");
         for r in &decision.reasons {

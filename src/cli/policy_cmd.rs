@@ -34,6 +34,11 @@ pub async fn validate(dir: &Path, json: bool) -> u8 {
                     "categories": snapshot.categories().len(),
                     "callers": snapshot.callers().len(),
                     "problems": [],
+                    "warnings": snapshot
+                        .warnings()
+                        .iter()
+                        .map(|w| json!({"file": w.file, "line": w.line, "message": w.message}))
+                        .collect::<Vec<_>>(),
                 }));
             } else {
                 println!(
@@ -45,6 +50,9 @@ pub async fn validate(dir: &Path, json: bool) -> u8 {
                     snapshot.categories().len(),
                     snapshot.callers().len()
                 );
+                for warning in snapshot.warnings() {
+                    println!("  warning: {warning}");
+                }
             }
             EXIT_OK
         }
@@ -515,6 +523,7 @@ pub async fn explain(args: ExplainArgs) -> u8 {
         categories: request.categories.clone(),
         subjects: request.subjects.clone(),
         recipient: request.recipient.clone().unwrap_or_default(),
+        minimizable: request.minimizable.clone(),
     };
     let r = match client
         .explain(ExplainRequest {

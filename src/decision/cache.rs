@@ -82,8 +82,9 @@ pub struct Pending<'s> {
 }
 
 enum Part {
-    /// Stages 1–4, from the cache (`true`) or the engine.
-    Evaluated(Arc<Outcome>, bool),
+    /// Stages 1–4, from the cache (`true`) or the engine, and the minimizable categories
+    /// the call goes without.
+    Evaluated(Arc<Outcome>, bool, Vec<String>),
     /// Denied before the engine: unknown names, no route, unreadable metadata; with no
     /// snapshot and no reason, no policy is loaded.
     Denied(Vec<super::Reason>),
@@ -183,16 +184,26 @@ impl Decider {
                 id,
             };
         };
-        let part = match engine::resolve(snapshot, request) {
-            Ok(key) => {
-                let (outcome, hit) = self.outcome(snapshot, key);
+        let resolved = engine::resolve(snapshot, request).and_then(|key| {
+            super::minimize::resolve(snapshot, &request.minimizable).map(|ids| (key, ids))
+        });
+        let part = match resolved {
+            Ok((key, minimizable)) => {
+                let (outcome, hit) = self.outcome(snapshot, key.clone());
                 let counter = if hit {
                     &self.stats.hits
                 } else {
                     &self.stats.misses
                 };
                 counter.fetch_add(1, Ordering::Relaxed);
-                Part::Evaluated(outcome, hit)
+                let minimized = if outcome.reasons.is_empty() && !minimizable.is_empty() {
+                    super::minimize::minimized(snapshot, &key, &outcome, &minimizable, |k| {
+                        self.outcome(snapshot, k).0
+                    })
+                } else {
+                    Vec::new()
+                };
+                Part::Evaluated(outcome, hit, minimized)
             }
             Err(reasons) => Part::Denied(reasons),
         };
@@ -223,8 +234,13 @@ impl Decider {
         subjects: &dyn SubjectStates,
     ) -> Decision {
         let mut decision = match (pending.snapshot, &pending.part) {
-            (Some(snapshot), Part::Evaluated(outcome, hit)) => {
-                engine::finish(snapshot, outcome, request, subjects, pending.id, *hit)
+            (Some(snapshot), Part::Evaluated(outcome, hit, minimized)) => {
+                let mut decision =
+                    engine::finish(snapshot, outcome, request, subjects, pending.id, *hit);
+                if decision.allowed {
+                    decision.minimized.clone_from(minimized);
+                }
+                decision
             }
             (Some(snapshot), Part::Denied(reasons)) => {
                 engine::denied_early(snapshot, reasons.clone(), pending.id)

@@ -68,17 +68,23 @@ pub fn decide_fresh(
     let Some(snapshot) = snapshot else {
         return no_policy(id);
     };
-    match resolve(snapshot, request) {
-        Ok(key) => finish(
-            snapshot,
-            &evaluate(snapshot, &key),
-            request,
-            subjects,
-            id,
-            false,
-        ),
-        Err(reasons) => denied_early(snapshot, reasons, id),
+    let key = match resolve(snapshot, request) {
+        Ok(key) => key,
+        Err(reasons) => return denied_early(snapshot, reasons, id),
+    };
+    let minimizable = match super::minimize::resolve(snapshot, &request.minimizable) {
+        Ok(ids) => ids,
+        Err(reasons) => return denied_early(snapshot, reasons, id),
+    };
+    let outcome = evaluate(snapshot, &key);
+    let mut decision = finish(snapshot, &outcome, request, subjects, id, false);
+    if decision.allowed {
+        decision.minimized =
+            super::minimize::minimized(snapshot, &key, &outcome, &minimizable, |k| {
+                Arc::new(evaluate(snapshot, &k))
+            });
     }
+    decision
 }
 
 pub(crate) fn no_policy(id: DecisionId) -> Decision {
@@ -94,6 +100,7 @@ pub(crate) fn no_policy(id: DecisionId) -> Decision {
         policy_version: None,
         cache_hit: false,
         shadow_allowed: None,
+        minimized: Vec::new(),
     }
 }
 
@@ -106,6 +113,7 @@ pub(crate) fn denied_early(snapshot: &Snapshot, reasons: Vec<Reason>, id: Decisi
         policy_version: Some(snapshot.version()),
         cache_hit: false,
         shadow_allowed: None,
+        minimized: Vec::new(),
     }
 }
 
@@ -492,6 +500,7 @@ pub fn finish(
         policy_version: Some(snapshot.version()),
         cache_hit,
         shadow_allowed: None,
+        minimized: Vec::new(),
     };
     if !decision.reasons.is_empty() {
         return decision;

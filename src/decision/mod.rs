@@ -7,6 +7,7 @@ mod cache;
 mod engine;
 pub mod fixtures;
 mod key;
+mod minimize;
 mod reason;
 
 pub use cache::{CacheSettings, CacheStats, Decider, Pending, ShadowStats};
@@ -39,6 +40,10 @@ pub struct Request {
     /// exports to a joint user or a third party names it here).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub recipient: Option<String>,
+    /// Categories the call may go without: where the purpose may not have one, the call is
+    /// not denied for it but told to leave it out ([`Decision::minimized`]).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub minimizable: Vec<String>,
 }
 
 /// The answer: allow or deny, why, by which rules, under which policy version.
@@ -59,6 +64,10 @@ pub struct Decision {
     /// decided otherwise than the active policy. Never enforced.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub shadow_allowed: Option<bool>,
+    /// Allowed only: the request's `minimizable` categories the caller's purpose may not
+    /// have, to be left out (response fields cleared), in the request's order.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub minimized: Vec<String>,
 }
 
 fn ser_decision<S: serde::Serializer>(allowed: &bool, s: S) -> Result<S::Ok, S::Error> {

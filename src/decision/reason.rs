@@ -38,12 +38,17 @@ pub enum ReasonCode {
     RouteUnknown,
     // The call's metadata cannot be read as intended (answered `INVALID_ARGUMENT`).
     MetadataInvalid,
+    // The `x-data-subject` metadata names other subjects than the request message does.
+    SubjectMismatch,
+    // The route's messages must be read (subjects, minimization) and this door cannot read
+    // or rewrite them (Envoy `ext_authz`).
+    MessageInspectionRequired,
     // The decision's audit record could not be written: an allow becomes this deny.
     AuditUnavailable,
 }
 
 impl ReasonCode {
-    pub const ALL: [ReasonCode; 23] = [
+    pub const ALL: [ReasonCode; 25] = [
         Self::PurposeNotDeclared,
         Self::PurposeUnknown,
         Self::CategoryNotDeclared,
@@ -66,6 +71,8 @@ impl ReasonCode {
         Self::PolicyUnavailable,
         Self::RouteUnknown,
         Self::MetadataInvalid,
+        Self::SubjectMismatch,
+        Self::MessageInspectionRequired,
         Self::AuditUnavailable,
     ];
 
@@ -93,6 +100,8 @@ impl ReasonCode {
             Self::PolicyUnavailable => "POLICY_UNAVAILABLE",
             Self::RouteUnknown => "ROUTE_UNKNOWN",
             Self::MetadataInvalid => "METADATA_INVALID",
+            Self::SubjectMismatch => "SUBJECT_MISMATCH",
+            Self::MessageInspectionRequired => "MESSAGE_INSPECTION_REQUIRED",
             Self::AuditUnavailable => "AUDIT_UNAVAILABLE",
         }
     }

@@ -19,9 +19,11 @@ use crate::audit::{self, RecordBody, RecordKind};
 use crate::decision::{Decision, DecisionId, Pending, Reason, ReasonCode, Request};
 use crate::identity::IdentityMode;
 use crate::policy::Snapshot;
+use crate::policy::inspect::Inspection;
 use crate::telemetry::CallSpan;
 use crate::telemetry::metrics::{PURPOSE_NONE, PURPOSE_UNKNOWN};
 use http::{HeaderMap, HeaderName, HeaderValue};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 /// The door a call came through: it names the call's span and the kind of its record.
@@ -51,10 +53,13 @@ pub enum Peer<'a> {
 #[derive(Debug)]
 pub enum Ask<'a> {
     /// A call to a method of the protected service: the route says what it does, the
-    /// metadata who asks, for what purpose, about whom.
+    /// metadata who asks and for what purpose. About whom: the request message's subjects
+    /// when the route reads them (`message_subjects`, read by the door; `None` when it could
+    /// not), else the metadata's.
     Method {
         path: &'a str,
         metadata: &'a HeaderMap,
+        message_subjects: Option<Vec<String>>,
     },
     /// A call the door could not read as one (an Envoy check without HTTP attributes, or
     /// whose headers are not text): refused `INVALID_ARGUMENT`, and audited.
@@ -68,6 +73,9 @@ pub enum Ask<'a> {
 
 /// A call, as a door hands it to [`Gate::admit`].
 pub struct Call<'a> {
+    /// The policy the call is decided under, loaded once by the door ([`Gate::policy`]):
+    /// the route the door read the message by and the decision come from the same version.
+    pub policy: Policy,
     pub door: Door,
     pub ask: Ask<'a>,
     pub peer: Peer<'a>,
@@ -75,6 +83,21 @@ pub struct Call<'a> {
     pub trace: &'a HeaderMap,
     /// When the call arrived: its decision latency counts from here.
     pub started: Instant,
+}
+
+/// The active policy, as a door loads it once per call ([`Gate::policy`]).
+#[derive(Clone)]
+pub struct Policy(Option<Arc<Snapshot>>);
+
+impl Policy {
+    pub fn snapshot(&self) -> Option<&Snapshot> {
+        self.0.as_deref()
+    }
+
+    /// What the route of `path` reads of its messages, when it reads them.
+    pub fn inspection(&self, path: &str) -> Option<Arc<Inspection>> {
+        self.snapshot()?.route(path)?.inspection.clone()
+    }
 }
 
 /// The gate's answer: the decision, and what the door needs to carry it out.
@@ -96,18 +119,23 @@ pub struct Admission {
 }
 
 impl Gate {
+    /// The active policy, for one call.
+    pub fn policy(&self) -> Policy {
+        Policy(self.decider.policy())
+    }
+
     /// Admits or refuses one call. Never fails: whatever cannot be evaluated is a deny, and
     /// the answer is audited before it is returned.
     pub async fn admit(&self, call: Call<'_>) -> Admission {
         let Call {
+            policy,
             door,
             ask,
             peer,
             trace,
             started,
         } = call;
-        let policy = self.decider.policy();
-        let snapshot = policy.as_deref();
+        let snapshot = policy.snapshot();
         let method = match &ask {
             Ask::Method { path, .. } => Some(*path),
             Ask::Unreadable { path, .. } => *path,
@@ -119,15 +147,17 @@ impl Gate {
         let mut malformed = None;
         let mut timeout = None;
         let (pending, request) = match ask {
-            Ask::Method { path, metadata } => {
-                match metadata::extract(metadata, authenticated.as_deref()) {
-                    Ok(context) => {
-                        timeout = context.timeout;
-                        self.route(snapshot, path, context)
-                    }
-                    Err(error) => self.unreadable(snapshot, authenticated, error, &mut malformed),
+            Ask::Method {
+                path,
+                metadata,
+                message_subjects,
+            } => match metadata::extract(metadata, authenticated.as_deref()) {
+                Ok(context) => {
+                    timeout = context.timeout;
+                    self.route(snapshot, path, context, message_subjects)
                 }
-            }
+                Err(error) => self.unreadable(snapshot, authenticated, error, &mut malformed),
+            },
             Ask::Unreadable { error, .. } => {
                 self.unreadable(snapshot, authenticated, error, &mut malformed)
             }
@@ -138,7 +168,21 @@ impl Gate {
                 (self.decider.begin(snapshot, &request), request)
             }
         };
-        let decision = self.finish(&pending, &request).await;
+        let mut decision = self.finish(&pending, &request).await;
+        if decision.allowed && door == Door::Envoy && !decision.minimized.is_empty() {
+            // Envoy forwards the response as the service sends it: a call that needs fields
+            // cleared cannot go that way.
+            decision.allowed = false;
+            decision.reasons = vec![Reason::new(
+                ReasonCode::MessageInspectionRequired,
+                "§6(5)",
+                format!(
+                    "the response must go without `{}`, and Envoy's ext_authz cannot clear fields; send the call through pdgate's data plane",
+                    decision.minimized.join("`, `")
+                ),
+            )];
+            decision.minimized.clear();
+        }
 
         let mut body = audit::body_of(&decision, &request, door.record_kind());
         body.method = method.map(str::to_owned);
@@ -193,12 +237,16 @@ impl Gate {
     }
 
     /// The request a call to `path` makes under `snapshot`: the route's action and
-    /// categories. A method without a route is denied `ROUTE_UNKNOWN`.
+    /// categories, and its subjects — the request message's when the route reads them (the
+    /// metadata, when given, must name exactly the same, else `SUBJECT_MISMATCH`; on a client
+    /// stream it may name more, all decided). A method without a route is denied
+    /// `ROUTE_UNKNOWN`.
     fn route<'s>(
         &self,
         snapshot: Option<&'s Snapshot>,
         path: &str,
         context: metadata::CallContext,
+        message_subjects: Option<Vec<String>>,
     ) -> (Pending<'s>, Request) {
         let mut request = Request {
             caller: context.caller,
@@ -207,27 +255,66 @@ impl Gate {
             categories: Vec::new(),
             subjects: context.subjects,
             recipient: context.recipient,
+            minimizable: Vec::new(),
         };
-        let route = snapshot.and_then(|s| s.route(path));
-        match (snapshot, route) {
-            (Some(snapshot), None) => {
+        let Some(snapshot) = snapshot else {
+            return (self.decider.begin(None, &request), request);
+        };
+        let Some(route) = snapshot.route(path) else {
+            let reason = Reason::new(
+                ReasonCode::RouteUnknown,
+                "§6(5)",
+                format!(
+                    "method `{path}` has no route in routes.yaml; pdgate denies methods it does not know"
+                ),
+            );
+            return (self.decider.refuse(Some(snapshot), reason), request);
+        };
+        route.action.as_str().clone_into(&mut request.action);
+        request.categories.clone_from(&route.categories);
+        request.minimizable.clone_from(&route.minimize);
+        let reads_subjects = route
+            .inspection
+            .as_ref()
+            .filter(|i| i.request_subjects.is_some());
+        if let Some(inspection) = reads_subjects {
+            let Some(found) = message_subjects else {
                 let reason = Reason::new(
-                    ReasonCode::RouteUnknown,
+                    ReasonCode::MessageInspectionRequired,
                     "§6(5)",
                     format!(
-                        "method `{path}` has no route in routes.yaml; pdgate denies methods it does not know"
+                        "`{path}` is decided on the subjects its request message names, and this door cannot read the message; send the call through pdgate's data plane"
                     ),
                 );
-                (self.decider.refuse(Some(snapshot), reason), request)
-            }
-            (_, route) => {
-                if let Some(route) = route {
-                    route.action.as_str().clone_into(&mut request.action);
-                    request.categories.clone_from(&route.categories);
+                return (self.decider.refuse(Some(snapshot), reason), request);
+            };
+            if inspection.client_streaming {
+                // A stream's metadata may name the subjects of all its messages: the call is
+                // decided for those and the first message's; a later message naming another
+                // is decided before it goes on.
+                for subject in found {
+                    if !request.subjects.contains(&subject) {
+                        request.subjects.push(subject);
+                    }
                 }
-                (self.decider.begin(snapshot, &request), request)
+                return (self.decider.begin(Some(snapshot), &request), request);
             }
+            if !request.subjects.is_empty() && !same_subjects(&request.subjects, &found) {
+                let reason = Reason::new(
+                    ReasonCode::SubjectMismatch,
+                    "§6(5)",
+                    format!(
+                        "`x-data-subject` names `{}`, the request message `{}`; the metadata must name exactly the message's subjects",
+                        request.subjects.join("`, `"),
+                        found.join("`, `")
+                    ),
+                );
+                request.subjects = found;
+                return (self.decider.refuse(Some(snapshot), reason), request);
+            }
+            request.subjects = found;
         }
+        (self.decider.begin(Some(snapshot), &request), request)
     }
 
     /// The refusal of a call whose metadata cannot be read: denied `METADATA_INVALID`,
@@ -390,6 +477,14 @@ impl Admission {
     pub fn take_span(&mut self) -> Option<CallSpan> {
         self.span.take()
     }
+}
+
+/// Whether two lists name the same subjects (order and repeats aside).
+fn same_subjects(a: &[String], b: &[String]) -> bool {
+    fn set(v: &[String]) -> std::collections::BTreeSet<&str> {
+        v.iter().map(String::as_str).collect()
+    }
+    set(a) == set(b)
 }
 
 /// The trace and parent span ids of a W3C `traceparent` header (`00-<trace>-<span>-<flags>`).

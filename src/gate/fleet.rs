@@ -12,7 +12,7 @@
 
 use super::bundle::{Bundle, TestFile};
 use super::store::{Origin, Persisted, PolicyStore, StoreError};
-use crate::policy::PolicySource;
+use crate::policy::{DescriptorFile, PolicySource};
 use sqlx::postgres::{PgConnectOptions, PgListener, PgPool, PgPoolOptions};
 use sqlx::{ConnectOptions, Row};
 use std::path::PathBuf;
@@ -148,6 +148,21 @@ impl PostgresPolicyStore {
                 "stored policy version {id}: its tests are not readable ({e})"
             ))
         })?;
+        let unreadable = |e: &dyn std::fmt::Display| {
+            StoreError::Refused(format!(
+                "stored policy version {id}: its descriptors are not readable ({e})"
+            ))
+        };
+        let descriptors: Vec<(String, String)> =
+            serde_json::from_str(&get("descriptors")?).map_err(|e| unreadable(&e))?;
+        let descriptors = descriptors
+            .into_iter()
+            .map(|(name, content)| {
+                hex::decode(content)
+                    .map(|content| DescriptorFile { name, content })
+                    .map_err(|e| unreadable(&e))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
         Ok(Bundle {
             source: PolicySource {
                 origin: PathBuf::from(format!("postgres:policy_versions/{id}")),
@@ -155,7 +170,7 @@ impl PostgresPolicyStore {
                 policy: get("policy")?,
                 taxonomy: get("taxonomy")?,
                 routes,
-                descriptors: Vec::new(),
+                descriptors,
             },
             tests: tests
                 .into_iter()
@@ -178,7 +193,7 @@ impl PolicyStore for PostgresPolicyStore {
     async fn current(&self) -> Result<Option<Bundle>, StoreError> {
         self.migrate().await?;
         let row = sqlx::query(
-            "SELECT id, model, policy, taxonomy, routes, tests FROM policy_versions ORDER BY id DESC LIMIT 1",
+            "SELECT id, model, policy, taxonomy, routes, tests, descriptors FROM policy_versions ORDER BY id DESC LIMIT 1",
         )
         .fetch_optional(&self.pool)
         .await
@@ -210,13 +225,6 @@ impl PolicyStore for PostgresPolicyStore {
         applied_by: &str,
         comment: &str,
     ) -> Result<Persisted, StoreError> {
-        if !bundle.source.descriptors.is_empty() {
-            // Never applied on some sidecars with descriptors and on others without.
-            return Err(StoreError::Refused(format!(
-                "the fleet store does not keep `{}/` yet: a bundle with the service's descriptors can only be applied to an embedded (policy directory) sidecar",
-                crate::policy::DESCRIPTORS_DIR
-            )));
-        }
         self.migrate().await?;
         let tests: Vec<(&str, &str)> = bundle
             .tests
@@ -225,6 +233,14 @@ impl PolicyStore for PostgresPolicyStore {
             .collect();
         let tests = serde_json::to_string(&tests)
             .map_err(|e| StoreError::Refused(format!("the tests cannot be encoded: {e}")))?;
+        let descriptors: Vec<(&str, String)> = bundle
+            .source
+            .descriptors
+            .iter()
+            .map(|d| (d.name.as_str(), hex::encode(&d.content)))
+            .collect();
+        let descriptors = serde_json::to_string(&descriptors)
+            .map_err(|e| StoreError::Refused(format!("the descriptors cannot be encoded: {e}")))?;
         let version = hex::encode(bundle.source.digest());
         // The insert and the notification commit together: a sidecar woken by the
         // notification always finds the row.
@@ -235,8 +251,8 @@ impl PolicyStore for PostgresPolicyStore {
             .map_err(|e| database("the fleet database cannot be reached", &e))?;
         let id: i64 = sqlx::query_scalar(
             "INSERT INTO policy_versions \
-             (version, model, policy, taxonomy, routes, tests, applied_by, comment) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8) RETURNING id",
+             (version, model, policy, taxonomy, routes, tests, applied_by, comment, descriptors) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) RETURNING id",
         )
         .bind(&version)
         .bind(&bundle.source.model)
@@ -246,6 +262,7 @@ impl PolicyStore for PostgresPolicyStore {
         .bind(&tests)
         .bind(applied_by)
         .bind(comment)
+        .bind(&descriptors)
         .fetch_one(&mut *tx)
         .await
         .map_err(|e| database("the policy version cannot be stored", &e))?;

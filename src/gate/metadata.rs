@@ -47,6 +47,18 @@ pub enum MetadataError {
         "metadata `grpc-timeout` is `{0}`; expected 1 to 8 digits and a unit (H, M, S, m, u, n)"
     )]
     Timeout(String),
+    /// A request message over the inspection limit (answered `RESOURCE_EXHAUSTED`).
+    #[error("a request message of {len} bytes is over pdgate's inspection limit of {limit} bytes")]
+    MessageTooLarge { len: usize, limit: usize },
+    /// A compressed request message on a route whose messages pdgate reads (answered
+    /// `UNIMPLEMENTED`).
+    #[error(
+        "the request message is compressed (`grpc-encoding`); pdgate reads this method's messages and does not decompress them: send it uncompressed"
+    )]
+    MessageCompressed,
+    /// A request message that is not what the service's descriptors say.
+    #[error("the request message cannot be read: {0}")]
+    MessageUnreadable(String),
     /// An Envoy check request without the checked call's HTTP attributes.
     #[error(
         "the check request has no HTTP request attributes; pdgate authorizes HTTP/2 (gRPC) calls (Envoy's HTTP ext_authz filter, not the network one)"

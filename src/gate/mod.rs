@@ -15,7 +15,7 @@ pub mod metadata;
 pub mod store;
 pub mod watch;
 
-pub use admit::{Admission, Ask, Call, Door, Peer};
+pub use admit::{Admission, Ask, Call, Door, Peer, Policy};
 pub use bundle::{Bundle, CheckError, Checked, TestFile};
 pub use fleet::PostgresPolicyStore;
 pub use manager::{Applied, PolicyManager, ReloadError, Status, VersionInfo};

@@ -8,6 +8,7 @@
 //!   field the descriptors do not know dropped — a newer service version's field is never
 //!   passed on unclassified.
 
+pub mod frames;
 pub mod wire;
 
 use std::borrow::Cow;

@@ -3,7 +3,13 @@
 //! reaches the inner (upstream) service.
 
 use super::deadline::Bounded;
+use super::messages::{
+    InspectedRequest, MessageError, MinimizedResponse, StreamCall, Verdict, first_message,
+    subjects_of,
+};
+use crate::gate::metadata::{MetadataError, SUBJECT};
 use crate::gate::{Ask, Call, Door, Gate, Peer};
+use crate::message::frames::Frames;
 use crate::telemetry::CallSpan;
 use crate::transport::rescue;
 use futures_util::future::BoxFuture;
@@ -91,13 +97,53 @@ where
                 return Ok(rescue::overloaded(slots.limit));
             };
             let certs = peer_certificates(&request);
+            let policy = gate.policy();
+            let path: Arc<str> = Arc::from(request.uri().path());
+            let inspection = policy.inspection(&path);
+            // A route that reads its subjects: the first message, before anything is decided
+            // (and before anything reaches the upstream).
+            let mut first = None;
+            let mut unreadable = None;
+            if let Some(subject_path) = inspection
+                .as_ref()
+                .and_then(|i| i.request_subjects.as_ref())
+            {
+                let mut frames = Frames::default();
+                let read = tokio::time::timeout(
+                    FIRST_MESSAGE_WAIT,
+                    first_message(request.body_mut(), &mut frames),
+                )
+                .await
+                .unwrap_or(Err(MessageError::Body(format!(
+                    "no whole request message within {FIRST_MESSAGE_WAIT:?}"
+                ))));
+                match read.and_then(|message| {
+                    let subjects = match &message.message {
+                        Some(m) => subjects_of(m, subject_path)?,
+                        None => Vec::new(),
+                    };
+                    Ok((message, subjects))
+                }) {
+                    Ok((message, subjects)) => first = Some((message, frames, subjects)),
+                    Err(e) => unreadable = Some(e),
+                }
+            }
+            let ask = match unreadable {
+                Some(e) => Ask::Unreadable {
+                    path: Some(&path),
+                    error: unreadable_message(e),
+                },
+                None => Ask::Method {
+                    path: &path,
+                    metadata: request.headers(),
+                    message_subjects: first.as_ref().map(|(_, _, subjects)| subjects.clone()),
+                },
+            };
             let mut admission = gate
                 .admit(Call {
+                    policy: policy.clone(),
                     door: Door::DataPlane,
-                    ask: Ask::Method {
-                        path: request.uri().path(),
-                        metadata: request.headers(),
-                    },
+                    ask,
                     peer: Peer::Certificate(
                         certs.as_ref().and_then(|c| c.first()).map(AsRef::as_ref),
                     ),
@@ -106,10 +152,40 @@ where
                 })
                 .await;
             if !admission.allowed() {
-                tracing::debug!(path = request.uri().path(), decision = %admission.decision.decision_id, "refused");
+                tracing::debug!(path = %path, decision = %admission.decision.decision_id, "refused");
                 return Ok(rescue::refused(&admission));
             }
+            // Later messages of a stream are read before they go on, and decided when they
+            // name a subject the call was not decided for.
+            let verdict = Verdict::default();
+            if let (Some(inspection), Some((message, frames, _))) = (&inspection, first)
+                && let Some(subject_path) = inspection.request_subjects.clone()
+            {
+                let mut metadata = request.headers().clone();
+                // It named the first message's subjects; a later message is decided on its own.
+                metadata.remove(SUBJECT);
+                let call = StreamCall {
+                    gate: gate.clone(),
+                    policy,
+                    path: path.clone(),
+                    metadata,
+                    certs: certs.clone(),
+                    subject_path,
+                    decided: admission.request.subjects.iter().cloned().collect(),
+                };
+                let verdict = verdict.clone();
+                request = request.map(|body| {
+                    Body::new(InspectedRequest::new(message, frames, body, call, verdict))
+                });
+            }
             admission.stamp(request.headers_mut());
+            if inspection.as_ref().is_some_and(|i| i.response.is_some()) {
+                // A compressed response could not be read: ask for it uncompressed.
+                request.headers_mut().insert(
+                    "grpc-accept-encoding",
+                    http::HeaderValue::from_static("identity"),
+                );
+            }
             let deadline = admission.timeout.map(|t| tokio::time::Instant::now() + t);
             let mut span = admission.take_span();
             let id = admission.decision.decision_id;
@@ -124,10 +200,27 @@ where
                 },
                 None => forwarded.await,
             };
+            // A later message of the stream was refused: that is the answer, whatever the
+            // upstream made of its reset stream.
+            if let Some(refusal) = verdict.refusal() {
+                mark(&mut span, refusal.code(), &refusal.message());
+                return Ok(refusal.into_http());
+            }
             match outcome {
                 Ok(mut response) => {
                     rescue::tag(&mut response, id);
+                    let clear = inspection
+                        .as_ref()
+                        .map_or(0, |i| i.mask(&admission.decision.minimized));
                     Ok(response.map(|body| {
+                        // Read when the route reads anything: to clear fields, and to end the
+                        // response with a refusal of a later request message.
+                        let body = match inspection {
+                            Some(inspection) => {
+                                Body::new(MinimizedResponse::new(body, inspection, clear, verdict))
+                            }
+                            None => body,
+                        };
                         Body::new(InFlight {
                             body: Bounded::new(body, deadline),
                             _slot: slot,
@@ -141,6 +234,19 @@ where
                 }
             }
         })
+    }
+}
+
+/// How long a call on a route that reads its subjects may take to send its first whole
+/// message: the call holds a slot meanwhile, and is refused after it.
+const FIRST_MESSAGE_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// A request message that cannot be read, as the gate records the refusal.
+fn unreadable_message(e: MessageError) -> MetadataError {
+    match e {
+        MessageError::TooLarge { len, limit } => MetadataError::MessageTooLarge { len, limit },
+        MessageError::Compressed => MetadataError::MessageCompressed,
+        other => MetadataError::MessageUnreadable(other.to_string()),
     }
 }
 

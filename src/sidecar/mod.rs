@@ -7,11 +7,14 @@
 //!                      → refuse (transport::rescue)  |  forward ──h2──▶ upstream (pooled Channel)
 //! ```
 //!
-//! Messages are never decoded: bodies, trailers and `grpc-status` stream through untouched,
-//! for unary and every streaming kind.
+//! Bodies, trailers and `grpc-status` stream through untouched, for unary and every streaming
+//! kind — except on routes that read their messages ([`messages`]): there the request's
+//! subjects are read from each message before it goes on, and responses lose the fields of
+//! the categories the decision minimized.
 
 pub mod authorize;
 pub mod deadline;
+pub mod messages;
 
 use crate::gate::Gate;
 use crate::transport::{TlsFiles, incoming, server_builder};

@@ -4,7 +4,7 @@
 
 use crate::audit::AuditError;
 use crate::decision::{Decision, DecisionId};
-use crate::gate::metadata::DECISION_ID;
+use crate::gate::metadata::{DECISION_ID, MetadataError};
 use crate::gate::{Admission, CheckError, ReloadError};
 use crate::identity::AdminRole;
 use crate::registry::{InvalidChange, RegistryError};
@@ -31,6 +31,10 @@ pub fn refused(admission: &Admission) -> Response {
 /// (Envoy's `ext_authz`).
 pub fn refusal_status(admission: &Admission) -> Status {
     match &admission.malformed {
+        Some(error @ MetadataError::MessageTooLarge { .. }) => {
+            Status::resource_exhausted(error.to_string())
+        }
+        Some(error @ MetadataError::MessageCompressed) => Status::unimplemented(error.to_string()),
         Some(error) => Status::invalid_argument(error.to_string()),
         None => denied_status(&admission.decision, admission.decision_id()),
     }

@@ -1,0 +1,394 @@
+//! The data plane's reading of messages, for routes that read them (`policy::inspect`):
+//! gRPC's length-prefixed framing over HTTP/2 bodies, the request's subjects (every message
+//! of a stream, each new subject decided before its message goes on), and responses with the
+//! minimized categories' fields cleared (every message of a stream).
+//!
+//! A message is handed on only whole and only once read: nothing of a message pdgate refuses
+//! reaches the other side.
+
+use crate::gate::{Admission, Ask, Call, Door, Gate, Peer, Policy};
+use crate::message::frames::{FrameError, Frames, frame, framed};
+use crate::message::{self, CategorySet, SubjectPath, wire::WireError};
+use crate::policy::inspect::Inspection;
+use crate::transport::rescue;
+use bytes::Bytes;
+use futures_util::future::BoxFuture;
+use http::HeaderMap;
+use http_body::Frame;
+use std::collections::BTreeSet;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::task::{Context, Poll, ready};
+use tonic::Status;
+use tonic::body::Body;
+use tonic::transport::CertificateDer;
+
+/// A message that cannot be read.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum MessageError {
+    #[error("a message of {len} bytes is over pdgate's inspection limit of {limit} bytes")]
+    TooLarge { len: usize, limit: usize },
+    #[error(
+        "the message is compressed (`grpc-encoding`); pdgate reads this method's messages and does not decompress them: send it uncompressed"
+    )]
+    Compressed,
+    #[error("the message is not a valid protobuf message: {0}")]
+    Wire(#[from] WireError),
+    #[error("the body ends inside a message")]
+    Truncated,
+    #[error("the body cannot be read: {0}")]
+    Body(String),
+}
+
+impl From<FrameError> for MessageError {
+    fn from(e: FrameError) -> Self {
+        match e {
+            FrameError::TooLarge { len, limit } => Self::TooLarge { len, limit },
+        }
+    }
+}
+
+/// What a request body held up to its first message.
+pub struct FirstMessage {
+    /// The first message, when the body has one before its end.
+    pub message: Option<Bytes>,
+    /// The request's trailers, when the body ended with them.
+    pub trailers: Option<HeaderMap>,
+    pub ended: bool,
+}
+
+/// Reads `body` until its first whole message is in `frames` (or the body ends).
+pub async fn first_message(
+    body: &mut Body,
+    frames: &mut Frames,
+) -> Result<FirstMessage, MessageError> {
+    let mut trailers = None;
+    loop {
+        if let Some((compressed, message)) = frames.next_message()? {
+            if compressed {
+                return Err(MessageError::Compressed);
+            }
+            return Ok(FirstMessage {
+                message: Some(message),
+                trailers,
+                ended: false,
+            });
+        }
+        let next =
+            std::future::poll_fn(|cx| http_body::Body::poll_frame(Pin::new(&mut *body), cx)).await;
+        match next {
+            None => {
+                if !frames.is_empty() {
+                    return Err(MessageError::Truncated);
+                }
+                return Ok(FirstMessage {
+                    message: None,
+                    trailers,
+                    ended: true,
+                });
+            }
+            Some(Err(e)) => return Err(MessageError::Body(e.to_string())),
+            Some(Ok(frame)) => match frame.into_data() {
+                Ok(data) => frames.push(&data),
+                Err(frame) => trailers = frame.into_trailers().ok(),
+            },
+        }
+    }
+}
+
+/// The subjects of one request message.
+pub fn subjects_of(message: &[u8], path: &SubjectPath) -> Result<Vec<String>, MessageError> {
+    Ok(message::subjects(message, path)?)
+}
+
+/// A refusal that ends a call in mid-stream, shared by its request and response bodies: the
+/// request stops reaching the upstream, and the caller's response ends with this status.
+#[derive(Clone, Default)]
+pub struct Verdict(Arc<Mutex<Option<Status>>>);
+
+impl Verdict {
+    fn refuse(&self, status: Status) {
+        let mut slot = self.0.lock().unwrap_or_else(PoisonError::into_inner);
+        slot.get_or_insert(status);
+    }
+
+    /// The refusal, once there is one.
+    pub fn refusal(&self) -> Option<Status> {
+        self.0
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+}
+
+/// What a later message of a stream needs to be decided: the call as it arrived.
+pub struct StreamCall {
+    pub gate: Arc<Gate>,
+    pub policy: Policy,
+    pub path: Arc<str>,
+    /// The call's metadata, without `x-data-subject` (which named the first message's).
+    pub metadata: HeaderMap,
+    pub certs: Option<Arc<Vec<CertificateDer<'static>>>>,
+    pub subject_path: SubjectPath,
+    /// Subjects the call has been decided for (and allowed).
+    pub decided: BTreeSet<String>,
+}
+
+/// The request body as the upstream gets it on a route that reads its subjects: the first
+/// message (already decided), then each later message once read whole — and, when it names a
+/// subject the call was not decided for, once that subject is decided and allowed. A deny
+/// ends the body with an error (the upstream stream is reset) and is kept in the
+/// [`Verdict`].
+pub struct InspectedRequest {
+    head: Option<Bytes>,
+    frames: Frames,
+    rest: Option<Body>,
+    trailers: Option<HeaderMap>,
+    call: StreamCall,
+    /// A message waiting for its subjects' decision.
+    waiting: Option<(Bytes, BoxFuture<'static, Admission>)>,
+    verdict: Verdict,
+}
+
+impl InspectedRequest {
+    pub fn new(
+        first: FirstMessage,
+        frames: Frames,
+        rest: Body,
+        call: StreamCall,
+        verdict: Verdict,
+    ) -> Self {
+        Self {
+            head: first.message.map(|m| frame(&m)),
+            frames,
+            rest: (!first.ended).then_some(rest),
+            trailers: first.trailers,
+            call,
+            waiting: None,
+            verdict,
+        }
+    }
+
+    fn fail(&mut self, status: Status) -> Poll<Option<Result<Frame<Bytes>, Status>>> {
+        self.verdict.refuse(status.clone());
+        self.rest = None;
+        self.trailers = None;
+        Poll::Ready(Some(Err(status)))
+    }
+}
+
+impl http_body::Body for InspectedRequest {
+    type Data = Bytes;
+    type Error = Status;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Status>>> {
+        let this = &mut *self;
+        if let Some(head) = this.head.take() {
+            return Poll::Ready(Some(Ok(Frame::data(head))));
+        }
+        loop {
+            if let Some((message, decision)) = &mut this.waiting {
+                let admission = ready!(decision.as_mut().poll(cx));
+                let message = message.clone();
+                this.waiting = None;
+                if !admission.allowed() {
+                    return this.fail(rescue::refusal_status(&admission));
+                }
+                this.call
+                    .decided
+                    .extend(admission.request.subjects.iter().cloned());
+                return Poll::Ready(Some(Ok(Frame::data(frame(&message)))));
+            }
+            match this.frames.next_message() {
+                Err(e) => return this.fail(message_status(&e.into())),
+                Ok(Some((true, _))) => return this.fail(message_status(&MessageError::Compressed)),
+                Ok(Some((false, message))) => {
+                    let subjects = match subjects_of(&message, &this.call.subject_path) {
+                        Ok(subjects) => subjects,
+                        Err(e) => return this.fail(message_status(&e)),
+                    };
+                    if subjects.iter().all(|s| this.call.decided.contains(s))
+                        && !subjects.is_empty()
+                    {
+                        return Poll::Ready(Some(Ok(Frame::data(frame(&message)))));
+                    }
+                    let decision = decide(&this.call, subjects);
+                    this.waiting = Some((message, decision));
+                    continue;
+                }
+                Ok(None) => {}
+            }
+            let Some(rest) = this.rest.as_mut() else {
+                if !this.frames.is_empty() {
+                    return this.fail(message_status(&MessageError::Truncated));
+                }
+                return Poll::Ready(this.trailers.take().map(|t| Ok(Frame::trailers(t))));
+            };
+            match ready!(Pin::new(rest).poll_frame(cx)) {
+                None => this.rest = None,
+                Some(Err(e)) => return Poll::Ready(Some(Err(e))),
+                Some(Ok(frame)) => match frame.into_data() {
+                    Ok(data) => this.frames.push(&data),
+                    Err(frame) => this.trailers = frame.into_trailers().ok(),
+                },
+            }
+        }
+    }
+}
+
+/// The decision for a later message of a stream, about `subjects`: audited like any call.
+fn decide(call: &StreamCall, subjects: Vec<String>) -> BoxFuture<'static, Admission> {
+    let gate = call.gate.clone();
+    let policy = call.policy.clone();
+    let path = call.path.clone();
+    let metadata = call.metadata.clone();
+    let certs = call.certs.clone();
+    Box::pin(async move {
+        gate.admit(Call {
+            policy,
+            door: Door::DataPlane,
+            ask: Ask::Method {
+                path: &path,
+                metadata: &metadata,
+                message_subjects: Some(subjects),
+            },
+            peer: Peer::Certificate(certs.as_ref().and_then(|c| c.first()).map(AsRef::as_ref)),
+            trace: &metadata,
+            started: std::time::Instant::now(),
+        })
+        .await
+    })
+}
+
+/// The status of a message pdgate cannot read.
+pub fn message_status(e: &MessageError) -> Status {
+    match e {
+        MessageError::TooLarge { .. } => Status::resource_exhausted(e.to_string()),
+        MessageError::Compressed => Status::unimplemented(e.to_string()),
+        _ => Status::invalid_argument(e.to_string()),
+    }
+}
+
+/// A response body with the fields of the minimized categories cleared from every message,
+/// and every field the descriptors do not know dropped; trailers pass. The call's
+/// [`Verdict`], once a later request message was refused, ends it with that status.
+pub struct MinimizedResponse {
+    inner: Option<Body>,
+    frames: Frames,
+    inspection: Arc<Inspection>,
+    clear: CategorySet,
+    verdict: Verdict,
+    /// Fields cleared and dropped so far (for the metrics, when the body ends).
+    pub done: message::Minimized,
+}
+
+impl MinimizedResponse {
+    pub fn new(
+        inner: Body,
+        inspection: Arc<Inspection>,
+        clear: CategorySet,
+        verdict: Verdict,
+    ) -> Self {
+        Self {
+            inner: Some(inner),
+            frames: Frames::default(),
+            inspection,
+            clear,
+            verdict,
+            done: message::Minimized::default(),
+        }
+    }
+
+    fn end_with(&mut self, status: &Status) -> Poll<Option<Result<Frame<Bytes>, Status>>> {
+        self.inner = None;
+        let mut trailers = HeaderMap::new();
+        if status.add_header(&mut trailers).is_err() {
+            trailers.insert("grpc-status", http::HeaderValue::from_static("13"));
+        }
+        Poll::Ready(Some(Ok(Frame::trailers(trailers))))
+    }
+}
+
+impl http_body::Body for MinimizedResponse {
+    type Data = Bytes;
+    type Error = Status;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Status>>> {
+        let this = &mut *self;
+        loop {
+            if let Some(refusal) = this.verdict.refusal()
+                && this.inner.is_some()
+            {
+                return this.end_with(&refusal);
+            }
+            match this.frames.next_message() {
+                Err(e) => {
+                    return this.end_with(&Status::internal(format!(
+                        "the service's response cannot be inspected: {e}"
+                    )));
+                }
+                Ok(Some((compressed, message))) => {
+                    let Some(plans) = this.inspection.response.as_ref() else {
+                        // Nothing to clear on this route: read only for the verdict.
+                        return Poll::Ready(Some(Ok(Frame::data(framed(compressed, &message)))));
+                    };
+                    if compressed {
+                        return this.end_with(&Status::internal(
+                            "the service's response is compressed and pdgate must clear fields of it; the service must answer uncompressed (pdgate asks it to with `grpc-accept-encoding: identity`)",
+                        ));
+                    }
+                    match message::minimize(&message, plans, Inspection::RESPONSE, this.clear) {
+                        Ok((out, done)) => {
+                            this.done.cleared += done.cleared;
+                            this.done.unknown += done.unknown;
+                            return Poll::Ready(Some(Ok(Frame::data(frame(&out)))));
+                        }
+                        Err(e) => {
+                            return this.end_with(&Status::internal(format!(
+                                "the service's response is not a valid `{}`: {e}",
+                                this.inspection.method
+                            )));
+                        }
+                    }
+                }
+                Ok(None) => {}
+            }
+            let Some(inner) = this.inner.as_mut() else {
+                return Poll::Ready(None);
+            };
+            match ready!(Pin::new(inner).poll_frame(cx)) {
+                None => {
+                    this.inner = None;
+                    if !this.frames.is_empty() {
+                        return this.end_with(&Status::internal(
+                            "the service's response ends inside a message",
+                        ));
+                    }
+                    return Poll::Ready(None);
+                }
+                Some(Err(e)) => return Poll::Ready(Some(Err(e))),
+                Some(Ok(frame)) => match frame.into_data() {
+                    Ok(data) => this.frames.push(&data),
+                    Err(frame) => {
+                        // Trailers: the upstream's status, unless a refusal came first.
+                        if let Some(refusal) = this.verdict.refusal() {
+                            return this.end_with(&refusal);
+                        }
+                        this.inner = None;
+                        return Poll::Ready(Some(Ok(frame)));
+                    }
+                },
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_none() && self.frames.is_empty()
+    }
+}

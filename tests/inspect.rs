@@ -1,0 +1,313 @@
+//! Enforcing what a call does, not what the caller says (DESIGN §2, §3), over real sockets
+//! against the demo service: the subjects come from the request message (the metadata must
+//! agree), each message of a client stream is decided before it goes on, and responses lose
+//! the fields of the categories the caller's purpose may not have — checked by decoding them
+//! with the service's own generated types.
+
+#![allow(
+    clippy::expect_used,
+    clippy::unwrap_used,
+    clippy::panic,
+    reason = "test code: a failed setup aborts the test"
+)]
+
+mod common;
+
+use common::{Harness, call, reason};
+use pdgate::proto::demo::{ContactUpdate, GetProfileRequest};
+use std::path::Path;
+use tonic::Code;
+
+fn profile(customer: &str) -> GetProfileRequest {
+    GetProfileRequest {
+        customer_id: customer.into(),
+    }
+}
+
+/// The record of the decision the answer named.
+fn record_of(h: &Harness, md: &tonic::metadata::MetadataMap) -> pdgate::audit::AuditRecord {
+    let id = common::decision_id(md).expect("the answer names its decision");
+    h.audit_records()
+        .into_iter()
+        .find(|r| r.body.decision_id == id)
+        .unwrap_or_else(|| panic!("no record of decision {id}"))
+}
+
+#[tokio::test]
+async fn a_consenting_subject_in_the_header_does_not_open_another_subjects_record() {
+    // §1(2): cust-2 consented to marketing, cust-1 did not. The header names cust-2, the
+    // message asks for cust-1.
+    let h = Harness::start().await;
+    let mut client = h.client().await;
+    let status = client
+        .get_profile(call(
+            profile("cust-1"),
+            "marketing-service",
+            "marketing.email",
+            &["cust-2"],
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::PermissionDenied, "{status:?}");
+    assert_eq!(reason(&status), "SUBJECT_MISMATCH");
+    assert_eq!(
+        h.service.calls(),
+        0,
+        "a refused call never reaches the service"
+    );
+    // The audit trail names the person the message was about.
+    let record = record_of(&h, status.metadata());
+    assert_eq!(record.body.subjects, ["cust-1"]);
+    assert_eq!(record.body.decision, "deny");
+
+    // Without the header, the message decides: cust-1 has not consented.
+    let status = client
+        .get_profile(call(
+            profile("cust-1"),
+            "marketing-service",
+            "marketing.email",
+            &[],
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(reason(&status), "CONSENT_REQUIRED");
+    assert_eq!(record_of(&h, status.metadata()).body.subjects, ["cust-1"]);
+    // And cust-2, who consented, is served — named by the message alone.
+    let response = client
+        .get_profile(call(
+            profile("cust-2"),
+            "marketing-service",
+            "marketing.email",
+            &[],
+        ))
+        .await
+        .unwrap();
+    assert_eq!(response.get_ref().customer_id, "cust-2");
+    assert_eq!(h.service.calls(), 1);
+}
+
+#[tokio::test]
+async fn a_suspended_subject_cannot_hide_behind_another_header() {
+    // §7: cust-3 asked for use of their data to stop.
+    let h = Harness::start().await;
+    let mut client = h.client().await;
+    let status = client
+        .get_profile(call(
+            profile("cust-3"),
+            "support-service",
+            "service.support",
+            &["cust-1"],
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(reason(&status), "SUBJECT_MISMATCH");
+    let status = client
+        .get_profile(call(
+            profile("cust-3"),
+            "support-service",
+            "service.support",
+            &[],
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(reason(&status), "USE_SUSPENDED");
+    assert_eq!(record_of(&h, status.metadata()).body.subjects, ["cust-3"]);
+    assert_eq!(h.service.calls(), 0);
+    // A header that names exactly the message's subject is fine.
+    client
+        .get_profile(call(
+            profile("cust-1"),
+            "support-service",
+            "service.support",
+            &["cust-1"],
+        ))
+        .await
+        .unwrap();
+}
+
+#[tokio::test]
+async fn a_shipping_read_of_a_profile_comes_without_the_email_address() {
+    // §1(1): shipping equipment needs name and address; the policy gives logistics no
+    // e-mail address. The profile is served with that field cleared instead of denied.
+    let h = Harness::start().await;
+    let mut client = h.client().await;
+    let response = client
+        .get_profile(call(
+            profile("cust-1"),
+            "logistics-service",
+            "service.shipping",
+            &[],
+        ))
+        .await
+        .unwrap();
+    let record = record_of(&h, response.metadata());
+    let direct = h
+        .direct_client()
+        .await
+        .get_profile(profile("cust-1"))
+        .await
+        .unwrap()
+        .into_inner();
+    let got = response.into_inner();
+    assert!(
+        !direct.email.is_empty(),
+        "the service holds an e-mail address"
+    );
+    assert_eq!(got.email, "", "cleared");
+    assert_eq!(got.name, direct.name);
+    assert_eq!(got.address, direct.address);
+    assert_eq!(got.customer_id, "cust-1");
+    assert_eq!(record.body.decision, "allow");
+    assert_eq!(record.body.minimized, ["customer.contact.email"]);
+    // Whatever else the policy does not give logistics is cleared too, and only that.
+    let expected_phone = if record
+        .body
+        .minimized
+        .iter()
+        .any(|c| c == "customer.contact.phone")
+    {
+        String::new()
+    } else {
+        direct.phone.clone()
+    };
+    assert_eq!(got.phone, expected_phone);
+
+    // Support may read the whole profile: nothing is cleared.
+    let whole = client
+        .get_profile(call(
+            profile("cust-1"),
+            "support-service",
+            "service.support",
+            &[],
+        ))
+        .await
+        .unwrap();
+    assert!(record_of(&h, whole.metadata()).body.minimized.is_empty());
+    assert_eq!(whole.into_inner(), direct);
+}
+
+#[tokio::test]
+async fn a_client_stream_ends_at_the_first_message_about_a_subject_it_may_not_touch() {
+    let h = Harness::start().await;
+    let mut client = h.client().await;
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    let update = |customer: &str, email: &str| ContactUpdate {
+        customer_id: customer.into(),
+        email: email.into(),
+        ..ContactUpdate::default()
+    };
+    let call_task = {
+        let request = call(
+            tokio_stream::wrappers::ReceiverStream::new(rx),
+            "provisioning-service",
+            "service.provision",
+            &[],
+        );
+        tokio::spawn(async move { client.import_contacts(request).await })
+    };
+    tx.send(update("cust-1", "one@example.jp")).await.unwrap();
+    tx.send(update("cust-2", "two@example.jp")).await.unwrap();
+    // The service has applied both before the third is sent.
+    let mut direct = h.direct_client().await;
+    common::wait::eventually("the service applied the first two updates", || {
+        let mut direct = direct.clone();
+        async move {
+            direct
+                .get_profile(profile("cust-2"))
+                .await
+                .is_ok_and(|p| p.into_inner().email == "two@example.jp")
+        }
+    })
+    .await;
+    // §7: cust-3 asked for use of their data to stop.
+    tx.send(update("cust-3", "three@example.jp")).await.unwrap();
+    drop(tx);
+    let status = call_task.await.unwrap().unwrap_err();
+    assert_eq!(status.code(), Code::PermissionDenied, "{status:?}");
+    assert_eq!(reason(&status), "USE_SUSPENDED");
+    let emails = [
+        direct
+            .get_profile(profile("cust-1"))
+            .await
+            .unwrap()
+            .into_inner()
+            .email,
+        direct
+            .get_profile(profile("cust-3"))
+            .await
+            .unwrap()
+            .into_inner()
+            .email,
+    ];
+    assert_eq!(emails[0], "one@example.jp");
+    assert_ne!(
+        emails[1], "three@example.jp",
+        "the refused message never reached the service"
+    );
+    // The refusal is recorded, naming cust-3.
+    let records = h.audit_records();
+    assert!(
+        records.iter().any(|r| r.body.decision == "deny"
+            && r.body.subjects == ["cust-3"]
+            && r.body.reasons.iter().any(|c| c.code == "USE_SUSPENDED")),
+        "{records:?}"
+    );
+}
+
+#[tokio::test]
+async fn the_envoy_door_cannot_decide_a_route_that_reads_its_message() {
+    use envoy_types::ext_authz::v3::pb::CheckRequest;
+    use envoy_types::pb::envoy::service::auth::v3::AttributeContext;
+    use envoy_types::pb::envoy::service::auth::v3::attribute_context::{HttpRequest, Request};
+    use envoy_types::pb::envoy::service::auth::v3::authorization_client::AuthorizationClient;
+    let h = Harness::start().await;
+    let mut envoy = AuthorizationClient::new(h.channel(h.api_addr).await);
+    let headers = [
+        ("x-caller", "support-service"),
+        ("x-purpose", "service.support"),
+        ("x-data-subject", "cust-1"),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_owned(), v.to_owned()))
+    .collect();
+    let answer = envoy
+        .check(CheckRequest {
+            attributes: Some(AttributeContext {
+                request: Some(Request {
+                    http: Some(HttpRequest {
+                        path: "/demo.customer.v1.CustomerData/GetProfile".into(),
+                        headers,
+                        ..HttpRequest::default()
+                    }),
+                    ..Request::default()
+                }),
+                ..AttributeContext::default()
+            }),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    // PERMISSION_DENIED, with the reason: Envoy sees the headers, never the message.
+    assert_eq!(answer.status.unwrap().code, 7);
+    let records = h.audit_records();
+    assert_eq!(records.len(), 1);
+    assert_eq!(
+        records[0].body.reasons[0].code,
+        "MESSAGE_INSPECTION_REQUIRED"
+    );
+}
+
+#[test]
+fn the_policys_descriptors_are_the_demo_services_protos() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let served = std::fs::read(root.join("proto/demo/customer/v1/customer.proto")).unwrap();
+    for copy in [
+        "policy/descriptors/customer.proto",
+        "deploy/kubernetes/base/policy/descriptors/customer.proto",
+    ] {
+        assert!(
+            std::fs::read(root.join(copy)).unwrap() == served,
+            "{copy} differs from proto/demo/customer/v1/customer.proto: copy it over"
+        );
+    }
+}
