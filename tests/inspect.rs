@@ -311,3 +311,81 @@ fn the_policys_descriptors_are_the_demo_services_protos() {
         );
     }
 }
+
+/// The default policy with `edit` applied to routes.yaml (and, unless `keep_descriptors`,
+/// without its descriptors), validated: every problem, or none.
+async fn validate_with(
+    edit: impl FnOnce(String) -> String,
+    keep_descriptors: bool,
+) -> Vec<pdgate::policy::Problem> {
+    let dir = common::policy_copy();
+    let routes = dir.path().join("routes.yaml");
+    let text = std::fs::read_to_string(&routes).unwrap();
+    std::fs::write(&routes, edit(text)).unwrap();
+    if !keep_descriptors {
+        std::fs::remove_dir_all(dir.path().join("descriptors")).unwrap();
+    }
+    match pdgate::policy::load_dir(dir.path()).await {
+        Ok(_) => Vec::new(),
+        Err(problems) => problems.0,
+    }
+}
+
+/// The line of `needle` in the repository's routes.yaml.
+fn line_of(needle: &str) -> usize {
+    let text = std::fs::read_to_string(common::policy_dir().join("routes.yaml")).unwrap();
+    text.lines().position(|l| l.contains(needle)).unwrap() + 1
+}
+
+#[tokio::test]
+async fn validation_names_the_route_and_line_of_a_field_the_descriptors_do_not_have() {
+    let problems = validate_with(
+        |t| t.replacen("subjects: customer_id", "subjects: customer_idd", 1),
+        true,
+    )
+    .await;
+    assert_eq!(problems.len(), 1, "{problems:?}");
+    let p = &problems[0];
+    assert_eq!(p.file, "routes.yaml");
+    assert_eq!(p.line, Some(line_of("CustomerData/GetProfile:")));
+    assert!(p.message.contains("customer_idd"), "{}", p.message);
+}
+
+#[tokio::test]
+async fn validation_refuses_a_route_that_disagrees_with_the_annotations() {
+    // routes.yaml gives Profile.email another category than its annotation.
+    let problems = validate_with(
+        |t| {
+            t.replacen(
+                "    subjects: customer_id\n",
+                "    subjects: customer_id\n    fields: {email: customer.contact.phone}\n",
+                1,
+            )
+        },
+        true,
+    )
+    .await;
+    assert!(
+        problems
+            .iter()
+            .any(|p| p.line == Some(line_of("CustomerData/GetProfile:"))
+                && p.message.contains("demo.customer.v1.Profile.email")),
+        "{problems:?}"
+    );
+}
+
+#[tokio::test]
+async fn a_route_that_reads_messages_needs_the_descriptors() {
+    let problems = validate_with(|t| t, false).await;
+    // Every route that names a request field is refused, each with its line.
+    let lines: Vec<Option<usize>> = problems.iter().map(|p| p.line).collect();
+    assert!(
+        lines.contains(&Some(line_of("CustomerData/GetProfile:"))),
+        "{problems:?}"
+    );
+    assert!(
+        lines.contains(&Some(line_of("CustomerData/ImportContacts:"))),
+        "{problems:?}"
+    );
+    assert!(problems.iter().all(|p| p.file == "routes.yaml"));
+}

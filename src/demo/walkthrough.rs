@@ -53,7 +53,10 @@ struct Step {
     caller: &'static str,
     purpose: &'static str,
     method: &'static str,
+    /// The subjects the call names in `x-data-subject` (and its message names the first).
     subjects: &'static [&'static str],
+    /// When the message asks for another subject than the metadata names.
+    message_subject: Option<&'static str>,
     why: &'static str,
     expect: Expect<'static>,
 }
@@ -65,6 +68,7 @@ const STEPS: &[Step] = &[
         method: "GetBillingStatement",
         subjects: &["cust-1"],
         why: "billing reads a statement to issue an invoice (§1(1))",
+        message_subject: None,
         expect: Expect::Allow,
     },
     Step {
@@ -73,6 +77,7 @@ const STEPS: &[Step] = &[
         method: "GetProfile",
         subjects: &["cust-1"],
         why: "an email magazine to a customer who never consented (§1(2))",
+        message_subject: None,
         expect: Expect::Deny("CONSENT_REQUIRED"),
     },
     Step {
@@ -81,6 +86,25 @@ const STEPS: &[Step] = &[
         method: "GetProfile",
         subjects: &["cust-2"],
         why: "the same, to a customer who consented to marketing",
+        message_subject: None,
+        expect: Expect::Allow,
+    },
+    Step {
+        caller: "marketing-service",
+        purpose: "marketing.email",
+        method: "GetProfile",
+        subjects: &["cust-2"],
+        message_subject: Some("cust-1"),
+        why: "the metadata names the customer who consented, the message asks for one who did not",
+        expect: Expect::Deny("SUBJECT_MISMATCH"),
+    },
+    Step {
+        caller: "logistics-service",
+        purpose: "service.shipping",
+        method: "GetProfile",
+        subjects: &["cust-1"],
+        message_subject: None,
+        why: "shipping equipment needs the name and address, not the e-mail address (§1(1)): the profile comes without it",
         expect: Expect::Allow,
     },
     Step {
@@ -89,6 +113,7 @@ const STEPS: &[Step] = &[
         method: "GetProfile",
         subjects: &["cust-3"],
         why: "support for a customer who asked to stop the use of their data (§7)",
+        message_subject: None,
         expect: Expect::Deny("USE_SUSPENDED"),
     },
     Step {
@@ -97,6 +122,7 @@ const STEPS: &[Step] = &[
         method: "GetCallHistory",
         subjects: &["cust-3"],
         why: "billing for service already given goes on, and may rate calls (§5)",
+        message_subject: None,
         expect: Expect::Allow,
     },
     Step {
@@ -105,6 +131,7 @@ const STEPS: &[Step] = &[
         method: "GetCallHistory",
         subjects: &["cust-2"],
         why: "call history for marketing: no grant, and §5 refuses one",
+        message_subject: None,
         expect: Expect::Deny("NO_GRANT"),
     },
     Step {
@@ -113,6 +140,7 @@ const STEPS: &[Step] = &[
         method: "ExportForInterconnect",
         subjects: &["cust-1", "cust-4"],
         why: "interconnection export including a customer who stopped third-party provision (§3, §7)",
+        message_subject: None,
         expect: Expect::Deny("PROVISION_SUSPENDED"),
     },
     Step {
@@ -121,6 +149,7 @@ const STEPS: &[Step] = &[
         method: "ExportForInterconnect",
         subjects: &["cust-1", "cust-2"],
         why: "the export for customers who did not (server streaming)",
+        message_subject: None,
         expect: Expect::Allow,
     },
     Step {
@@ -129,6 +158,7 @@ const STEPS: &[Step] = &[
         method: "GetUsageStatistics",
         subjects: &[],
         why: "statistics on de-identified data (§1(3), §4)",
+        message_subject: None,
         expect: Expect::Allow,
     },
     Step {
@@ -137,6 +167,7 @@ const STEPS: &[Step] = &[
         method: "GetUsageHistory",
         subjects: &["cust-1"],
         why: "one person's usage history for research",
+        message_subject: None,
         expect: Expect::Deny("NO_GRANT"),
     },
     Step {
@@ -145,6 +176,7 @@ const STEPS: &[Step] = &[
         method: "DiscloseHeldData",
         subjects: &["cust-3"],
         why: "disclosure at the person's own request, even while use is suspended (§7)",
+        message_subject: None,
         expect: Expect::Allow,
     },
     Step {
@@ -153,6 +185,7 @@ const STEPS: &[Step] = &[
         method: "GetProfile",
         subjects: &["cust-1"],
         why: "a call that declares no purpose of use (§1)",
+        message_subject: None,
         expect: Expect::Deny("PURPOSE_NOT_DECLARED"),
     },
 ];
@@ -172,10 +205,10 @@ pub async fn run(sidecar: Channel, out: &mut String) -> Summary {
     let mut summary = Summary::default();
     for (n, step) in STEPS.iter().enumerate() {
         let outcome = call(&mut client, step).await;
-        let subjects = if step.subjects.is_empty() {
-            "-".to_owned()
-        } else {
-            step.subjects.join(",")
+        let subjects = match (step.subjects, step.message_subject) {
+            ([], _) => "-".to_owned(),
+            (named, None) => named.join(","),
+            (named, Some(asked)) => format!("{} (the message asks for {asked})", named.join(",")),
         };
         let purpose = if step.purpose.is_empty() {
             "(none)"
@@ -271,7 +304,11 @@ fn decision_of(md: &tonic::metadata::MetadataMap) -> String {
 }
 
 async fn call(client: &mut CustomerDataClient<Channel>, step: &Step) -> Outcome {
-    let subject = step.subjects.first().copied().unwrap_or("").to_owned();
+    let subject = step
+        .message_subject
+        .or_else(|| step.subjects.first().copied())
+        .unwrap_or("")
+        .to_owned();
     let result: Result<(String, String), tonic::Status> = match step.method {
         "GetBillingStatement" => client
             .get_billing_statement(request(
@@ -295,7 +332,24 @@ async fn call(client: &mut CustomerDataClient<Channel>, step: &Step) -> Outcome 
                 step,
             ))
             .await
-            .map(|r| answered(&r, |m| format!("profile of {}", m.name))),
+            .map(|r| {
+                answered(&r, |m| {
+                    let shown = |field: &str| {
+                        if field.is_empty() {
+                            "withheld"
+                        } else {
+                            "shown"
+                        }
+                    };
+                    format!(
+                        "profile of {}: e-mail {}, address {}, phone {}",
+                        m.name,
+                        shown(&m.email),
+                        shown(&m.address),
+                        shown(&m.phone)
+                    )
+                })
+            }),
         "GetCallHistory" => client
             .get_call_history(request(
                 GetCallHistoryRequest {

@@ -87,7 +87,7 @@ pub(crate) fn inspect_routes(
                     ),
                 }));
             } else {
-                warn_trusts_metadata(path, route, warnings);
+                warn_trusts_metadata(path, route, categories, warnings);
             }
             continue;
         };
@@ -102,7 +102,7 @@ pub(crate) fn inspect_routes(
         let before = problems.len();
         let request_subjects = request_subjects(path, route, &method, options, problems);
         if request_subjects.is_none() {
-            warn_trusts_metadata(path, route, warnings);
+            warn_trusts_metadata(path, route, categories, warnings);
         }
         let response = (!route.minimize.is_empty()).then(|| {
             ResponsePlanner {
@@ -132,8 +132,21 @@ pub(crate) fn inspect_routes(
     }
 }
 
-fn warn_trusts_metadata(path: &str, route: &Route, warnings: &mut Vec<Problem>) {
-    if let SubjectSource::Metadata { explicit } = route.subjects {
+/// A route on identified data whose subjects come from the caller's metadata: a warning (on
+/// de-identified data no subject's state applies, so there is nothing to trust).
+fn warn_trusts_metadata(
+    path: &str,
+    route: &Route,
+    categories: &Tree<CategoryInfo>,
+    warnings: &mut Vec<Problem>,
+) {
+    let identified = route.categories.iter().any(|c| {
+        categories
+            .id(c)
+            .is_none_or(|id| !categories.info(id).deidentified)
+    });
+    if let (SubjectSource::Metadata { explicit }, true) = (&route.subjects, identified) {
+        let explicit = *explicit;
         warnings.push(Problem::at(
             ROUTES_FILE,
             route.line,
