@@ -72,13 +72,21 @@ fn bench(c: &mut Criterion) {
         });
     });
     group.bench_function("prost decode + encode 1 KiB (baseline)", |b| {
-        b.iter(|| Profile::decode(black_box(&bytes[..])).unwrap().encode_to_vec().len());
+        b.iter(|| {
+            Profile::decode(black_box(&bytes[..]))
+                .unwrap()
+                .encode_to_vec()
+                .len()
+        });
     });
     let request = GetProfileRequest {
         customer_id: "cust-000123".into(),
     }
     .encode_to_vec();
-    let path = inspection.request_subjects.clone().unwrap_or(SubjectPath(vec![1]));
+    let path = inspection
+        .request_subjects
+        .clone()
+        .unwrap_or(SubjectPath(vec![1]));
     group.bench_function("subjects of a request", |b| {
         b.iter(|| message::subjects(black_box(&request), &path).unwrap().len());
     });

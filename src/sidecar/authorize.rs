@@ -213,13 +213,15 @@ where
                         .as_ref()
                         .map_or(0, |i| i.mask(&admission.decision.minimized));
                     Ok(response.map(|body| {
-                        // Read when the route reads anything: to clear fields, and to end the
-                        // response with a refusal of a later request message.
+                        // Read to clear fields, or to end a client stream's response with the
+                        // refusal of a later request message; otherwise passed untouched.
                         let body = match inspection {
-                            Some(inspection) => {
+                            Some(inspection)
+                                if inspection.response.is_some() || inspection.client_streaming =>
+                            {
                                 Body::new(MinimizedResponse::new(body, inspection, clear, verdict))
                             }
-                            None => body,
+                            _ => body,
                         };
                         Body::new(InFlight {
                             body: Bounded::new(body, deadline),
