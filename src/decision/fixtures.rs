@@ -96,6 +96,10 @@ pub struct Expect {
     /// Reason codes, compared as a set (order does not matter).
     #[serde(default)]
     pub reasons: Vec<String>,
+    /// For a request with `minimizable` categories: those the decision leaves out, compared
+    /// as a set. Absent: not checked.
+    #[serde(default)]
+    pub minimized: Option<Vec<String>>,
 }
 
 /// Why the tests could not be run at all (as opposed to a case that failed).
@@ -289,12 +293,30 @@ pub async fn run_with(
             } else {
                 Expected::Deny
             };
-            if got_decision != case.expect.decision || got != want {
+            let minimized_ok = case.expect.minimized.as_ref().is_none_or(|expected| {
+                let set =
+                    |v: &[String]| v.iter().cloned().collect::<std::collections::BTreeSet<_>>();
+                set(expected) == set(&decision.minimized)
+            });
+            if got_decision != case.expect.decision || got != want || !minimized_ok {
+                let with_minimized = |text: String, minimized: Option<&[String]>| match minimized {
+                    Some(m) => format!("{text}, minimized [{}]", m.join(", ")),
+                    None => text,
+                };
                 report.failures.push(Failure {
                     file: file_name.clone(),
                     case: case.name.clone(),
-                    expected: describe(case.expect.decision, &want),
-                    got: describe(got_decision, &got),
+                    expected: with_minimized(
+                        describe(case.expect.decision, &want),
+                        case.expect.minimized.as_deref(),
+                    ),
+                    got: with_minimized(
+                        describe(got_decision, &got),
+                        case.expect
+                            .minimized
+                            .as_ref()
+                            .map(|_| decision.minimized.as_slice()),
+                    ),
                 });
             }
             report
