@@ -7,6 +7,7 @@ use crate::decision::CacheSettings;
 use crate::identity::IdentityMode;
 use crate::identity::{AdminRole, AdminRoles};
 use crate::telemetry::TelemetrySettings;
+use crate::telemetry::logs::LogFormat;
 use serde::Deserialize;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -44,6 +45,17 @@ pub struct FileConfig {
     pub fleet: FleetSection,
     #[serde(default)]
     pub reload: ReloadSection,
+    #[serde(default)]
+    pub log: LogSection,
+}
+
+/// pdgate's own log on stderr. Which events are written is `PDGATE_LOG` (an environment
+/// variable: a filter is wanted for one run, not kept in the file).
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LogSection {
+    /// `text` or `json`.
+    pub format: Option<String>,
 }
 
 /// The subject registry as decisions read it.
@@ -432,6 +444,7 @@ pub struct Config {
     /// `Some`: fleet mode (PostgreSQL); `None`: embedded (files and SQLite).
     pub fleet: Option<FleetSettings>,
     pub reload: ReloadSettings,
+    pub log_format: LogFormat,
 }
 
 /// A configuration problem: which key, what was wrong, what is allowed.
@@ -631,6 +644,15 @@ impl FileConfig {
         let fleet = resolve_fleet(self.fleet, &err)?;
         let subjects = resolve_subjects(self.subjects, fleet.is_some(), &err)?;
         let reload = resolve_reload(self.reload, &err)?;
+        let log_format = match self.log.format.as_deref() {
+            None => LogFormat::default(),
+            Some(value) => LogFormat::parse(value).ok_or_else(|| {
+                err(
+                    "log.format",
+                    format!("`{value}` is not a log format; allowed: `text`, `json`"),
+                )
+            })?,
+        };
         Ok(Config {
             listen,
             api_listen,
@@ -648,6 +670,7 @@ impl FileConfig {
             subjects,
             fleet,
             reload,
+            log_format,
         })
     }
 }

@@ -432,6 +432,7 @@ async fn api_only() -> ApiOnly {
             watch: false,
             ..ReloadSettings::default()
         },
+        log_format: Default::default(),
     };
     let policy = pdgate::server::load_policy(&config).await;
     let gate = pdgate::server::gate(

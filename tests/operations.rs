@@ -253,3 +253,102 @@ fn the_vendored_envoy_protos_are_those_of_envoy_types() {
     }
     assert_eq!(checked, 19, "every vendored proto is checked");
 }
+
+// ---------------------------------------------------------------------------------------------
+// Logs of the real binary, at the default level (no PDGATE_LOG)
+
+/// `pdgate serve` on free ports at the default log level, with `extra` arguments; stderr is a
+/// pipe, as under a container runtime or a supervisor.
+fn serve_default_level(state: &std::path::Path, extra: &[&str]) -> common::bin::Running {
+    common::bin::serve(&common::policy_dir(), state, extra)
+        .env_remove("PDGATE_LOG")
+        .spawn()
+}
+
+/// SIGTERM, then the exit status and stderr of a clean exit.
+async fn stop(pdgate: common::bin::Running) -> String {
+    pdgate.signal("TERM");
+    let out = pdgate.exit_within(std::time::Duration::from_secs(30)).await;
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    String::from_utf8(out.stderr).unwrap()
+}
+
+#[tokio::test]
+async fn json_logs_parse_line_by_line_with_one_line_per_listener() {
+    let state = tempfile::tempdir().unwrap();
+    let mut pdgate = serve_default_level(state.path(), &["--log-format", "json"]);
+    let data = pdgate.listening("data").await;
+    let api = pdgate.listening("api").await;
+    // The addresses are the bound ones, and the listeners answer there.
+    for listening in [&data, &api] {
+        assert_eq!(listening.identity, "insecure-header");
+        assert_ne!(listening.addr.port(), 0);
+        tokio::net::TcpStream::connect(listening.addr)
+            .await
+            .unwrap_or_else(|e| panic!("{listening:?}: {e}"));
+    }
+    let stderr = stop(pdgate).await;
+    let records: Vec<serde_json::Value> = stderr
+        .lines()
+        .map(|line| {
+            serde_json::from_str(line)
+                .unwrap_or_else(|e| panic!("not a JSON line ({e}): {line:?}\n{stderr}"))
+        })
+        .collect();
+    for record in &records {
+        for key in ["timestamp", "level", "target", "message"] {
+            assert!(record[key].is_string(), "no `{key}` in {record}");
+        }
+    }
+    let listening: Vec<&serde_json::Value> = records
+        .iter()
+        .filter(|r| r["message"] == "listening")
+        .collect();
+    assert_eq!(listening.len(), 2, "one line per listener: {stderr}");
+    for record in listening {
+        assert_eq!(record["level"], "INFO");
+        assert_eq!(record["identity"], "insecure-header");
+    }
+    // The insecure mode is a warning at any level.
+    assert!(
+        records.iter().any(|r| r["level"] == "WARN"),
+        "the insecure-header warning: {stderr}"
+    );
+}
+
+#[tokio::test]
+async fn the_log_format_comes_from_the_config_file_too() {
+    let state = tempfile::tempdir().unwrap();
+    let config = state.path().join("pdgate.toml");
+    std::fs::write(&config, "[log]\nformat = \"json\"\n").unwrap();
+    let mut pdgate = serve_default_level(state.path(), &["--config", config.to_str().unwrap()]);
+    let api = pdgate.listening("api").await;
+    assert_eq!(api.identity, "insecure-header");
+    let stderr = stop(pdgate).await;
+    for line in stderr.lines() {
+        assert!(
+            serde_json::from_str::<serde_json::Value>(line).is_ok(),
+            "not a JSON line: {line:?}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn text_logs_to_a_pipe_have_no_colour() {
+    let state = tempfile::tempdir().unwrap();
+    // The runner sets NO_COLOR for every run; without it, only stderr not being a terminal
+    // keeps the escape codes out.
+    let mut pdgate = common::bin::serve(&common::policy_dir(), state.path(), &[])
+        .env_remove("PDGATE_LOG")
+        .env_remove("NO_COLOR")
+        .spawn();
+    let data = pdgate.listening("data").await;
+    let api = pdgate.listening("api").await;
+    assert_ne!(data.addr, api.addr);
+    let stderr = stop(pdgate).await;
+    assert!(!stderr.is_empty());
+    assert!(
+        !stderr.contains('\u{1b}'),
+        "ANSI escape codes in a piped log:\n{stderr:?}"
+    );
+}

@@ -77,6 +77,10 @@ pub struct ServeArgs {
         hide_env_values = true
     )]
     database_url: Option<String>,
+    /// pdgate's log on stderr: `text` (coloured only on a terminal) or `json` (one object per
+    /// line) [default: text]. Which events: PDGATE_LOG, e.g. `debug` [default: warn,pdgate=info].
+    #[arg(long, value_name = "FORMAT")]
+    log_format: Option<String>,
 }
 
 impl ServeArgs {
@@ -136,6 +140,7 @@ impl ServeArgs {
             "fleet.database_url",
             "--database-url",
         );
+        flag(self.log_format.is_some(), "log.format", "--log-format");
         file.listen = self.listen.or(file.listen);
         file.api_listen = self.api_listen.or(file.api_listen);
         file.upstream = self.upstream.or(file.upstream);
@@ -154,6 +159,7 @@ impl ServeArgs {
         file.telemetry.otlp_endpoint = self.otlp_endpoint.or(file.telemetry.otlp_endpoint);
         file.subjects.path = self.subjects_store.or(file.subjects.path);
         file.fleet.database_url = self.database_url.or(file.fleet.database_url);
+        file.log.format = self.log_format.or(file.log.format);
         file.resolve(&origin).map_err(|mut e| {
             if let Some((_, name)) = from_flags.iter().find(|(key, _)| *key == e.key) {
                 e.origin = "command line".to_owned();
@@ -164,6 +170,9 @@ impl ServeArgs {
     }
 }
 
+/// `PDGATE_LOG` when it is not set.
+const DEFAULT_LOG_FILTER: &str = "warn,pdgate=info";
+
 pub async fn serve(args: ServeArgs) -> u8 {
     let config = match args.config() {
         Ok(c) => c,
@@ -172,6 +181,9 @@ pub async fn serve(args: ServeArgs) -> u8 {
             return EXIT_USAGE;
         }
     };
+    // At the default level: pdgate's own lifecycle (listeners, policy loads, shutdown); a
+    // dependency's events only when they are warnings.
+    crate::telemetry::logs::init(config.log_format, DEFAULT_LOG_FILTER);
     // The audit log is part of the configuration: one that cannot be opened is a bad
     // `audit.dir`, reported before any port is bound.
     let (audit, writer, head) = match AuditLog::open(config.audit.clone()) {
@@ -225,11 +237,13 @@ pub async fn serve(args: ServeArgs) -> u8 {
             "identity mode insecure-header: callers name themselves in x-caller; development only"
         );
     }
-    // The bound addresses, not the configured ones: with port 0 the kernel picks, and this line
-    // is how a supervisor (or a test) learns which.
+    // One line per listener, with the bound address, not the configured one: with port 0 the
+    // kernel picks, and these lines are how a supervisor (or a test) learns which.
+    let identity = config.identity.as_str();
     let data = listeners.data_addr().unwrap_or(config.listen);
     let api = listeners.api_addr().unwrap_or(config.api_listen);
-    tracing::info!(%data, %api, upstream = %config.upstream, "pdgate serving");
+    tracing::info!(listener = "data", addr = %data, identity, upstream = %config.upstream, "listening");
+    tracing::info!(listener = "api", addr = %api, identity, "listening");
     let result = server::run(&config, listeners, gate, server::shutdown_signal()).await;
     // A clean shutdown writes every record still queued.
     writer.close().await;
@@ -329,6 +343,7 @@ pub async fn demo(args: DemoArgs) -> u8 {
             watch: false,
             ..crate::config::ReloadSettings::default()
         },
+        log_format: crate::telemetry::logs::LogFormat::Text,
     };
     let Some(policy) = server::load_policy(&config).await else {
         eprintln!(

@@ -217,6 +217,7 @@ impl Harness {
                 _ => None,
             },
             reload: options.reload,
+            log_format: Default::default(),
         };
         let policy = server::load_policy(&config).await;
         let subjects = match options.subjects {
