@@ -832,6 +832,24 @@ impl Dockerfile {
     }
 }
 
+/// The cargo profile of the Dockerfile's `cargo build`: `release` or the `--profile` named.
+fn image_profile(run: &str) -> String {
+    let build = run
+        .split("&&")
+        .find(|step| step.contains("cargo build"))
+        .unwrap_or_else(|| panic!("no cargo build in {run}"));
+    assert!(
+        build.contains("--locked") && build.contains("--bin pdgate"),
+        "{build}"
+    );
+    let words: Vec<&str> = build.split_whitespace().collect();
+    match words.iter().position(|w| *w == "--profile") {
+        Some(at) => words[at + 1].to_owned(),
+        None if words.contains(&"--release") => "release".to_owned(),
+        None => panic!("a debug build in the image: {build}"),
+    }
+}
+
 #[test]
 fn the_dockerfile_builds_pdgate_and_places_what_the_manifests_expect() {
     let docker = Dockerfile::read();
@@ -859,8 +877,31 @@ fn the_dockerfile_builds_pdgate_and_places_what_the_manifests_expect() {
         from[1]
     );
     let run = docker.instructions("RUN").join(" ");
-    assert!(run.contains("cargo build --release --locked --bin pdgate"));
     assert!(read(&repo().join("Cargo.toml")).contains("[[bin]]\nname = \"pdgate\""));
+    // The image's binary is a stripped release build: the profile it is built with, and that
+    // build's output is the binary copied into the image.
+    let profile = image_profile(&run);
+    let manifest: toml::Value = toml::from_str(&read(&repo().join("Cargo.toml"))).unwrap();
+    let profiles = &manifest["profile"];
+    let settings = &profiles[profile.as_str()];
+    assert_eq!(settings["inherits"].as_str(), Some("release"), "{profile}");
+    assert!(
+        matches!(settings.get("strip"), Some(toml::Value::Boolean(true)))
+            || settings.get("strip").and_then(toml::Value::as_str) == Some("symbols"),
+        "profile `{profile}` strips the binary: {settings}"
+    );
+    assert_eq!(settings.get("debug"), Some(&toml::Value::Boolean(false)));
+    assert!(
+        run.contains(&format!(
+            "install -D -m 0755 target/{profile}/pdgate /out/pdgate"
+        )),
+        "the stripped build is what is installed: {run}"
+    );
+    assert!(
+        docker
+            .instructions("COPY")
+            .contains(&"COPY --from=build /out/pdgate /usr/local/bin/pdgate".to_owned())
+    );
 
     // Every COPY from the build context names a path of the repository.
     let mut copied = BTreeMap::new();
