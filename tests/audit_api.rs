@@ -433,6 +433,7 @@ async fn api_only() -> ApiOnly {
             ..ReloadSettings::default()
         },
         log_format: Default::default(),
+        admin_listen: None,
     };
     let policy = pdgate::server::load_policy(&config).await;
     let gate = pdgate::server::gate(

@@ -10,7 +10,7 @@
     reason = "test code: a failed setup aborts the test"
 )]
 
-use pdgate::config::{Config, ConfigError, DEFAULT_URI_PREFIX, FileConfig};
+use pdgate::config::{Config, ConfigError, DEFAULT_API_LISTEN, DEFAULT_URI_PREFIX, FileConfig};
 use pdgate::identity::IdentityMode;
 use std::collections::BTreeSet;
 use std::io::Read;
@@ -163,6 +163,10 @@ fn example_parses_resolves_and_shows_the_defaults() {
     assert_eq!(config.fleet, None, "embedded mode by default");
     assert_eq!(config.reload, defaults.reload);
     assert_eq!(config.log_format, defaults.log_format);
+    assert_eq!(
+        config.admin_listen, None,
+        "the probe listener is off by default"
+    );
     assert_eq!(config.log_format, pdgate::telemetry::logs::LogFormat::Text);
     assert_eq!(config.admin_roles, defaults.admin_roles);
     assert!(
@@ -589,6 +593,16 @@ fn every_bad_value_names_its_key() {
             "reload.debounce_ms",
         ),
         (
+            "probe listener not an address",
+            with(|f| f.admin_listen = Some("localhost:9091".into())),
+            "admin_listen",
+        ),
+        (
+            "probe listener on the API port",
+            with(|f| f.admin_listen = Some(DEFAULT_API_LISTEN.into())),
+            "admin_listen",
+        ),
+        (
             "unknown log format",
             with(|f| f.log.format = Some("logfmt".into())),
             "log.format",
@@ -617,6 +631,10 @@ fn values_the_example_calls_allowed_resolve() {
         ),
         ("ipv6", with(|f| f.listen = Some("[::1]:8443".into()))),
         ("json logs", with(|f| f.log.format = Some("json".into()))),
+        (
+            "probe listener",
+            with(|f| f.admin_listen = Some("0.0.0.0:9091".into())),
+        ),
         ("text logs", with(|f| f.log.format = Some("text".into()))),
         (
             "host name",

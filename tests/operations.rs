@@ -352,3 +352,68 @@ async fn text_logs_to_a_pipe_have_no_colour() {
         "ANSI escape codes in a piped log:\n{stderr:?}"
     );
 }
+
+// ---------------------------------------------------------------------------------------------
+// The plaintext probe listener (`--admin-listen`)
+
+/// `GET path` over HTTP/1.1 on a fresh connection: the status code and the body.
+async fn http_get(addr: std::net::SocketAddr, path: &str) -> (u16, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    stream
+        .write_all(
+            format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").as_bytes(),
+        )
+        .await
+        .unwrap();
+    let mut response = Vec::new();
+    stream.read_to_end(&mut response).await.unwrap();
+    let response = String::from_utf8(response).unwrap();
+    let (head, body) = response.split_once("\r\n\r\n").unwrap();
+    let status_line = head.lines().next().unwrap();
+    let mut parts = status_line.split_whitespace();
+    assert_eq!(parts.next(), Some("HTTP/1.1"), "{status_line}");
+    (parts.next().unwrap().parse().unwrap(), body.to_owned())
+}
+
+#[tokio::test]
+async fn readyz_is_503_while_the_policy_is_invalid_and_200_after_a_fix() {
+    let policy = common::policy_copy();
+    let csv = policy.path().join("policy.csv");
+    let good = std::fs::read_to_string(&csv).unwrap();
+    std::fs::write(&csv, "p, nobody, no.such.purpose, read, no.such.category\n").unwrap();
+    let state = tempfile::tempdir().unwrap();
+    let mut pdgate = common::bin::serve(
+        policy.path(),
+        state.path(),
+        &["--admin-listen", "127.0.0.1:0", "--log-format", "json"],
+    )
+    .spawn();
+    let admin = pdgate.listening("admin").await;
+    assert_eq!(admin.identity, "none");
+    let (data, api) = pdgate.serving().await;
+    assert!(admin.addr != data && admin.addr != api);
+
+    assert_eq!(http_get(admin.addr, "/livez").await.0, 200);
+    let (status, body) = http_get(admin.addr, "/readyz").await;
+    assert_eq!(status, 503, "{body}");
+    assert!(body.lines().any(|l| l.starts_with("policy:")), "{body}");
+    let (status, metrics) = http_get(admin.addr, "/metrics").await;
+    assert_eq!(status, 200);
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l.starts_with("pdgate_decisions_total") || l.starts_with("# TYPE pdgate_")),
+        "{metrics}"
+    );
+    assert_eq!(http_get(admin.addr, "/nothing").await.0, 404);
+
+    // The watched policy directory is fixed: the reload makes the sidecar ready.
+    std::fs::write(&csv, good).unwrap();
+    common::wait::eventually("/readyz answers 200", || async {
+        http_get(admin.addr, "/readyz").await.0 == 200
+    })
+    .await;
+    assert_eq!(http_get(admin.addr, "/livez").await.0, 200);
+    stop(pdgate).await;
+}

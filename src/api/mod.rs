@@ -9,6 +9,7 @@ pub mod audit_log;
 pub mod envoy;
 pub mod metrics;
 pub mod policy_admin;
+pub mod probes;
 pub mod subject_rights;
 
 use crate::gate::Gate;

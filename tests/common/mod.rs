@@ -218,6 +218,7 @@ impl Harness {
             },
             reload: options.reload,
             log_format: Default::default(),
+            admin_listen: None,
         };
         let policy = server::load_policy(&config).await;
         let subjects = match options.subjects {
