@@ -26,5 +26,30 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     tonic_prost_build::configure()
         .file_descriptor_set_path(out_dir.join("pdgate_descriptor.bin"))
         .compile_with_config(config, &protos, &includes)?;
+    envoy_descriptor_set(&out_dir)?;
+    Ok(())
+}
+
+/// Envoy's ext_authz service as a descriptor set (with every import), for server reflection:
+/// `envoy-types` provides the Rust types but no descriptors. Only compiled, no code generated.
+fn envoy_descriptor_set(out_dir: &std::path::Path) -> Result<(), Box<dyn std::error::Error>> {
+    let root = PathBuf::from("proto/third_party");
+    println!("cargo:rerun-if-changed={}", root.display());
+    let status = std::process::Command::new(protoc_bin_vendored::protoc_bin_path()?)
+        .arg("--include_imports")
+        .arg(format!(
+            "--descriptor_set_out={}",
+            out_dir.join("envoy_ext_authz_descriptor.bin").display()
+        ))
+        .arg(format!("--proto_path={}", root.display()))
+        .arg(format!(
+            "--proto_path={}",
+            protoc_bin_vendored::include_path()?.display()
+        ))
+        .arg("envoy/service/auth/v3/external_auth.proto")
+        .status()?;
+    if !status.success() {
+        return Err(format!("protoc failed on Envoy's ext_authz protos: {status}").into());
+    }
     Ok(())
 }

@@ -7,6 +7,7 @@ use crate::decision::CacheSettings;
 use crate::identity::IdentityMode;
 use crate::identity::{AdminRole, AdminRoles};
 use crate::telemetry::TelemetrySettings;
+use crate::telemetry::logs::LogFormat;
 use serde::Deserialize;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -14,6 +15,8 @@ use std::time::Duration;
 
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:8443";
 pub const DEFAULT_API_LISTEN: &str = "127.0.0.1:9090";
+/// The probe listener's example address (it is off unless configured).
+pub const DEFAULT_ADMIN_LISTEN: &str = "127.0.0.1:9091";
 pub const DEFAULT_UPSTREAM: &str = "127.0.0.1:50051";
 
 /// The configuration file, as written. Every field is optional: flags and defaults fill in.
@@ -22,6 +25,7 @@ pub const DEFAULT_UPSTREAM: &str = "127.0.0.1:50051";
 pub struct FileConfig {
     pub listen: Option<String>,
     pub api_listen: Option<String>,
+    pub admin_listen: Option<String>,
     pub upstream: Option<String>,
     pub policy: Option<PathBuf>,
     pub routes: Option<PathBuf>,
@@ -44,6 +48,17 @@ pub struct FileConfig {
     pub fleet: FleetSection,
     #[serde(default)]
     pub reload: ReloadSection,
+    #[serde(default)]
+    pub log: LogSection,
+}
+
+/// pdgate's own log on stderr. Which events are written is `PDGATE_LOG` (an environment
+/// variable: a filter is wanted for one run, not kept in the file).
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LogSection {
+    /// `text` or `json`.
+    pub format: Option<String>,
 }
 
 /// The subject registry as decisions read it.
@@ -414,6 +429,8 @@ pub struct LimitsSection {
 pub struct Config {
     pub listen: SocketAddr,
     pub api_listen: SocketAddr,
+    /// The plaintext probe listener (`/metrics`, `/livez`, `/readyz`); `None`: off.
+    pub admin_listen: Option<SocketAddr>,
     /// `host:port` or an `http://` URI.
     pub upstream: String,
     pub policy: PathBuf,
@@ -432,6 +449,7 @@ pub struct Config {
     /// `Some`: fleet mode (PostgreSQL); `None`: embedded (files and SQLite).
     pub fleet: Option<FleetSettings>,
     pub reload: ReloadSettings,
+    pub log_format: LogFormat,
 }
 
 /// A configuration problem: which key, what was wrong, what is allowed.
@@ -493,10 +511,7 @@ impl FileConfig {
             };
         let listen = addr("listen", self.listen, DEFAULT_LISTEN)?;
         let api_listen = addr("api_listen", self.api_listen, DEFAULT_API_LISTEN)?;
-        let overlap = listen.ip() == api_listen.ip()
-            || listen.ip().is_unspecified()
-            || api_listen.ip().is_unspecified();
-        if overlap && listen.port() == api_listen.port() && listen.port() != 0 {
+        if same_port(listen, api_listen) {
             return Err(err(
                 "api_listen",
                 format!(
@@ -504,6 +519,23 @@ impl FileConfig {
                 ),
             ));
         }
+        let admin_listen = match self.admin_listen {
+            None => None,
+            Some(value) => {
+                let admin = addr("admin_listen", Some(value), DEFAULT_ADMIN_LISTEN)?;
+                for (other, taken) in [("listen", listen), ("api_listen", api_listen)] {
+                    if same_port(admin, taken) {
+                        return Err(err(
+                            "admin_listen",
+                            format!(
+                                "`{admin}` is also the address of `{other}`; give them different ports"
+                            ),
+                        ));
+                    }
+                }
+                Some(admin)
+            }
+        };
         let upstream = self.upstream.unwrap_or_else(|| DEFAULT_UPSTREAM.to_owned());
         if !upstream_is_valid(&upstream) {
             return Err(err(
@@ -631,9 +663,19 @@ impl FileConfig {
         let fleet = resolve_fleet(self.fleet, &err)?;
         let subjects = resolve_subjects(self.subjects, fleet.is_some(), &err)?;
         let reload = resolve_reload(self.reload, &err)?;
+        let log_format = match self.log.format.as_deref() {
+            None => LogFormat::default(),
+            Some(value) => LogFormat::parse(value).ok_or_else(|| {
+                err(
+                    "log.format",
+                    format!("`{value}` is not a log format; allowed: `text`, `json`"),
+                )
+            })?,
+        };
         Ok(Config {
             listen,
             api_listen,
+            admin_listen,
             upstream,
             policy,
             routes: self.routes,
@@ -648,8 +690,15 @@ impl FileConfig {
             subjects,
             fleet,
             reload,
+            log_format,
         })
     }
+}
+
+/// Whether two listeners would bind the same port (port 0 always picks a free one).
+fn same_port(a: SocketAddr, b: SocketAddr) -> bool {
+    let overlap = a.ip() == b.ip() || a.ip().is_unspecified() || b.ip().is_unspecified();
+    overlap && a.port() == b.port() && a.port() != 0
 }
 
 /// `value` within `min..=max`, or an error naming `key` and the range.

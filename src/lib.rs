@@ -22,10 +22,11 @@
 //! - The doors, which only translate their transport to a [`gate::Call`] and the
 //!   [`gate::Admission`] back: [`sidecar`] (the data plane, a tower layer in front of the
 //!   upstream) and [`api`] (`AccessControl`, Envoy `ext_authz`, and the admin services
-//!   `PolicyAdmin`, `SubjectRights`, `AuditLog`, health, reflection, `/metrics`).
+//!   `PolicyAdmin`, `SubjectRights`, `AuditLog`, health, reflection, `/metrics`; and the
+//!   optional plaintext probe listener, `/livez`, `/readyz`, `/metrics`).
 //!   [`transport`] holds what they share: TLS, the server builder, and [`transport::rescue`],
 //!   where every outcome becomes a gRPC status.
-//! - [`server`]: both listeners, the gate built from the configuration, shutdown.
+//! - [`server`]: the listeners, the gate built from the configuration, shutdown.
 //! - [`cli`]: the `pdgate` command line; `main.rs` only calls [`cli::main`].
 //!
 //! Beside them: [`subjects`] (a data subject's consent and requests, as decisions read them),

@@ -15,6 +15,11 @@ pub mod demo {
 /// The encoded descriptors of pdgate's protos, for gRPC server reflection.
 pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("pdgate_descriptor");
 
+/// The encoded descriptors of Envoy's `envoy.service.auth.v3.Authorization` and its imports
+/// (compiled by `build.rs` from `proto/third_party/`), for gRPC server reflection.
+pub const ENVOY_FILE_DESCRIPTOR_SET: &[u8] =
+    tonic::include_file_descriptor_set!("envoy_ext_authz_descriptor");
+
 use crate::decision::Decision;
 
 impl From<&Decision> for v1::CheckResponse {

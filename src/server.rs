@@ -24,14 +24,26 @@ use tokio::sync::watch;
 pub struct Listeners {
     pub data: TcpListener,
     pub api: TcpListener,
+    /// The plaintext probe listener (`admin_listen`), when configured.
+    pub admin: Option<TcpListener>,
 }
 
 impl Listeners {
+    /// The data plane and the API; no probe listener (see [`Listeners::with_admin`]).
     pub async fn bind(data: SocketAddr, api: SocketAddr) -> std::io::Result<Self> {
         Ok(Self {
             data: TcpListener::bind(data).await?,
             api: TcpListener::bind(api).await?,
+            admin: None,
         })
+    }
+
+    /// Also binds the probe listener on `admin`, if given.
+    pub async fn with_admin(mut self, admin: Option<SocketAddr>) -> std::io::Result<Self> {
+        if let Some(addr) = admin {
+            self.admin = Some(TcpListener::bind(addr).await?);
+        }
+        Ok(self)
     }
 
     pub fn data_addr(&self) -> std::io::Result<SocketAddr> {
@@ -54,6 +66,8 @@ pub enum ServeError {
     DataPlane(#[source] tonic::transport::Error),
     #[error("API server: {0}")]
     Api(#[source] Box<dyn std::error::Error + Send + Sync>),
+    #[error("probe listener: {0}")]
+    Probes(#[source] tonic::transport::Error),
     /// A server task ended before the shutdown signal, without an error of its own.
     #[error("{0} stopped unexpectedly; pdgate stops with it")]
     Stopped(&'static str),
@@ -215,7 +229,7 @@ pub async fn run(
     result
 }
 
-/// The two servers, each on its own task.
+/// The servers (data plane, API, probe listener), each on its own task.
 type Server = tokio::task::JoinHandle<Result<(), ServeError>>;
 
 async fn serve(
@@ -259,6 +273,16 @@ async fn serve(
             stopped(stop_rx.clone()),
         ))
     });
+    // The probe listener (`admin_listen`) is optional; when configured it is a server like the
+    // other two: one that ends early ends pdgate.
+    let probes: Option<Server> = listeners.admin.map(|listener| {
+        let (gate, stop) = (gate.clone(), stopped(stop_rx.clone()));
+        tokio::spawn(async move {
+            crate::api::probes::serve_probes(listener, gate, stop)
+                .await
+                .map_err(ServeError::Probes)
+        })
+    });
     let api: Server = {
         let (tls, stop) = (config.tls.clone(), stopped(stop_rx));
         tokio::spawn(async move {
@@ -267,15 +291,19 @@ async fn serve(
                 .map_err(ServeError::Api)
         })
     };
-    let mut servers = [("data plane", data), ("API server", api)];
-    // Both servers run until the shutdown signal. One that ends before it — a listener that
+    let mut servers = vec![("data plane", data), ("API server", api)];
+    servers.extend(probes.map(|p| ("probe listener", p)));
+    // Every server runs until the shutdown signal. One that ends before it — a listener that
     // failed, a task that panicked — ends pdgate: half a sidecar (health answering while no
     // call can pass, or the reverse) must not keep running.
     let early = {
-        let [(_, data), (_, api)] = &mut servers;
+        let first_to_end = futures_util::future::select_all(
+            servers
+                .iter_mut()
+                .map(|(name, server)| Box::pin(async move { (*name, server.await) })),
+        );
         tokio::select! {
-            ended = data => Some(("data plane", ended)),
-            ended = api => Some(("API server", ended)),
+            ((name, ended), _, _) = first_to_end => Some((name, ended)),
             () = shutdown => None,
         }
     };

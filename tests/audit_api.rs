@@ -432,6 +432,8 @@ async fn api_only() -> ApiOnly {
             watch: false,
             ..ReloadSettings::default()
         },
+        log_format: Default::default(),
+        admin_listen: None,
     };
     let policy = pdgate::server::load_policy(&config).await;
     let gate = pdgate::server::gate(

@@ -10,7 +10,7 @@
     reason = "test code: a failed setup aborts the test"
 )]
 
-use pdgate::config::{Config, ConfigError, DEFAULT_URI_PREFIX, FileConfig};
+use pdgate::config::{Config, ConfigError, DEFAULT_API_LISTEN, DEFAULT_URI_PREFIX, FileConfig};
 use pdgate::identity::IdentityMode;
 use std::collections::BTreeSet;
 use std::io::Read;
@@ -162,6 +162,12 @@ fn example_parses_resolves_and_shows_the_defaults() {
     assert_eq!(config.subjects, defaults.subjects);
     assert_eq!(config.fleet, None, "embedded mode by default");
     assert_eq!(config.reload, defaults.reload);
+    assert_eq!(config.log_format, defaults.log_format);
+    assert_eq!(
+        config.admin_listen, None,
+        "the probe listener is off by default"
+    );
+    assert_eq!(config.log_format, pdgate::telemetry::logs::LogFormat::Text);
     assert_eq!(config.admin_roles, defaults.admin_roles);
     assert!(
         !config.admin_roles.knows("security-team"),
@@ -586,6 +592,21 @@ fn every_bad_value_names_its_key() {
             with(|f| f.reload.debounce_ms = Some(1)),
             "reload.debounce_ms",
         ),
+        (
+            "probe listener not an address",
+            with(|f| f.admin_listen = Some("localhost:9091".into())),
+            "admin_listen",
+        ),
+        (
+            "probe listener on the API port",
+            with(|f| f.admin_listen = Some(DEFAULT_API_LISTEN.into())),
+            "admin_listen",
+        ),
+        (
+            "unknown log format",
+            with(|f| f.log.format = Some("logfmt".into())),
+            "log.format",
+        ),
     ];
     for (what, file, key) in cases {
         let err = file.resolve("test.toml").expect_err(what);
@@ -609,6 +630,12 @@ fn values_the_example_calls_allowed_resolve() {
             with(|f| f.listen = Some("0.0.0.0:8443".into())),
         ),
         ("ipv6", with(|f| f.listen = Some("[::1]:8443".into()))),
+        ("json logs", with(|f| f.log.format = Some("json".into()))),
+        (
+            "probe listener",
+            with(|f| f.admin_listen = Some("0.0.0.0:9091".into())),
+        ),
+        ("text logs", with(|f| f.log.format = Some("text".into()))),
         (
             "host name",
             with(|f| f.upstream = Some("customer-data:50051".into())),
@@ -823,24 +850,21 @@ fn serve_checks_the_whole_config_before_binding() {
     assert!(stderr.contains("`cache.max_entries`"), "{stderr}");
     assert!(stderr.contains(&bad), "{stderr}");
 
-    // A bad OTLP endpoint: the same, naming the flag.
-    let out = serve(&["--upstream", &closed, "--otlp-endpoint", "collector:4317"]);
-    assert_eq!(out.status.code(), Some(2), "{out:?}");
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        stderr.contains("command line: `--otlp-endpoint`"),
-        "the flag is named: {stderr}"
-    );
-
-    // A fleet database that is not PostgreSQL: the same, naming the flag (which the
-    // environment's PDGATE_DATABASE_URL stands for in a Kubernetes fleet).
-    let out = serve(&["--upstream", &closed, "--database-url", "mysql://db/pdgate"]);
-    assert_eq!(out.status.code(), Some(2), "{out:?}");
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        stderr.contains("command line: `--database-url`"),
-        "the flag is named: {stderr}"
-    );
+    // A bad value of another flag: the same, naming the flag. The fleet database is also
+    // what the environment's PDGATE_DATABASE_URL stands for in a Kubernetes fleet.
+    for (flag, bad) in [
+        ("--otlp-endpoint", "collector:4317"),
+        ("--database-url", "mysql://db/pdgate"),
+        ("--log-format", "logfmt"),
+    ] {
+        let out = serve(&["--upstream", &closed, flag, bad]);
+        assert_eq!(out.status.code(), Some(2), "{flag}: {out:?}");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            stderr.contains(&format!("command line: `{flag}`")),
+            "the flag is named: {stderr}"
+        );
+    }
 
     // An unknown key: the same, naming the key.
     let unknown = write_config(&dir, "[limits]\nmax_calls = 10\n");

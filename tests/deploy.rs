@@ -403,7 +403,13 @@ fn the_config_ports_are_the_container_ports_and_the_upstream_is_the_local_data_s
     assert!(listen.ip().is_unspecified() && api.ip().is_unspecified());
     assert_eq!(i32::from(listen.port()), named_port(c, "data"));
     assert_eq!(i32::from(api.port()), named_port(c, "api"));
-    assert_eq!(c.ports.as_ref().unwrap().len(), 2);
+    let admin = addr(&config.admin_listen, "admin_listen");
+    assert!(
+        admin.ip().is_unspecified(),
+        "the kubelet probes the pod's address"
+    );
+    assert_eq!(i32::from(admin.port()), named_port(c, "admin"));
+    assert_eq!(c.ports.as_ref().unwrap().len(), 3);
 
     // The data service: loopback only, no declared port, and where pdgate forwards.
     let upstream = addr(&config.upstream, "upstream");
@@ -577,10 +583,35 @@ fn tls_files() -> (String, String, String) {
     (cert.pem(), key.serialize_pem(), ca.pem())
 }
 
-/// The kubelet's gRPC probe speaks plaintext only: against a TLS port it never passes. So
-/// with mTLS the probes are the port (startup, liveness) and the policy check (readiness);
-/// with plaintext they are gRPC health on the API port.
+/// The kubelet's probes speak plaintext only: against a TLS port they never pass. With the
+/// probe listener (`admin_listen`) the probes are its `/livez` (startup, liveness) and
+/// `/readyz` (readiness); without it, with mTLS, the port (startup, liveness) and the policy
+/// check (readiness); with a plaintext API port, gRPC health there.
 fn check_probes(c: &Container, config: &FileConfig) {
+    if config.admin_listen.is_some() {
+        let admin = addr(&config.admin_listen, "admin_listen").port();
+        for (name, probe, path) in [
+            ("startupProbe", &c.startup_probe, "/livez"),
+            ("livenessProbe", &c.liveness_probe, "/livez"),
+            ("readinessProbe", &c.readiness_probe, "/readyz"),
+        ] {
+            let http = probe
+                .as_ref()
+                .and_then(|p| p.http_get.as_ref())
+                .unwrap_or_else(|| panic!("{name}: an httpGet probe of the probe listener"));
+            assert_eq!(http.path.as_deref(), Some(path), "{name}");
+            assert_eq!(
+                resolve_port(c, &http.port),
+                Some(i32::from(admin)),
+                "{name}"
+            );
+            assert!(
+                http.scheme.as_deref().is_none_or(|s| s == "HTTP"),
+                "{name}: plaintext"
+            );
+        }
+        return;
+    }
     let api = addr(&config.api_listen, "api_listen").port();
     let probes: [(&str, &Option<Probe>); 3] = [
         ("startupProbe", &c.startup_probe),
@@ -683,6 +714,9 @@ fn the_service_and_network_policy_reach_pdgates_ports_only() {
         targets.insert(resolved);
     }
     assert_eq!(targets, pdgate_ports);
+    // The probe port is for the kubelet and Prometheus, which reach the pod directly.
+    let mut pdgate_ports = pdgate_ports;
+    pdgate_ports.insert(i32::from(addr(&config.admin_listen, "admin_listen").port()));
 
     assert_eq!(built.network_policies.len(), 1);
     let spec = built.network_policies[0].spec.as_ref().unwrap();
@@ -832,6 +866,24 @@ impl Dockerfile {
     }
 }
 
+/// The cargo profile of the Dockerfile's `cargo build`: `release` or the `--profile` named.
+fn image_profile(run: &str) -> String {
+    let build = run
+        .split("&&")
+        .find(|step| step.contains("cargo build"))
+        .unwrap_or_else(|| panic!("no cargo build in {run}"));
+    assert!(
+        build.contains("--locked") && build.contains("--bin pdgate"),
+        "{build}"
+    );
+    let words: Vec<&str> = build.split_whitespace().collect();
+    match words.iter().position(|w| *w == "--profile") {
+        Some(at) => words[at + 1].to_owned(),
+        None if words.contains(&"--release") => "release".to_owned(),
+        None => panic!("a debug build in the image: {build}"),
+    }
+}
+
 #[test]
 fn the_dockerfile_builds_pdgate_and_places_what_the_manifests_expect() {
     let docker = Dockerfile::read();
@@ -859,8 +911,31 @@ fn the_dockerfile_builds_pdgate_and_places_what_the_manifests_expect() {
         from[1]
     );
     let run = docker.instructions("RUN").join(" ");
-    assert!(run.contains("cargo build --release --locked --bin pdgate"));
     assert!(read(&repo().join("Cargo.toml")).contains("[[bin]]\nname = \"pdgate\""));
+    // The image's binary is a stripped release build: the profile it is built with, and that
+    // build's output is the binary copied into the image.
+    let profile = image_profile(&run);
+    let manifest: toml::Value = toml::from_str(&read(&repo().join("Cargo.toml"))).unwrap();
+    let profiles = &manifest["profile"];
+    let settings = &profiles[profile.as_str()];
+    assert_eq!(settings["inherits"].as_str(), Some("release"), "{profile}");
+    assert!(
+        matches!(settings.get("strip"), Some(toml::Value::Boolean(true)))
+            || settings.get("strip").and_then(toml::Value::as_str) == Some("symbols"),
+        "profile `{profile}` strips the binary: {settings}"
+    );
+    assert_eq!(settings.get("debug"), Some(&toml::Value::Boolean(false)));
+    assert!(
+        run.contains(&format!(
+            "install -D -m 0755 target/{profile}/pdgate /out/pdgate"
+        )),
+        "the stripped build is what is installed: {run}"
+    );
+    assert!(
+        docker
+            .instructions("COPY")
+            .contains(&"COPY --from=build /out/pdgate /usr/local/bin/pdgate".to_owned())
+    );
 
     // Every COPY from the build context names a path of the repository.
     let mut copied = BTreeMap::new();
@@ -887,8 +962,7 @@ fn the_dockerfile_builds_pdgate_and_places_what_the_manifests_expect() {
     // The image runs what the Deployment runs, as the user it runs as.
     assert_eq!(docker.json_array("CMD"), c.args.clone().unwrap());
     let entrypoint = docker.json_array("ENTRYPOINT");
-    let readiness = c.readiness_probe.as_ref().unwrap().exec.as_ref().unwrap();
-    assert_eq!(entrypoint[0], readiness.command.as_deref().unwrap()[0]);
+    assert_eq!(entrypoint, ["/usr/local/bin/pdgate"]);
     let user = docker.instructions("USER").pop().unwrap();
     let uid: i64 = user["USER ".len()..]
         .split(':')

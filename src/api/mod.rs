@@ -1,5 +1,6 @@
 //! pdgate's own API port: `AccessControl` (Check, BatchCheck) for services that ask instead of
-//! passing their calls through, `grpc.health.v1`, server reflection (so grpcurl works), and
+//! passing their calls through, Envoy ext_authz, the admin services, `grpc.health.v1`, server
+//! reflection (v1 and v1alpha, so grpcurl 1.8, grpc_cli and older GUI clients work too), and
 //! `GET /metrics` (Prometheus text, over HTTP/1 or HTTP/2).
 
 pub mod access;
@@ -8,14 +9,31 @@ pub mod audit_log;
 pub mod envoy;
 pub mod metrics;
 pub mod policy_admin;
+pub mod probes;
 pub mod subject_rights;
 
 use crate::gate::Gate;
+use crate::proto::v1;
 use std::future::Future;
 use std::sync::Arc;
 use tokio::net::TcpListener;
+use tonic::server::NamedService;
 use tonic_health::ServingStatus;
 use tonic_health::server::HealthReporter;
+use tonic_reflection::server::{v1 as reflection_v1, v1alpha as reflection_v1alpha};
+
+/// Every gRPC service the API port serves: what reflection lists, and nothing else (pdgate's
+/// descriptors also hold the demo service, which is not served here).
+pub const SERVICES: [&str; 8] = [
+    <v1::access_control_server::AccessControlServer<access::AccessControlService> as NamedService>::NAME,
+    <envoy_types::ext_authz::v3::pb::AuthorizationServer<envoy::EnvoyAuthorization> as NamedService>::NAME,
+    <v1::policy_admin_server::PolicyAdminServer<policy_admin::PolicyAdminService> as NamedService>::NAME,
+    <v1::subject_rights_server::SubjectRightsServer<subject_rights::SubjectRightsService> as NamedService>::NAME,
+    <v1::audit_log_server::AuditLogServer<audit_log::AuditLogService> as NamedService>::NAME,
+    <tonic_health::pb::health_server::HealthServer<tonic_health::server::HealthService> as NamedService>::NAME,
+    <reflection_v1::ServerReflectionServer<reflection_v1::ReflectionService> as NamedService>::NAME,
+    <reflection_v1alpha::ServerReflectionServer<reflection_v1alpha::ReflectionService> as NamedService>::NAME,
+];
 
 /// Reports `SERVING` while a valid policy is loaded and `NOT_SERVING` otherwise, both for the
 /// server as a whole (`""`) and for `pdgate.v1.AccessControl`.
@@ -29,6 +47,21 @@ pub async fn report_health(reporter: &HealthReporter, gate: &Gate) {
     reporter
         .set_service_status("pdgate.v1.AccessControl", status)
         .await;
+}
+
+/// Server reflection describing [`SERVICES`].
+fn reflection() -> tonic_reflection::server::Builder<'static> {
+    SERVICES.iter().fold(
+        tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(crate::proto::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(crate::proto::ENVOY_FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_reflection::pb::v1::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(
+                tonic_reflection::pb::v1alpha::FILE_DESCRIPTOR_SET,
+            ),
+        |builder, name| builder.with_service_name(*name),
+    )
 }
 
 /// Serves the API on `listener` until `shutdown` completes.
@@ -51,10 +84,9 @@ pub async fn serve_api(
             }
         })
     };
-    let reflection = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(crate::proto::FILE_DESCRIPTOR_SET)
-        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-        .build_v1()?;
+    // One description, two protocol versions: the builder is consumed by each build.
+    let reflection_v1 = reflection().build_v1()?;
+    let reflection_v1alpha = reflection().build_v1alpha()?;
     let metrics = metrics::MetricsEndpointLayer::new(gate.telemetry().metrics().clone());
     // `AuditLog.Tail` streams run until their client leaves; they must end at shutdown too, or
     // the graceful shutdown would wait on them: the same signal, fanned out to them.
@@ -68,7 +100,8 @@ pub async fn serve_api(
         .accept_http1(true)
         .layer(metrics)
         .add_service(health)
-        .add_service(reflection)
+        .add_service(reflection_v1)
+        .add_service(reflection_v1alpha)
         .add_service(envoy::EnvoyAuthorization::new(gate.clone()).into_server())
         .add_service(subject_rights::SubjectRightsService::new(gate.clone()).into_server())
         .add_service(policy_admin::PolicyAdminService::new(gate.clone()).into_server())

@@ -110,7 +110,11 @@ pub fn main() -> ExitCode {
             return ExitCode::from(if e.use_stderr() { EXIT_USAGE } else { EXIT_OK });
         }
     };
-    init_tracing();
+    // `serve` reads its log format from its configuration, and starts its log once that is
+    // checked; the other commands write their results to stdout and log warnings only.
+    if !matches!(cli.command, Command::Serve(_)) {
+        crate::telemetry::logs::init(crate::telemetry::logs::LogFormat::Text, "warn");
+    }
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -143,15 +147,6 @@ pub fn main() -> ExitCode {
         }
     });
     ExitCode::from(code)
-}
-
-fn init_tracing() {
-    let filter = tracing_subscriber::EnvFilter::try_from_env("PDGATE_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .try_init();
 }
 
 /// Prints `value` as one line of JSON on stdout.

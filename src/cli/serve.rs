@@ -31,6 +31,10 @@ pub struct ServeArgs {
     /// pdgate's own API (AccessControl, health, reflection) [default: 127.0.0.1:9090].
     #[arg(long, value_name = "ADDR")]
     api_listen: Option<String>,
+    /// Plaintext HTTP/1.1 probe listener: GET /metrics, /livez, /readyz, no TLS and no
+    /// identity; e.g. 127.0.0.1:9091 [default: none, off].
+    #[arg(long, value_name = "ADDR")]
+    admin_listen: Option<String>,
     /// The protected service, HOST:PORT or http://URI [default: 127.0.0.1:50051].
     #[arg(long, value_name = "ADDR")]
     upstream: Option<String>,
@@ -77,6 +81,10 @@ pub struct ServeArgs {
         hide_env_values = true
     )]
     database_url: Option<String>,
+    /// pdgate's log on stderr: `text` (coloured only on a terminal) or `json` (one object per
+    /// line) [default: text]. Which events: PDGATE_LOG, e.g. `debug` [default: warn,pdgate=info].
+    #[arg(long, value_name = "FORMAT")]
+    log_format: Option<String>,
 }
 
 impl ServeArgs {
@@ -96,6 +104,11 @@ impl ServeArgs {
         };
         flag(self.listen.is_some(), "listen", "--listen");
         flag(self.api_listen.is_some(), "api_listen", "--api-listen");
+        flag(
+            self.admin_listen.is_some(),
+            "admin_listen",
+            "--admin-listen",
+        );
         flag(self.upstream.is_some(), "upstream", "--upstream");
         flag(self.identity.is_some(), "identity", "--identity");
         flag(self.policy.is_some(), "policy", "--policy");
@@ -136,8 +149,10 @@ impl ServeArgs {
             "fleet.database_url",
             "--database-url",
         );
+        flag(self.log_format.is_some(), "log.format", "--log-format");
         file.listen = self.listen.or(file.listen);
         file.api_listen = self.api_listen.or(file.api_listen);
+        file.admin_listen = self.admin_listen.or(file.admin_listen);
         file.upstream = self.upstream.or(file.upstream);
         file.identity = self.identity.or(file.identity);
         file.policy = self.policy.or(file.policy);
@@ -154,6 +169,7 @@ impl ServeArgs {
         file.telemetry.otlp_endpoint = self.otlp_endpoint.or(file.telemetry.otlp_endpoint);
         file.subjects.path = self.subjects_store.or(file.subjects.path);
         file.fleet.database_url = self.database_url.or(file.fleet.database_url);
+        file.log.format = self.log_format.or(file.log.format);
         file.resolve(&origin).map_err(|mut e| {
             if let Some((_, name)) = from_flags.iter().find(|(key, _)| *key == e.key) {
                 e.origin = "command line".to_owned();
@@ -164,6 +180,9 @@ impl ServeArgs {
     }
 }
 
+/// `PDGATE_LOG` when it is not set.
+const DEFAULT_LOG_FILTER: &str = "warn,pdgate=info";
+
 pub async fn serve(args: ServeArgs) -> u8 {
     let config = match args.config() {
         Ok(c) => c,
@@ -172,6 +191,9 @@ pub async fn serve(args: ServeArgs) -> u8 {
             return EXIT_USAGE;
         }
     };
+    // At the default level: pdgate's own lifecycle (listeners, policy loads, shutdown); a
+    // dependency's events only when they are warnings.
+    crate::telemetry::logs::init(config.log_format, DEFAULT_LOG_FILTER);
     // The audit log is part of the configuration: one that cannot be opened is a bad
     // `audit.dir`, reported before any port is bound.
     let (audit, writer, head) = match AuditLog::open(config.audit.clone()) {
@@ -208,11 +230,18 @@ pub async fn serve(args: ServeArgs) -> u8 {
             return EXIT_USAGE;
         }
     };
-    let listeners = match Listeners::bind(config.listen, config.api_listen).await {
+    let bound = match Listeners::bind(config.listen, config.api_listen).await {
+        Ok(l) => l.with_admin(config.admin_listen).await,
+        Err(e) => Err(e),
+    };
+    let listeners = match bound {
         Ok(l) => l,
         Err(e) => {
+            let admin = config
+                .admin_listen
+                .map_or(String::new(), |a| format!(" / `{a}`"));
             eprintln!(
-                "error: cannot bind `{}` / `{}`: {e}",
+                "error: cannot bind `{}` / `{}`{admin}: {e}",
                 config.listen, config.api_listen
             );
             gate.telemetry().shutdown().await;
@@ -225,11 +254,17 @@ pub async fn serve(args: ServeArgs) -> u8 {
             "identity mode insecure-header: callers name themselves in x-caller; development only"
         );
     }
-    // The bound addresses, not the configured ones: with port 0 the kernel picks, and this line
-    // is how a supervisor (or a test) learns which.
+    // One line per listener, with the bound address, not the configured one: with port 0 the
+    // kernel picks, and these lines are how a supervisor (or a test) learns which.
+    let identity = config.identity.as_str();
     let data = listeners.data_addr().unwrap_or(config.listen);
     let api = listeners.api_addr().unwrap_or(config.api_listen);
-    tracing::info!(%data, %api, upstream = %config.upstream, "pdgate serving");
+    tracing::info!(listener = "data", addr = %data, identity, upstream = %config.upstream, "listening");
+    tracing::info!(listener = "api", addr = %api, identity, "listening");
+    if let Some(admin) = listeners.admin.as_ref().and_then(|l| l.local_addr().ok()) {
+        // Plaintext and anonymous whatever the identity mode: probes and scrapes only.
+        tracing::info!(listener = "admin", addr = %admin, identity = "none", "listening");
+    }
     let result = server::run(&config, listeners, gate, server::shutdown_signal()).await;
     // A clean shutdown writes every record still queued.
     writer.close().await;
@@ -286,7 +321,14 @@ pub async fn demo(args: DemoArgs) -> u8 {
         let upstream = bind_or_any(crate::config::DEFAULT_UPSTREAM).await?;
         let data = bind_or_any(crate::config::DEFAULT_LISTEN).await?;
         let api = bind_or_any(crate::config::DEFAULT_API_LISTEN).await?;
-        Ok::<_, std::io::Error>((upstream, Listeners { data, api }))
+        Ok::<_, std::io::Error>((
+            upstream,
+            Listeners {
+                data,
+                api,
+                admin: None,
+            },
+        ))
     };
     let (upstream_listener, listeners) = match bound.await {
         Ok(b) => b,
@@ -307,6 +349,7 @@ pub async fn demo(args: DemoArgs) -> u8 {
     let config = Config {
         listen: data_addr,
         api_listen: api_addr,
+        admin_listen: None,
         upstream: upstream_addr.to_string(),
         policy: args.policy.clone(),
         routes: None,
@@ -329,6 +372,7 @@ pub async fn demo(args: DemoArgs) -> u8 {
             watch: false,
             ..crate::config::ReloadSettings::default()
         },
+        log_format: crate::telemetry::logs::LogFormat::Text,
     };
     let Some(policy) = server::load_policy(&config).await else {
         eprintln!(

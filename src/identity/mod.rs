@@ -16,3 +16,13 @@ pub enum IdentityMode {
     /// The caller is named by its TLS client certificate; `x-caller` is ignored.
     Mtls,
 }
+
+impl IdentityMode {
+    /// The configuration's spelling: `insecure-header`, `mtls`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::InsecureHeader => "insecure-header",
+            Self::Mtls => "mtls",
+        }
+    }
+}

@@ -1,4 +1,4 @@
-//! Telemetry: the metrics registry (always on: `GET /metrics` on the API port) and, when an
+//! Telemetry: pdgate's log ([`logs`]: text or JSON lines on stderr), the metrics registry (always on: `GET /metrics` on the API port) and, when an
 //! OTLP endpoint is configured, one span per decision and the metrics exported over OTLP/gRPC.
 //!
 //! Nothing here is process-global: each [`Telemetry`] owns its tracer and meter providers, so
@@ -14,6 +14,7 @@
 //! The SDK's batch span processor and periodic metric reader run on threads of their own;
 //! their flush and shutdown block, so [`Telemetry::shutdown`] runs them on the blocking pool.
 
+pub mod logs;
 pub mod metrics;
 
 use crate::decision::{Decision, Request};

@@ -71,6 +71,12 @@ impl Pdgate {
         self
     }
 
+    /// Runs without `key` in the environment (e.g. `NO_COLOR`, which the runner sets).
+    pub fn env_remove(mut self, key: &str) -> Self {
+        self.cmd.env_remove(key);
+        self
+    }
+
     pub fn current_dir(mut self, dir: impl AsRef<Path>) -> Self {
         self.cmd.current_dir(dir);
         self
@@ -150,6 +156,43 @@ fn drain(
             }
         }
     })
+}
+
+/// A `listening` line of `pdgate serve`: which listener, its bound address, the identity mode.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Listening {
+    pub listener: String,
+    pub addr: SocketAddr,
+    pub identity: String,
+}
+
+impl Listening {
+    /// From a text line (`listening listener="api" addr=… identity="mtls"`) or a JSON line.
+    pub fn parse(line: &str) -> Option<Self> {
+        if line.starts_with('{') {
+            let v: serde_json::Value = serde_json::from_str(line).ok()?;
+            if v["message"] != "listening" {
+                return None;
+            }
+            return Some(Self {
+                listener: v["listener"].as_str()?.to_owned(),
+                addr: v["addr"].as_str()?.parse().ok()?,
+                identity: v["identity"].as_str()?.to_owned(),
+            });
+        }
+        let (_, fields) = line.split_once(": listening ")?;
+        let field = |name: &str| {
+            fields
+                .split_whitespace()
+                .find_map(|word| word.strip_prefix(name)?.strip_prefix('='))
+                .map(|v| v.trim_matches('"').to_owned())
+        };
+        Some(Self {
+            listener: field("listener")?,
+            addr: field("addr")?.parse().ok()?,
+            identity: field("identity")?,
+        })
+    }
 }
 
 /// A running `pdgate`. Dropping it kills the child (ours, by its pid) and reaps it.
@@ -236,21 +279,23 @@ impl Running {
         }
     }
 
-    /// For `pdgate serve`: waits for the line it logs once both ports are bound, and returns
+    /// For `pdgate serve`: waits for the lines it logs once both ports are bound, and returns
     /// the bound (data, api) addresses. The child must log at info (see [`serve`]).
     pub async fn serving(&mut self) -> (SocketAddr, SocketAddr) {
+        let data = self.listening("data").await.addr;
+        let api = self.listening("api").await.addr;
+        (data, api)
+    }
+
+    /// For `pdgate serve`: waits for the `listening` line of `listener` (`data`, `api`), in
+    /// either log format.
+    pub async fn listening(&mut self, listener: &str) -> Listening {
         let line = self
-            .line("the `pdgate serving` line", |l| {
-                l.contains("pdgate serving")
+            .line(&format!("the `listening` line of `{listener}`"), |l| {
+                Listening::parse(l).is_some_and(|found| found.listener == listener)
             })
             .await;
-        let field = |name: &str| -> SocketAddr {
-            line.split_whitespace()
-                .find_map(|word| word.strip_prefix(name))
-                .and_then(|v| v.parse().ok())
-                .unwrap_or_else(|| panic!("no `{name}` address in `{line}`"))
-        };
-        (field("data="), field("api="))
+        Listening::parse(&line).unwrap()
     }
 
     /// Waits up to `limit` for the child to exit, off the runtime's threads; fails the test

@@ -217,6 +217,8 @@ impl Harness {
                 _ => None,
             },
             reload: options.reload,
+            log_format: Default::default(),
+            admin_listen: None,
         };
         let policy = server::load_policy(&config).await;
         let subjects = match options.subjects {
