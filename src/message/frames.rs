@@ -84,10 +84,16 @@ mod tests {
         frames.push(&Bytes::copy_from_slice(&wire[..4]));
         assert_eq!(frames.next_message(), Ok(None));
         frames.push(&Bytes::copy_from_slice(&wire[4..9]));
-        assert_eq!(frames.next_message(), Ok(Some((false, Bytes::from_static(b"abc")))));
+        assert_eq!(
+            frames.next_message(),
+            Ok(Some((false, Bytes::from_static(b"abc"))))
+        );
         assert_eq!(frames.next_message(), Ok(None));
         frames.push(&Bytes::copy_from_slice(&wire[9..]));
-        assert_eq!(frames.next_message(), Ok(Some((true, Bytes::from_static(b"de")))));
+        assert_eq!(
+            frames.next_message(),
+            Ok(Some((true, Bytes::from_static(b"de"))))
+        );
         assert!(frames.is_empty());
     }
 
@@ -95,6 +101,9 @@ mod tests {
     fn an_oversize_length_is_refused_before_it_is_buffered() {
         let mut frames = Frames::default();
         frames.push(&Bytes::from_static(&[0, 0xff, 0xff, 0xff, 0xff]));
-        assert!(matches!(frames.next_message(), Err(FrameError::TooLarge { .. })));
+        assert!(matches!(
+            frames.next_message(),
+            Err(FrameError::TooLarge { .. })
+        ));
     }
 }

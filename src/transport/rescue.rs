@@ -34,7 +34,9 @@ pub fn refusal_status(admission: &Admission) -> Status {
         Some(error @ MetadataError::MessageTooLarge { .. }) => {
             Status::resource_exhausted(error.to_string())
         }
-        Some(error @ MetadataError::MessageCompressed) => Status::unimplemented(error.to_string()),
+        Some(error @ (MetadataError::MessageCompressed | MetadataError::UnsupportedCodec(_))) => {
+            Status::unimplemented(error.to_string())
+        }
         Some(error) => Status::invalid_argument(error.to_string()),
         None => denied_status(&admission.decision, admission.decision_id()),
     }
@@ -109,6 +111,12 @@ pub fn deadline_exceeded(id: DecisionId) -> Response {
         Status::deadline_exceeded("deadline exceeded before the upstream answered"),
         id,
     )
+}
+
+/// `DEADLINE_EXCEEDED`: the caller's `grpc-timeout` passed before pdgate could answer (while it
+/// admitted the call, or in a method of its API). No decision id: the call may not have one.
+pub fn deadline_passed<B: Default>() -> http::Response<B> {
+    Status::deadline_exceeded("deadline exceeded before pdgate could answer").into_http()
 }
 
 /// Adds the decision id header to any response.
