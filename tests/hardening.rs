@@ -214,3 +214,224 @@ async fn a_deadline_that_passes_before_the_upstream_answers_is_deadline_exceeded
         );
     }
 }
+
+/// Billing may not read names: a policy row that changes one decision of the default policy.
+const DENY_NAMES: &str = "p, role:billing, service.billing, customer.name, read, deny";
+
+/// A policy test file with one case: billing reading a name gets `expect`.
+fn billing_name_test(expect: &str) -> String {
+    format!(
+        "cases:\n  - name: billing reads names\n    request: {{ caller: billing-service, purpose: service.billing, action: read, categories: [customer.name], subjects: [cust-1] }}\n    expect: {expect}\n"
+    )
+}
+const EXPECT_ALLOW: &str = "{ decision: allow }";
+const EXPECT_DENY: &str = "{ decision: deny, reasons: [DENIED_BY_RULE] }";
+
+fn watching(dir: &std::path::Path) -> Options {
+    Options {
+        policy: dir.to_path_buf(),
+        reload: pdgate::config::ReloadSettings {
+            watch: true,
+            debounce: std::time::Duration::from_millis(50),
+            keep_versions: 3,
+        },
+        ..Options::default()
+    }
+}
+
+fn active(h: &Harness) -> Option<pdgate::policy::PolicyVersion> {
+    h.gate
+        .policy()
+        .snapshot()
+        .map(pdgate::policy::Snapshot::version)
+}
+
+async fn last_error(h: &Harness) -> String {
+    let mut admin = common::policy_admin(h, "sre").await;
+    admin
+        .status(pdgate::proto::v1::StatusRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .last_error
+}
+
+async fn serving(h: &Harness) -> tonic_health::pb::health_check_response::ServingStatus {
+    let mut health =
+        tonic_health::pb::health_client::HealthClient::new(h.channel(h.api_addr).await);
+    health
+        .check(tonic_health::pb::HealthCheckRequest {
+            service: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .status()
+}
+
+async fn billing_call(h: &Harness) -> Result<(), tonic::Status> {
+    h.client()
+        .await
+        .get_billing_statement(call(
+            billing("cust-1"),
+            "billing-service",
+            "service.billing",
+            &["cust-1"],
+        ))
+        .await
+        .map(drop)
+}
+
+#[tokio::test]
+async fn a_bundle_without_test_cases_is_refused_and_the_running_policy_stays() {
+    let dir = common::policy_copy();
+    let h = Harness::with(watching(dir.path())).await;
+    let running = active(&h).unwrap();
+    let mut admin = common::policy_admin(&h, "security-team").await;
+
+    // Apply: a changed policy with no tests, then with a test file that holds no case.
+    let mut bundle = pdgate::gate::Bundle::read_dir(dir.path(), None).unwrap();
+    bundle.source.policy.push_str(&format!("\n{DENY_NAMES}\n"));
+    bundle.tests.clear();
+    let refused = admin
+        .apply(pdgate::proto::v1::ApplyRequest {
+            bundle: Some(bundle.clone().into()),
+            comment: "no tests".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), Code::FailedPrecondition);
+    assert_eq!(common::reason(&refused), "POLICY_TESTS_MISSING");
+    bundle.tests = vec![pdgate::gate::TestFile {
+        name: "empty.yaml".into(),
+        content: "cases: []\n".into(),
+    }];
+    let refused = admin
+        .apply(pdgate::proto::v1::ApplyRequest {
+            bundle: Some(bundle.into()),
+            comment: "an empty test file".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(common::reason(&refused), "POLICY_TESTS_MISSING");
+    assert_eq!(active(&h), Some(running));
+    // Audited as every refused Apply is.
+    let refusals: Vec<_> = h
+        .audit_records()
+        .into_iter()
+        .filter(|r| r.body.action == "Apply" && r.body.decision == "deny")
+        .map(|r| r.body.reasons[0].code.clone())
+        .collect();
+    assert_eq!(refusals, ["POLICY_TESTS_MISSING", "POLICY_TESTS_MISSING"]);
+
+    // The file watch: the directory loses its tests (and changes its policy).
+    std::fs::remove_dir_all(dir.path().join("tests")).unwrap();
+    let csv = dir.path().join("policy.csv");
+    let text = std::fs::read_to_string(&csv).unwrap();
+    std::fs::write(&csv, format!("{text}\n{DENY_NAMES}\n")).unwrap();
+    common::wait::eventually("the reload without tests is refused", || async {
+        !last_error(&h).await.is_empty()
+    })
+    .await;
+    assert_eq!(active(&h), Some(running));
+    billing_call(&h).await.unwrap();
+}
+
+#[tokio::test]
+async fn a_policy_whose_tests_fail_at_start_denies_every_call_until_they_pass() {
+    let dir = common::policy_copy();
+    std::fs::write(
+        dir.path().join("tests/zz_start.yaml"),
+        billing_name_test(EXPECT_DENY),
+    )
+    .unwrap();
+    let h = Harness::with(watching(dir.path())).await;
+    use tonic_health::pb::health_check_response::ServingStatus;
+    assert_eq!(serving(&h).await, ServingStatus::NotServing);
+    assert_eq!(active(&h), None);
+    let status = billing_call(&h).await.unwrap_err();
+    assert_eq!(status.code(), Code::PermissionDenied);
+    assert_eq!(common::reason(&status), "POLICY_UNAVAILABLE");
+    assert_eq!(h.service.calls(), 0);
+
+    // The test fixed (the policy files unchanged): the watch loads the policy.
+    std::fs::write(
+        dir.path().join("tests/zz_start.yaml"),
+        billing_name_test(EXPECT_ALLOW),
+    )
+    .unwrap();
+    common::wait::eventually("the policy passes its tests and is loaded", || async {
+        serving(&h).await == ServingStatus::Serving
+    })
+    .await;
+    billing_call(&h).await.unwrap();
+}
+
+#[tokio::test]
+async fn the_watch_reloads_on_a_change_of_the_tests_alone() {
+    let dir = common::policy_copy();
+    let h = Harness::with(watching(dir.path())).await;
+    let v1 = active(&h).unwrap();
+    let test = dir.path().join("tests/zz_names.yaml");
+
+    // A test the running policy fails, alone: checked, and reported.
+    std::fs::write(&test, billing_name_test(EXPECT_DENY)).unwrap();
+    common::wait::eventually("the failing test is reported", || async {
+        last_error(&h).await.contains("zz_names.yaml")
+    })
+    .await;
+    assert_eq!(active(&h), Some(v1));
+    let first_refusal = h.gate.policies().status().last_error.unwrap().1;
+
+    // A policy change whose test is wrong: refused.
+    std::fs::write(&test, billing_name_test(EXPECT_ALLOW)).unwrap();
+    let csv = dir.path().join("policy.csv");
+    let text = std::fs::read_to_string(&csv).unwrap();
+    std::fs::write(&csv, format!("{text}\n{DENY_NAMES}\n")).unwrap();
+    common::wait::eventually("the change with a wrong test is refused", || {
+        // The refusal of the new policy files, not the earlier one.
+        std::future::ready(
+            h.gate
+                .policies()
+                .status()
+                .last_error
+                .is_some_and(|(error, at)| at > first_refusal && error.contains("zz_names.yaml")),
+        )
+    })
+    .await;
+    assert_eq!(active(&h), Some(v1));
+
+    // The test fixed, the policy files as they were refused: loaded.
+    std::fs::write(&test, billing_name_test(EXPECT_DENY)).unwrap();
+    common::wait::eventually("the fixed test lets the change in", || async {
+        active(&h).is_some_and(|v| v != v1)
+    })
+    .await;
+    assert!(last_error(&h).await.is_empty());
+    assert_eq!(billing_name_read(&h).await, "DENIED_BY_RULE");
+}
+
+/// Billing reads a name through `AccessControl.Check`: the first reason code, or `allow`.
+async fn billing_name_read(h: &Harness) -> String {
+    let mut client = pdgate::proto::v1::access_control_client::AccessControlClient::new(
+        h.channel(h.api_addr).await,
+    );
+    let response = client
+        .check(pdgate::proto::v1::CheckRequest {
+            caller: "billing-service".into(),
+            purpose: "service.billing".into(),
+            action: "read".into(),
+            categories: vec!["customer.name".into()],
+            subjects: vec!["cust-1".into()],
+            recipient: String::new(),
+            minimizable: Vec::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    match response.reasons.first() {
+        _ if response.allowed => "allow".to_owned(),
+        Some(reason) => reason.code.clone(),
+        None => String::new(),
+    }
+}

@@ -137,6 +137,7 @@ pub const ADMIN_ROLE_REQUIRED: &str = "ADMIN_ROLE_REQUIRED";
 /// The `ErrorInfo` reasons of a refused policy change.
 pub const POLICY_INVALID: &str = "POLICY_INVALID";
 pub const POLICY_TESTS_FAILED: &str = "POLICY_TESTS_FAILED";
+pub const POLICY_TESTS_MISSING: &str = "POLICY_TESTS_MISSING";
 pub const POLICY_VERSION_UNKNOWN: &str = "POLICY_VERSION_UNKNOWN";
 pub const POLICY_STORE_FAILED: &str = "POLICY_STORE_FAILED";
 
@@ -269,6 +270,7 @@ fn invalid_change(e: &InvalidChange) -> Status {
 pub fn reload_reason(e: &ReloadError) -> &'static str {
     match e {
         ReloadError::Check(CheckError::TestsFailed { .. }) => POLICY_TESTS_FAILED,
+        ReloadError::Check(CheckError::NoTests) => POLICY_TESTS_MISSING,
         ReloadError::Check(_) => POLICY_INVALID,
         ReloadError::Store(_) => POLICY_STORE_FAILED,
         ReloadError::UnknownVersion(_)
