@@ -4,11 +4,12 @@
 use crate::audit::AuditLog;
 use crate::config::Config;
 use crate::decision::Decider;
+use crate::gate::bundle::Bundle;
 use crate::gate::{
     FileStore, Gate, GateParts, PolicyManager, PolicyStore, PostgresPolicyStore, Subjects,
 };
 use crate::identity::CallerNaming;
-use crate::policy::{PolicySource, Snapshot, compile};
+use crate::policy::Snapshot;
 use crate::registry::{PostgresRegistry, SqliteRegistry, SubjectCache, SubjectCacheSettings};
 use crate::sidecar;
 use crate::telemetry::metrics::Metrics;
@@ -80,11 +81,13 @@ pub enum ServeError {
     Telemetry(#[from] TelemetryError),
 }
 
-/// Loads the configured policy. An invalid policy is logged with every problem and `None` is
-/// returned: the sidecar then runs `NOT_SERVING` and denies every call (`POLICY_UNAVAILABLE`).
+/// Loads the configured policy and runs its tests, as a reload does. A policy that cannot be
+/// read, is invalid, has no test cases or fails one is logged with every problem and `None`
+/// is returned: the sidecar then runs `NOT_SERVING` and denies every call
+/// (`POLICY_UNAVAILABLE`) until a bundle that passes is loaded (the file watch, Apply).
 pub async fn load_policy(config: &Config) -> Option<Arc<Snapshot>> {
-    let source = match PolicySource::read(&config.policy, config.routes.as_deref()) {
-        Ok(s) => s,
+    let bundle = match Bundle::read_dir(&config.policy, config.routes.as_deref()) {
+        Ok(bundle) => bundle,
         Err(problems) => {
             for p in problems {
                 tracing::error!(problem = %p, "policy cannot be read");
@@ -92,22 +95,24 @@ pub async fn load_policy(config: &Config) -> Option<Arc<Snapshot>> {
             return None;
         }
     };
-    match compile(source).await {
-        Ok(snapshot) => {
+    match crate::gate::bundle::check(&bundle).await {
+        Ok(checked) => {
+            let snapshot = checked.snapshot;
             tracing::info!(
                 version = %snapshot.version(),
                 rules = snapshot.rule_count(),
                 routes = snapshot.route_count(),
-                "policy loaded"
+                tests = checked.cases,
+                "policy loaded; its tests passed"
             );
             for warning in snapshot.warnings() {
                 tracing::warn!(%warning, "policy");
             }
-            Some(Arc::new(snapshot))
+            Some(snapshot)
         }
-        Err(problems) => {
-            for p in &problems.0 {
-                tracing::error!(problem = %p, "invalid policy; every call is denied until a valid one is loaded");
+        Err(e) => {
+            for p in e.problems() {
+                tracing::error!(problem = %p, error = %e, "policy refused at start; every call is denied until a policy that passes its tests is loaded");
             }
             None
         }

@@ -361,10 +361,8 @@ async fn deadline_passes_through_and_cancels_the_upstream_stream() {
         .into_inner();
     assert!(stream.message().await.unwrap().is_some());
     let status = stream.message().await.unwrap_err();
-    assert!(
-        matches!(status.code(), Code::DeadlineExceeded | Code::Cancelled),
-        "{status:?}"
-    );
+    // pdgate's answer (the client's own timer bounds only the wait for response headers).
+    assert_eq!(status.code(), Code::DeadlineExceeded, "{status:?}");
     wait_until(|| h.service.open_streams() == 0).await;
 }
 

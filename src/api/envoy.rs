@@ -377,7 +377,8 @@ mod tests {
         let mut http = HttpRequest::default();
         http.headers
             .insert(PURPOSE.into(), "service.billing,marketing".into());
-        http.headers.insert(SUBJECT.into(), "cust-1, cust-2".into());
+        // Envoy joins a repeated header with `,` alone.
+        http.headers.insert(SUBJECT.into(), "cust-1,cust-2".into());
         let headers = call_headers(&http).unwrap();
         assert_eq!(
             crate::gate::metadata::extract(&headers, None),

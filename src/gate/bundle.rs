@@ -43,6 +43,12 @@ pub enum CheckError {
     Tests(#[from] FixtureError),
     #[error("test file name `{0}` is not allowed: a plain file name ending in `.yaml` or `.yml`")]
     TestName(String),
+    /// A policy that nothing checks could grant anything: every bundle carries at least one
+    /// test case (there is no override; the first policy is written with its tests).
+    #[error(
+        "the bundle has no policy test cases: add `{TESTS_DIR}/*.yaml` with at least one case (every bundle is checked by its tests before it is used)"
+    )]
+    NoTests,
 }
 
 fn describe_tests(failures: &[Problem], cases: usize) -> String {
@@ -90,6 +96,7 @@ impl CheckError {
             Self::Tests(e @ FixtureError::Read { path, .. }) => {
                 vec![Problem::in_file(&test_location(path), e.to_string())]
             }
+            Self::NoTests => vec![Problem::in_file(&format!("{TESTS_DIR}/"), self.to_string())],
             Self::TestName(name) => vec![Problem::in_file(
                 &format!("{TESTS_DIR}/{name}"),
                 "not a plain file name ending in `.yaml` or `.yml`",
@@ -110,7 +117,7 @@ fn test_location(path: &Path) -> String {
 #[derive(Debug, Clone)]
 pub struct Checked {
     pub snapshot: Arc<Snapshot>,
-    /// Test cases run (0 when the bundle has no tests).
+    /// Test cases run (at least one: a bundle without any is refused).
     pub cases: usize,
 }
 
@@ -124,9 +131,26 @@ impl Bundle {
     }
 
     /// The version it would have: SHA-256 of the policy files (the tests are not part of it:
-    /// they do not change a decision).
+    /// they do not change a decision). Whether a bundle is new to the lifecycle is not a
+    /// question of its version: a change of its tests alone is checked too (the manager
+    /// compares whole bundles).
     pub fn version(&self) -> PolicyVersion {
         PolicyVersion(self.source.digest())
+    }
+
+    /// Whether `other` is the same bundle to the lifecycle: the same policy (version) and the
+    /// same tests, whatever order they were read in.
+    pub fn same_as(&self, other: &Self) -> bool {
+        fn tests(b: &Bundle) -> Vec<(&str, &str)> {
+            let mut t: Vec<(&str, &str)> = b
+                .tests
+                .iter()
+                .map(|t| (t.name.as_str(), t.content.as_str()))
+                .collect();
+            t.sort_unstable();
+            t
+        }
+        self.version() == other.version() && tests(self) == tests(other)
     }
 }
 
@@ -224,9 +248,12 @@ pub async fn check(bundle: &Bundle) -> Result<Checked, CheckError> {
         overlays.insert(rows, Arc::new(compiled));
     }
     if files.is_empty() {
-        return Ok(Checked { snapshot, cases: 0 });
+        return Err(CheckError::NoTests);
     }
     let report = fixtures::run_with(&snapshot, &files, overlays).await?;
+    if report.cases == 0 {
+        return Err(CheckError::NoTests);
+    }
     if !report.failures.is_empty() {
         return Err(CheckError::TestsFailed {
             failures: report

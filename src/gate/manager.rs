@@ -98,9 +98,10 @@ struct State {
     /// Newest first; the active version is the first when one is active.
     history: VecDeque<Kept>,
     last_error: Option<(String, u64)>,
-    /// The last version the file watch failed to load: not retried (it would fail the same
-    /// way) until the files change again.
-    failed_from_store: Option<PolicyVersion>,
+    /// The last bundle the file watch failed to load: not retried (it would fail the same
+    /// way) until the files change again — its tests included, so a fixed test is retried
+    /// though the policy files (the version) are the same.
+    failed_from_store: Option<Bundle>,
     shadow: Option<VersionInfo>,
 }
 
@@ -172,6 +173,21 @@ impl PolicyManager {
         self.state.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
+    /// Whether `bundle` is the active policy with the tests it was checked with: nothing to
+    /// do. The same version with other tests is a candidate (its tests are run).
+    fn is_active(&self, bundle: &Bundle) -> bool {
+        let state = self.state();
+        let Some(active) = &state.active else {
+            return false;
+        };
+        state
+            .history
+            .iter()
+            .find(|k| k.info.version == active.version)
+            .is_some_and(|k| k.bundle.same_as(bundle))
+            && self.decider.policy().map(|p| p.version()) == Some(active.version)
+    }
+
     /// Records the policy the decider was started with (loaded from the policy directory,
     /// with `tests`, the directory's tests, kept for a rollback to it).
     pub fn adopt(&self, tests: Vec<TestFile>) {
@@ -212,7 +228,7 @@ impl PolicyManager {
     ) -> Result<Staged<'a>, ReloadError> {
         let version = bundle.version();
         let previous = self.decider.policy().map(|p| p.version());
-        let checked = if previous == Some(version) {
+        let checked = if self.is_active(&bundle) {
             None
         } else {
             match check(&bundle).await {
@@ -276,9 +292,7 @@ impl PolicyManager {
                 return Err(e);
             }
         };
-        let version = bundle.version();
-        let active = self.decider.policy().map(|p| p.version());
-        if active == Some(version) {
+        if self.is_active(&bundle) {
             // The store holds the active policy again (an edit reverted, the sidecar's own
             // write after an Apply): an earlier failed reload is no longer pending.
             let mut state = self.state();
@@ -287,13 +301,18 @@ impl PolicyManager {
             }
             return Ok(None);
         }
-        if self.state().failed_from_store == Some(version) {
+        if self
+            .state()
+            .failed_from_store
+            .as_ref()
+            .is_some_and(|failed| failed.same_as(&bundle))
+        {
             return Ok(None);
         }
-        let staged = match self.stage_locked(lock, bundle).await {
+        let staged = match self.stage_locked(lock, bundle.clone()).await {
             Ok(staged) => staged,
             Err(e) => {
-                self.state().failed_from_store = Some(version);
+                self.state().failed_from_store = Some(bundle);
                 return Err(e);
             }
         };

@@ -43,6 +43,20 @@ pub enum MetadataError {
     NotText(&'static str),
     #[error("metadata `{0}` is empty")]
     Empty(&'static str),
+    /// Values are taken byte for byte: ` billing-service` is not `billing-service`, and the
+    /// upstream must not be handed a value other than the one decided on.
+    #[error("metadata `{0}` has whitespace around its value (or around an id in its list)")]
+    Whitespace(&'static str),
+    /// Not a gRPC call: another HTTP method than `POST`, or a content type that is not gRPC.
+    #[error(
+        "not a gRPC call ({0}); pdgate forwards only `POST` with `content-type: application/grpc` or `application/grpc+proto`"
+    )]
+    NotGrpc(String),
+    /// A gRPC call in another encoding than protobuf (answered `UNIMPLEMENTED`).
+    #[error(
+        "gRPC content type `{0}` is not supported; pdgate forwards `application/grpc` and `application/grpc+proto`"
+    )]
+    UnsupportedCodec(String),
     #[error(
         "metadata `grpc-timeout` is `{0}`; expected 1 to 8 digits and a unit (H, M, S, m, u, n)"
     )]
@@ -84,9 +98,11 @@ pub fn extract(headers: &HeaderMap, caller: Option<&str>) -> Result<CallContext,
             .to_str()
             .map_err(|_| MetadataError::NotText(SUBJECT))?;
         for id in text.split(',') {
-            let id = id.trim();
             if id.is_empty() {
                 return Err(MetadataError::Empty(SUBJECT));
+            }
+            if id.trim() != id {
+                return Err(MetadataError::Whitespace(SUBJECT));
             }
             subjects.push(id.to_owned());
         }
@@ -101,7 +117,7 @@ pub fn extract(headers: &HeaderMap, caller: Option<&str>) -> Result<CallContext,
 }
 
 /// Reads `grpc-timeout`.
-fn timeout(headers: &HeaderMap) -> Result<Option<Duration>, MetadataError> {
+pub fn timeout(headers: &HeaderMap) -> Result<Option<Duration>, MetadataError> {
     let Some(value) = headers.get(GRPC_TIMEOUT) else {
         return Ok(None);
     };
@@ -136,7 +152,10 @@ fn single(headers: &HeaderMap, name: &'static str) -> Result<Option<String>, Met
         return Err(MetadataError::Repeated(name, extra + 1));
     }
     let text = first.to_str().map_err(|_| MetadataError::NotText(name))?;
-    Ok(Some(text.trim().to_owned()))
+    if text.trim() != text {
+        return Err(MetadataError::Whitespace(name));
+    }
+    Ok(Some(text.to_owned()))
 }
 
 #[cfg(test)]
@@ -149,7 +168,7 @@ mod tests {
         let mut h = HeaderMap::new();
         h.insert(PURPOSE, HeaderValue::from_static("service.billing"));
         h.append(SUBJECT, HeaderValue::from_static("cust-1"));
-        h.append(SUBJECT, HeaderValue::from_static("cust-2, cust-3"));
+        h.append(SUBJECT, HeaderValue::from_static("cust-2,cust-3"));
         h.insert(CALLER, HeaderValue::from_static("billing-service"));
         let ctx = extract(&h, None).unwrap();
         assert_eq!(ctx.caller, "billing-service");
@@ -174,6 +193,25 @@ mod tests {
         let mut h = HeaderMap::new();
         h.insert(SUBJECT, HeaderValue::from_static("cust-1,,cust-2"));
         assert_eq!(extract(&h, None), Err(MetadataError::Empty(SUBJECT)));
+    }
+
+    #[test]
+    fn values_are_taken_byte_for_byte() {
+        for (name, value) in [
+            (PURPOSE, " service.billing"),
+            (CALLER, "billing-service\t"),
+            (RECIPIENT, " ntt-east "),
+            (SUBJECT, "cust-1, cust-2"),
+            (SUBJECT, "cust-1 "),
+        ] {
+            let mut h = HeaderMap::new();
+            h.insert(name, HeaderValue::from_str(value).unwrap());
+            assert_eq!(
+                extract(&h, None),
+                Err(MetadataError::Whitespace(name)),
+                "{name}: {value:?}"
+            );
+        }
     }
 
     #[test]

@@ -31,8 +31,11 @@ pub async fn run(manager: Arc<PolicyManager>, every: Duration, shutdown: impl Fu
     if !store.settles() {
         join_fleet(&manager).await;
     }
-    // The policy in place when the watch starts is the one the sidecar loaded.
-    let mut seen = store.marker().await;
+    // No marker seen yet: the first look compares the store with the active policy, so that a
+    // change made between the load at start and this task's first look is not missed (it
+    // would be, forever, if the marker of that moment counted as seen). A store that holds
+    // the active bundle is a no-op reload.
+    let mut seen = None;
     let mut settling = None;
     loop {
         tokio::select! {
@@ -40,7 +43,7 @@ pub async fn run(manager: Arc<PolicyManager>, every: Duration, shutdown: impl Fu
             () = tokio::time::sleep(every) => {}
             () = wakeup.notified() => {}
         }
-        let now = store.marker().await;
+        let now = Some(store.marker().await);
         if now == seen {
             settling = None;
             continue;

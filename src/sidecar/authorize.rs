@@ -11,6 +11,7 @@ use crate::gate::metadata::{MetadataError, SUBJECT};
 use crate::gate::{Ask, Call, Door, Gate, Peer};
 use crate::message::frames::Frames;
 use crate::telemetry::CallSpan;
+use crate::transport::deadline::Deadline;
 use crate::transport::rescue;
 use futures_util::future::BoxFuture;
 use std::convert::Infallible;
@@ -89,6 +90,7 @@ where
         let gate = self.gate.clone();
         let slots = self.slots.clone();
         let inner = self.inner.clone();
+        let deadline = request.extensions().get::<Deadline>().map(|d| d.0);
         Box::pin(async move {
             let started = std::time::Instant::now();
             // The slot travels with the response body: a call counts as in flight until its
@@ -103,8 +105,10 @@ where
             // A route that reads its subjects: the first message, before anything is decided
             // (and before anything reaches the upstream).
             let mut first = None;
-            let mut unreadable = None;
-            if let Some(subject_path) = inspection
+            let mut unreadable = not_grpc(&request);
+            if unreadable.is_some() {
+                // Refused whatever the route: its body is not read.
+            } else if let Some(subject_path) = inspection
                 .as_ref()
                 .and_then(|i| i.request_subjects.as_ref())
             {
@@ -125,13 +129,13 @@ where
                     Ok((message, subjects))
                 }) {
                     Ok((message, subjects)) => first = Some((message, frames, subjects)),
-                    Err(e) => unreadable = Some(e),
+                    Err(e) => unreadable = Some(unreadable_message(e)),
                 }
             }
             let ask = match unreadable {
-                Some(e) => Ask::Unreadable {
+                Some(error) => Ask::Unreadable {
                     path: Some(&path),
-                    error: unreadable_message(e),
+                    error,
                 },
                 None => Ask::Method {
                     path: &path,
@@ -186,7 +190,13 @@ where
                     http::HeaderValue::from_static("identity"),
                 );
             }
-            let deadline = admission.timeout.map(|t| tokio::time::Instant::now() + t);
+            // The instant the caller's deadline passes, as `transport::deadline` read it when
+            // the call arrived (the same instant bounds the whole call there).
+            let deadline = deadline.or_else(|| {
+                admission
+                    .timeout
+                    .and_then(|t| tokio::time::Instant::now().checked_add(t))
+            });
             let mut span = admission.take_span();
             let id = admission.decision.decision_id;
             let forwarded = inner.oneshot(request);
@@ -230,6 +240,12 @@ where
                         })
                     }))
                 }
+                // The upstream client bounds the call by the caller's `grpc-timeout` too, and
+                // says so as an error: past the deadline, that is what it is.
+                Err(_) if deadline.is_some_and(|at| tokio::time::Instant::now() >= at) => {
+                    mark(&mut span, Code::DeadlineExceeded, &"deadline exceeded");
+                    Ok(rescue::deadline_exceeded(id))
+                }
                 Err(e) => {
                     mark(&mut span, Code::Unavailable, &e);
                     Ok(rescue::upstream_unavailable(&e, id))
@@ -242,6 +258,29 @@ where
 /// How long a call on a route that reads its subjects may take to send its first whole
 /// message: the call holds a slot meanwhile, and is refused after it.
 const FIRST_MESSAGE_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Why a request is not a call the data plane forwards: only `POST` with the gRPC protobuf
+/// content type is (an HTTP request of another kind would reach the upstream as whatever
+/// it is, undecided by any route's meaning).
+fn not_grpc(request: &http::Request<Body>) -> Option<MetadataError> {
+    if request.method() != http::Method::POST {
+        return Some(MetadataError::NotGrpc(format!(
+            "method `{}`",
+            request.method()
+        )));
+    }
+    let Some(value) = request.headers().get(http::header::CONTENT_TYPE) else {
+        return Some(MetadataError::NotGrpc("no content type".to_owned()));
+    };
+    let text = String::from_utf8_lossy(value.as_bytes());
+    match value.as_bytes() {
+        b"application/grpc" | b"application/grpc+proto" => None,
+        other if other.starts_with(b"application/grpc+") => {
+            Some(MetadataError::UnsupportedCodec(text.into_owned()))
+        }
+        _ => Some(MetadataError::NotGrpc(format!("content type `{text}`"))),
+    }
+}
 
 /// A request message that cannot be read, as the gate records the refusal.
 fn unreadable_message(e: MessageError) -> MetadataError {

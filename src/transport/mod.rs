@@ -2,6 +2,7 @@
 //! builder both ports use, and [`rescue`], the one place where pdgate's outcomes and errors
 //! become gRPC statuses.
 
+pub mod deadline;
 pub mod rescue;
 
 use tokio::net::{TcpListener, TcpStream};
@@ -20,20 +21,27 @@ pub struct TlsFiles {
 }
 
 /// A tonic server builder, with mTLS when `tls` is given: pdgate's certificate, and client
-/// certificates required and verified against the client CA.
+/// certificates required and verified against the client CA. Every call is bounded by its
+/// `grpc-timeout` ([`deadline`]).
 pub fn server_builder(
     tls: Option<&TlsFiles>,
-) -> Result<tonic::transport::Server, tonic::transport::Error> {
+) -> Result<
+    tonic::transport::Server<
+        tower::layer::util::Stack<deadline::DeadlineLayer, tower::layer::util::Identity>,
+    >,
+    tonic::transport::Error,
+> {
     let builder = tonic::transport::Server::builder().tcp_nodelay(true);
-    match tls {
-        None => Ok(builder),
+    let builder = match tls {
+        None => builder,
         Some(tls) => builder.tls_config(
             ServerTlsConfig::new()
                 .identity(Identity::from_pem(&tls.cert_pem, &tls.key_pem))
                 .client_ca_root(Certificate::from_pem(&tls.client_ca_pem))
                 .client_auth_optional(false),
-        ),
-    }
+        )?,
+    };
+    Ok(builder.layer(deadline::DeadlineLayer))
 }
 
 /// The connections `listener` accepts (with `TCP_NODELAY`), for a server to serve. The

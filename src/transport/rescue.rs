@@ -34,7 +34,9 @@ pub fn refusal_status(admission: &Admission) -> Status {
         Some(error @ MetadataError::MessageTooLarge { .. }) => {
             Status::resource_exhausted(error.to_string())
         }
-        Some(error @ MetadataError::MessageCompressed) => Status::unimplemented(error.to_string()),
+        Some(error @ (MetadataError::MessageCompressed | MetadataError::UnsupportedCodec(_))) => {
+            Status::unimplemented(error.to_string())
+        }
         Some(error) => Status::invalid_argument(error.to_string()),
         None => denied_status(&admission.decision, admission.decision_id()),
     }
@@ -111,6 +113,12 @@ pub fn deadline_exceeded(id: DecisionId) -> Response {
     )
 }
 
+/// `DEADLINE_EXCEEDED`: the caller's `grpc-timeout` passed before pdgate could answer (while it
+/// admitted the call, or in a method of its API). No decision id: the call may not have one.
+pub fn deadline_passed<B: Default>() -> http::Response<B> {
+    Status::deadline_exceeded("deadline exceeded before pdgate could answer").into_http()
+}
+
 /// Adds the decision id header to any response.
 pub fn tag(response: &mut Response, id: DecisionId) {
     if let Ok(v) = HeaderValue::from_str(&id.to_string()) {
@@ -129,6 +137,7 @@ pub const ADMIN_ROLE_REQUIRED: &str = "ADMIN_ROLE_REQUIRED";
 /// The `ErrorInfo` reasons of a refused policy change.
 pub const POLICY_INVALID: &str = "POLICY_INVALID";
 pub const POLICY_TESTS_FAILED: &str = "POLICY_TESTS_FAILED";
+pub const POLICY_TESTS_MISSING: &str = "POLICY_TESTS_MISSING";
 pub const POLICY_VERSION_UNKNOWN: &str = "POLICY_VERSION_UNKNOWN";
 pub const POLICY_STORE_FAILED: &str = "POLICY_STORE_FAILED";
 
@@ -261,6 +270,7 @@ fn invalid_change(e: &InvalidChange) -> Status {
 pub fn reload_reason(e: &ReloadError) -> &'static str {
     match e {
         ReloadError::Check(CheckError::TestsFailed { .. }) => POLICY_TESTS_FAILED,
+        ReloadError::Check(CheckError::NoTests) => POLICY_TESTS_MISSING,
         ReloadError::Check(_) => POLICY_INVALID,
         ReloadError::Store(_) => POLICY_STORE_FAILED,
         ReloadError::UnknownVersion(_)

@@ -67,6 +67,9 @@ pub struct Options {
     pub policy: PathBuf,
     /// Start the upstream service (false: the upstream address is a closed port).
     pub upstream_up: bool,
+    /// An upstream the test runs itself (a silent one, say): when set, no demo service is
+    /// started and `upstream_up` is not read.
+    pub upstream: Option<SocketAddr>,
     pub max_concurrent_calls: usize,
     pub shutdown_grace: Duration,
     /// `Some`: identity mode mTLS with these files.
@@ -124,6 +127,7 @@ impl Default for Options {
         Self {
             policy: policy_dir(),
             upstream_up: true,
+            upstream: None,
             max_concurrent_calls: 64,
             shutdown_grace: Duration::from_secs(10),
             tls: None,
@@ -152,7 +156,9 @@ impl Harness {
         let stopped = |mut rx: watch::Receiver<bool>| async move {
             let _ = rx.wait_for(|s| *s).await;
         };
-        let (upstream, upstream_addr, closed_upstream) = if options.upstream_up {
+        let (upstream, upstream_addr, closed_upstream) = if let Some(addr) = options.upstream {
+            (None, addr, None)
+        } else if options.upstream_up {
             let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
             let addr = listener.local_addr().unwrap();
             let task = tokio::spawn(service.clone().serve(listener, stopped(stop_rx.clone())));
