@@ -171,6 +171,17 @@ async fn a_shipping_read_of_a_profile_comes_without_the_email_address() {
         direct.phone.clone()
     };
     assert_eq!(got.phone, expected_phone);
+    // Counted: the fields cleared (one or two), none unknown.
+    let metrics = common::scrape(&h).await;
+    let cleared = 1 + usize::from(!expected_phone.eq(&direct.phone));
+    assert!(
+        metrics.contains(&format!("pdgate_response_fields_cleared_total {cleared}\n")),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("pdgate_response_fields_unknown_total 0\n"),
+        "{metrics}"
+    );
 
     // Support may read the whole profile: nothing is cleared.
     let whole = client

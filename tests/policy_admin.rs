@@ -23,7 +23,6 @@ use pdgate::proto::v1::{
     RollbackRequest, StatusRequest, ValidateRequest,
 };
 use std::path::Path;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tonic::Code;
 use tonic_health::pb::HealthCheckRequest;
 use tonic_health::pb::health_check_response::ServingStatus;
@@ -81,18 +80,6 @@ fn admin_records(h: &Harness, action: &str) -> Vec<AuditRecord> {
         .into_iter()
         .filter(|r| r.body.kind == Some(RecordKind::Admin) && r.body.action == action)
         .collect()
-}
-
-/// `GET /metrics` over HTTP/1.
-async fn scrape(h: &Harness) -> String {
-    let mut stream = tokio::net::TcpStream::connect(h.api_addr).await.unwrap();
-    stream
-        .write_all(b"GET /metrics HTTP/1.1\r\nHost: pdgate\r\nConnection: close\r\n\r\n")
-        .await
-        .unwrap();
-    let mut text = String::new();
-    stream.read_to_string(&mut text).await.unwrap();
-    text
 }
 
 #[tokio::test]
@@ -297,7 +284,11 @@ async fn apply_swaps_a_tested_policy_writes_the_directory_and_rollback_restores(
         Some(version_a.as_str())
     );
     assert!(admin_records(&h, "Validate")[0].body.caller == "security-team");
-    assert!(scrape(&h).await.contains("pdgate_policy_reloads_total 2"));
+    assert!(
+        common::scrape(&h)
+            .await
+            .contains("pdgate_policy_reloads_total 2")
+    );
     h.shutdown().await.unwrap();
 }
 
@@ -396,7 +387,7 @@ async fn rejected_candidates_list_every_problem_and_the_running_policy_stays() {
     );
     assert!(status.last_error_at_us > 0);
     assert!(
-        scrape(&h)
+        common::scrape(&h)
             .await
             .contains("pdgate_policy_reload_failures_total 2")
     );
@@ -585,7 +576,7 @@ async fn a_shadow_policy_is_decided_never_enforced_and_its_differences_recorded(
     assert_eq!(status.shadow.unwrap().version, shadow.version);
     assert_eq!(status.shadow_differences, 2);
     assert!(
-        scrape(&h)
+        common::scrape(&h)
             .await
             .contains("pdgate_shadow_differences_total{active=\"allow\",shadow=\"deny\"} 2")
     );

@@ -229,7 +229,13 @@ where
                             Some(inspection)
                                 if inspection.response.is_some() || inspection.client_streaming =>
                             {
-                                Body::new(MinimizedResponse::new(body, inspection, clear, verdict))
+                                Body::new(MinimizedResponse::new(
+                                    body,
+                                    inspection,
+                                    clear,
+                                    verdict,
+                                    gate.telemetry().metrics().clone(),
+                                ))
                             }
                             _ => body,
                         };

@@ -10,6 +10,7 @@ use crate::gate::{Admission, Ask, Call, Door, Gate, Peer, Policy};
 use crate::message::frames::{FrameError, Frames, frame, framed};
 use crate::message::{self, CategorySet, SubjectPath, wire::WireError};
 use crate::policy::inspect::Inspection;
+use crate::telemetry::metrics::Metrics;
 use crate::transport::rescue;
 use bytes::Bytes;
 use futures_util::future::BoxFuture;
@@ -281,8 +282,8 @@ pub struct MinimizedResponse {
     inspection: Arc<Inspection>,
     clear: CategorySet,
     verdict: Verdict,
-    /// Fields cleared and dropped so far (for the metrics, when the body ends).
-    pub done: message::Minimized,
+    /// Where the fields cleared and dropped are counted.
+    metrics: Arc<Metrics>,
 }
 
 impl MinimizedResponse {
@@ -291,6 +292,7 @@ impl MinimizedResponse {
         inspection: Arc<Inspection>,
         clear: CategorySet,
         verdict: Verdict,
+        metrics: Arc<Metrics>,
     ) -> Self {
         Self {
             inner: Some(inner),
@@ -298,7 +300,7 @@ impl MinimizedResponse {
             inspection,
             clear,
             verdict,
-            done: message::Minimized::default(),
+            metrics,
         }
     }
 
@@ -345,8 +347,7 @@ impl http_body::Body for MinimizedResponse {
                     }
                     match message::minimize(&message, plans, Inspection::RESPONSE, this.clear) {
                         Ok((out, done)) => {
-                            this.done.cleared += done.cleared;
-                            this.done.unknown += done.unknown;
+                            this.metrics.record_minimized(done.cleared, done.unknown);
                             return Poll::Ready(Some(Ok(Frame::data(frame(&out)))));
                         }
                         Err(e) => {

@@ -16,6 +16,8 @@
 //! | `pdgate_audit_records_written_total` | `pdgate.audit.records_written` | records written |
 //! | `pdgate_audit_write_failures_total` | `pdgate.audit.write_failures` | records whose write failed (their calls denied) |
 //! | `pdgate_audit_refused_total` | `pdgate.audit.refused` | records refused because the queue was full (their calls denied) |
+//! | `pdgate_response_fields_cleared_total` | `pdgate.response.fields_cleared` | response fields cleared because their category was minimized |
+//! | `pdgate_response_fields_unknown_total` | `pdgate.response.fields_unknown` | response fields dropped because the service's descriptors do not know them (a newer service version?) |
 //!
 //! The OTLP names follow OpenTelemetry's conventions; a collector that exports to Prometheus
 //! turns them into exactly the names of the first column.
@@ -62,6 +64,8 @@ pub struct Metrics {
     latency: LatencyHistogram,
     reloads: AtomicU64,
     reload_failures: AtomicU64,
+    fields_cleared: AtomicU64,
+    fields_unknown: AtomicU64,
     cache: Arc<CacheStats>,
     shadow: Arc<ShadowStats>,
     audit: AuditLog,
@@ -94,6 +98,8 @@ impl Metrics {
             },
             reloads: AtomicU64::new(0),
             reload_failures: AtomicU64::new(0),
+            fields_cleared: AtomicU64::new(0),
+            fields_unknown: AtomicU64::new(0),
             cache,
             shadow: Arc::default(),
             audit,
@@ -172,6 +178,19 @@ impl Metrics {
     /// Counts a policy reload that was swapped in (`gate::manager`).
     pub fn record_reload(&self) {
         self.reloads.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Counts what minimizing a response message did: fields cleared for their category, and
+    /// fields the descriptors do not know, dropped.
+    pub fn record_minimized(&self, cleared: u32, unknown: u32) {
+        if cleared > 0 {
+            self.fields_cleared
+                .fetch_add(u64::from(cleared), Ordering::Relaxed);
+        }
+        if unknown > 0 {
+            self.fields_unknown
+                .fetch_add(u64::from(unknown), Ordering::Relaxed);
+        }
     }
 
     /// Counts a policy reload that was rejected (the last good policy stays).
@@ -277,7 +296,7 @@ impl Metrics {
     }
 
     /// The unlabelled series: (Prometheus name, type, help, value).
-    fn scalars(&self) -> [(&'static str, &'static str, &'static str, u64); 8] {
+    fn scalars(&self) -> [(&'static str, &'static str, &'static str, u64); 10] {
         let audit = self.audit.stats();
         [
             (
@@ -327,6 +346,18 @@ impl Metrics {
                 "counter",
                 "Audit records refused because the writer's queue was full; their calls were denied (AUDIT_UNAVAILABLE).",
                 audit.refused_full.load(Ordering::Relaxed),
+            ),
+            (
+                "pdgate_response_fields_cleared_total",
+                "counter",
+                "Response fields cleared because the decision minimized their category.",
+                self.fields_cleared.load(Ordering::Relaxed),
+            ),
+            (
+                "pdgate_response_fields_unknown_total",
+                "counter",
+                "Response fields dropped because the service's descriptors do not know them.",
+                self.fields_unknown.load(Ordering::Relaxed),
             ),
         ]
     }
@@ -420,6 +451,8 @@ pub fn register(metrics: &Arc<Metrics>, meter: &Meter) -> Histogram<f64> {
         "pdgate.audit.records_written",
         "pdgate.audit.write_failures",
         "pdgate.audit.refused",
+        "pdgate.response.fields_cleared",
+        "pdgate.response.fields_unknown",
     ];
     for (index, ((_, kind, help, _), name)) in
         metrics.scalars().into_iter().zip(otlp_names).enumerate()

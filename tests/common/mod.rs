@@ -500,3 +500,16 @@ fn walk(dir: &Path) -> Vec<PathBuf> {
     }
     all
 }
+
+/// `GET /metrics` of the harness's API port, over HTTP/1: the whole response.
+pub async fn scrape(h: &Harness) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(h.api_addr).await.unwrap();
+    stream
+        .write_all(b"GET /metrics HTTP/1.1\r\nHost: pdgate\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let mut text = String::new();
+    stream.read_to_string(&mut text).await.unwrap();
+    text
+}
