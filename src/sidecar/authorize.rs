@@ -100,8 +100,11 @@ where
             };
             let certs = peer_certificates(&request);
             let policy = gate.policy();
-            let path: Arc<str> = Arc::from(request.uri().path());
-            let inspection = policy.inspection(&path);
+            // The URI's own handle (a reference count), so that the path can be read while the
+            // body is.
+            let uri = request.uri().clone();
+            let path = uri.path();
+            let inspection = policy.inspection(path);
             // A route that reads its subjects: the first message, before anything is decided
             // (and before anything reaches the upstream).
             let mut first = None;
@@ -134,11 +137,11 @@ where
             }
             let ask = match unreadable {
                 Some(error) => Ask::Unreadable {
-                    path: Some(&path),
+                    path: Some(path),
                     error,
                 },
                 None => Ask::Method {
-                    path: &path,
+                    path,
                     metadata: request.headers(),
                     message_subjects: first.as_ref().map(|(_, _, subjects)| subjects.clone()),
                 },
@@ -171,7 +174,7 @@ where
                 let call = StreamCall {
                     gate: gate.clone(),
                     policy,
-                    path: path.clone(),
+                    path: Arc::from(path),
                     metadata,
                     certs: certs.clone(),
                     subject_path,
