@@ -500,10 +500,10 @@ fn the_policy_configmap_holds_the_repositorys_policy() {
     let policy = &built.config_maps["pdgate-policy"];
     let repo_policy = repo().join("policy");
     let items = policy_items(&built);
-    // Every file pdgate reads from a policy directory, the service's descriptors included
-    // (its tests/ are for `policy test`).
+    // Every file pdgate reads from a policy directory: the service's descriptors, and the
+    // policy's tests (run at start: a policy without them is refused).
     let mut files: BTreeSet<String> = BTreeSet::new();
-    for dir in ["", "descriptors"] {
+    for dir in ["", "descriptors", "tests"] {
         for entry in std::fs::read_dir(repo_policy.join(dir)).unwrap() {
             let path = entry.unwrap().path();
             if path.is_file() {
@@ -567,6 +567,13 @@ async fn pdgate_accepts_the_mounted_config_and_policy() {
         snapshot.route_count() > 0,
         "the ConfigMap carries routes.yaml"
     );
+    // As `serve` loads it at start: the bundle with its tests, which must pass (a policy
+    // without tests, or failing them, starts deny-all and NOT_SERVING).
+    let bundle = pdgate::gate::Bundle::read_dir(&policy_dir, None).unwrap();
+    let checked = pdgate::gate::bundle::check(&bundle)
+        .await
+        .unwrap_or_else(|e| panic!("the mounted policy is refused at start: {e}"));
+    assert!(checked.cases > 0, "the mounted policy carries its tests");
 }
 
 /// (cert, key, CA) as PEM: a CA and a server certificate it signed.
