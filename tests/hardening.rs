@@ -435,3 +435,90 @@ async fn billing_name_read(h: &Harness) -> String {
         None => String::new(),
     }
 }
+
+#[tokio::test]
+async fn a_push_cannot_lower_the_secrecy_floor_and_marketing_never_reads_call_history() {
+    // #14 finding 4: drop `marketing` from the never-purposes, list it where communications
+    // data is allowed, and grant it call history — with the tests kept, so that only the
+    // floor stands in the way.
+    let dir = common::policy_copy();
+    let h = Harness::with(watching(dir.path())).await;
+    let running = active(&h).unwrap();
+    let mut admin = common::policy_admin(&h, "security-team").await;
+    let mut bundle = pdgate::gate::Bundle::read_dir(dir.path(), None).unwrap();
+    let taxonomy = bundle.source.taxonomy.clone();
+    bundle.source.taxonomy = taxonomy
+        .replace(
+            r#"never_purposes = ["marketing", "research", "joint_use", "third_party"]"#,
+            r#"never_purposes = ["research", "joint_use", "third_party"]"#,
+        )
+        .replace(
+            r#"purposes = ["service.provision", "service.billing","#,
+            r#"purposes = ["marketing", "service.provision", "service.billing","#,
+        );
+    assert_ne!(bundle.source.taxonomy, taxonomy, "the edit applies");
+    bundle
+        .source
+        .policy
+        .push_str("\np, role:marketing, marketing, communications.call_history, read, allow\n");
+    let refused = admin
+        .apply(pdgate::proto::v1::ApplyRequest {
+            bundle: Some(bundle.into()),
+            comment: "marketing reads call history".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), Code::FailedPrecondition, "{refused:?}");
+    assert_eq!(common::reason(&refused), "POLICY_INVALID");
+    assert_eq!(active(&h), Some(running));
+    // Marketing still never reads call history.
+    let status = h
+        .client()
+        .await
+        .get_call_history(call(
+            pdgate::proto::demo::GetCallHistoryRequest {
+                customer_id: "cust-2".into(),
+            },
+            "marketing-service",
+            "marketing",
+            &[],
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::PermissionDenied);
+    assert_eq!(h.service.calls(), 0);
+}
+
+#[tokio::test]
+async fn the_secrecy_floor_names_every_widening_with_its_line() {
+    let dir = common::policy_copy();
+    let path = dir.path().join("taxonomy.toml");
+    let text = std::fs::read_to_string(&path).unwrap();
+    let widened = text
+        .replace(
+            r#"never_recipients = ["joint_user", "third_party"]"#,
+            r#"never_recipients = ["third_party"]"#,
+        )
+        .replace(
+            r#"purposes = ["service.provision", "service.billing","#,
+            r#"purposes = ["inquiry", "service.provision", "service.billing","#,
+        );
+    assert_ne!(widened, text);
+    std::fs::write(&path, widened).unwrap();
+    let Err(problems) = pdgate::policy::load_dir(dir.path()).await else {
+        panic!("a taxonomy that widens the §5 floor was accepted");
+    };
+    let problems = problems.0;
+    let floor: Vec<_> = problems
+        .iter()
+        .filter(|p| p.message.contains("§5 floor"))
+        .collect();
+    assert_eq!(floor.len(), 2, "{problems:?}");
+    assert!(
+        floor
+            .iter()
+            .all(|p| p.file == "taxonomy.toml" && p.line.is_some())
+    );
+    assert!(floor.iter().any(|p| p.message.contains("`inquiry`")));
+    assert!(floor.iter().any(|p| p.message.contains("joint_user")));
+}

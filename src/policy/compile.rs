@@ -138,6 +138,19 @@ fn build(
             .any(|a| tree.ancestors[node as usize].contains(a))
     };
 
+    check_secrecy_floor(
+        &ctx,
+        &tax.secrecy,
+        SecrecyTrees {
+            purposes: &purpose_tree,
+            categories: &category_tree,
+            allowed: &sec_purposes,
+            never: &sec_never,
+            secret: &sec_categories,
+        },
+        &mut problems_here,
+    );
+
     // Purpose facts, inherited down the tree.
     let purpose_info: Vec<PurposeInfo> = tax
         .purposes
@@ -427,6 +440,114 @@ fn build(
         source,
         rows,
     })
+}
+
+/// The §5 floor, built into pdgate whatever a bundle's taxonomy says (DESIGN §2): communications
+/// data only for these purposes (and their children) without the subject's separate consent;
+/// never for these; never to joint users or third parties. A taxonomy may narrow it, never
+/// widen it: a `[secrecy]` section that would is refused, so that one push cannot hand call
+/// history to marketing.
+pub const SECRECY_FLOOR_ALLOWED: [&str; 6] = [
+    "service.provision",
+    "service.billing",
+    "service.support",
+    "fraud",
+    "subject_request.disclosure",
+    "subject_request.deletion",
+];
+/// See [`SECRECY_FLOOR_ALLOWED`].
+pub const SECRECY_FLOOR_NEVER: [&str; 4] = ["marketing", "research", "joint_use", "third_party"];
+/// The category whose subtree is communications data, when the taxonomy defines it.
+pub const SECRECY_FLOOR_CATEGORY: &str = "communications";
+
+/// The resolved `[secrecy]` sets, and the trees they are in.
+struct SecrecyTrees<'a> {
+    purposes: &'a TreeShape,
+    categories: &'a TreeShape,
+    allowed: &'a [NodeId],
+    never: &'a [NodeId],
+    secret: &'a [NodeId],
+}
+
+/// Refuses a `[secrecy]` section that is wider than the floor: a purpose allowed
+/// communications data outside [`SECRECY_FLOOR_ALLOWED`], a floor never-purpose the taxonomy
+/// defines but does not list in `never_purposes`, a recipient kind missing from
+/// `never_recipients` (when the taxonomy has communications data at all), or `communications`
+/// not secret.
+fn check_secrecy_floor(
+    ctx: &Ctx<'_>,
+    secrecy: &super::taxonomy::SecrecyLimit,
+    trees: SecrecyTrees<'_>,
+    problems: &mut Vec<Problem>,
+) {
+    let within = |tree: &TreeShape, node: NodeId, outer: NodeId| {
+        tree.ancestors[node as usize].contains(&outer)
+    };
+    let floor_ids = |names: &[&str], tree: &TreeShape| -> Vec<NodeId> {
+        names
+            .iter()
+            .filter_map(|n| tree.index.get(*n).copied())
+            .collect()
+    };
+    let section_line = line_of(ctx.tax_text, ctx.tax_text.find("[secrecy]").unwrap_or(0));
+    let floor = "pdgate's §5 floor (DESIGN §2) holds whatever the policy says; a policy may narrow it, never widen it";
+    let allowed = floor_ids(&SECRECY_FLOOR_ALLOWED, trees.purposes);
+    for (name, node) in secrecy.purposes.iter().zip(trees.allowed) {
+        if !allowed.iter().any(|a| within(trees.purposes, *node, *a)) {
+            problems.push(Problem::at(
+                TAXONOMY_FILE,
+                ctx.line(name),
+                format!(
+                    "`[secrecy] purposes` lists `{}`, which may not have communications data without the subject's separate consent: only {} may ({floor})",
+                    name.get_ref(),
+                    SECRECY_FLOOR_ALLOWED.map(|p| format!("`{p}`")).join(", ")
+                ),
+            ));
+        }
+    }
+    for (floor_name, node) in SECRECY_FLOOR_NEVER
+        .iter()
+        .filter_map(|n| trees.purposes.index.get(*n).map(|id| (*n, *id)))
+    {
+        if !trees.never.iter().any(|n| within(trees.purposes, node, *n)) {
+            problems.push(Problem::at(
+                TAXONOMY_FILE,
+                section_line,
+                format!(
+                    "`[secrecy] never_purposes` must cover `{floor_name}`: it never gets communications data ({floor})"
+                ),
+            ));
+        }
+    }
+    // Only a taxonomy that has communications data has anything to keep from recipients.
+    let has_comms =
+        !trees.secret.is_empty() || trees.categories.index.contains_key(SECRECY_FLOOR_CATEGORY);
+    for kind in [CallerKind::JointUser, CallerKind::ThirdParty] {
+        if has_comms && !secrecy.never_recipients.contains(&kind) {
+            problems.push(Problem::at(
+                TAXONOMY_FILE,
+                section_line,
+                format!(
+                    "`[secrecy] never_recipients` must list `{}`: communications data is never provided to one ({floor})",
+                    kind.as_str()
+                ),
+            ));
+        }
+    }
+    if let Some(&comms) = trees.categories.index.get(SECRECY_FLOOR_CATEGORY)
+        && !trees
+            .secret
+            .iter()
+            .any(|s| within(trees.categories, comms, *s))
+    {
+        problems.push(Problem::at(
+            TAXONOMY_FILE,
+            section_line,
+            format!(
+                "`[secrecy] categories` must cover `{SECRECY_FLOOR_CATEGORY}`: it is communications data ({floor})"
+            ),
+        ));
+    }
 }
 
 /// Refuses an allow row that would hand communications data to a purpose or a recipient that
