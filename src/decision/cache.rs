@@ -90,12 +90,6 @@ enum Part {
     Denied(Vec<super::Reason>),
 }
 
-impl Pending<'_> {
-    pub fn decision_id(&self) -> DecisionId {
-        self.id
-    }
-}
-
 impl Decider {
     pub fn new(settings: CacheSettings) -> Self {
         Self {

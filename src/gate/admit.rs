@@ -468,11 +468,6 @@ impl Admission {
         }
     }
 
-    /// The call's span, to mark what the door answers.
-    pub fn span_mut(&mut self) -> Option<&mut CallSpan> {
-        self.span.as_mut()
-    }
-
     /// The call's span, for the door to end when the call ends (a stream's last message).
     pub fn take_span(&mut self) -> Option<CallSpan> {
         self.span.take()
