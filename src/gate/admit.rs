@@ -169,9 +169,9 @@ impl Gate {
             }
         };
         let mut decision = self.finish(&pending, &request).await;
-        if decision.allowed && door == Door::Envoy && !decision.minimized.is_empty() {
-            // Envoy forwards the response as the service sends it: a call that needs fields
-            // cleared cannot go that way.
+        if decision.allowed && !door.clears_response_fields() && !decision.minimized.is_empty() {
+            // This door forwards the response as the service sends it: a call that needs
+            // fields cleared cannot go that way.
             decision.allowed = false;
             decision.reasons = vec![Reason::new(
                 ReasonCode::MessageInspectionRequired,
@@ -405,6 +405,12 @@ impl Door {
             Self::Check => "pdgate.v1.AccessControl/Check",
             Self::BatchCheck => "pdgate.v1.AccessControl/BatchCheck",
         }
+    }
+
+    /// Whether the call's response passes through pdgate, which can clear fields of it
+    /// (Envoy forwards it itself; a Check's caller is told what to leave out).
+    fn clears_response_fields(self) -> bool {
+        !matches!(self, Self::Envoy)
     }
 
     fn record_kind(self) -> RecordKind {

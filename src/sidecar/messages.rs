@@ -7,7 +7,7 @@
 //! reaches the other side.
 
 use crate::gate::{Admission, Ask, Call, Door, Gate, Peer, Policy};
-use crate::message::frames::{FrameError, Frames, frame, framed};
+use crate::message::frames::{FrameError, Frames, frame};
 use crate::message::{self, CategorySet, SubjectPath, wire::WireError};
 use crate::policy::inspect::Inspection;
 use crate::telemetry::metrics::Metrics;
@@ -337,8 +337,10 @@ impl http_body::Body for MinimizedResponse {
                 }
                 Ok(Some((compressed, message))) => {
                     let Some(plans) = this.inspection.response.as_ref() else {
-                        // Nothing to clear on this route: read only for the verdict.
-                        return Poll::Ready(Some(Ok(Frame::data(framed(compressed, &message)))));
+                        // Unreachable: without plans, data passes below without being framed.
+                        return this.end_with(&Status::internal(
+                            "pdgate buffered a response it has no plan for",
+                        ));
                     };
                     if compressed {
                         return this.end_with(&Status::internal(
@@ -375,6 +377,12 @@ impl http_body::Body for MinimizedResponse {
                 }
                 Some(Err(e)) => return Poll::Ready(Some(Err(e))),
                 Some(Ok(frame)) => match frame.into_data() {
+                    // Nothing to clear on this route (read only for a refusal of a later
+                    // request message): the bytes pass as they came, neither buffered nor
+                    // held to the inspection limit.
+                    Ok(data) if this.inspection.response.is_none() => {
+                        return Poll::Ready(Some(Ok(Frame::data(data))));
+                    }
                     Ok(data) => this.frames.push(&data),
                     Err(frame) => {
                         // Trailers: the upstream's status, unless a refusal came first.
