@@ -119,10 +119,21 @@ async fn the_demo_walkthroughs_decision_ids_run_without_gaps() {
     .unwrap();
     h.shutdown().await.unwrap();
     let records = h.audit_records();
+    // An export's records are decided one by one, each with its own record.
+    let streamed_records = records
+        .iter()
+        .filter(|r| {
+            r.body
+                .detail
+                .as_deref()
+                .is_some_and(|d| d.starts_with("a record of the response"))
+        })
+        .count();
+    assert!(streamed_records > 0, "{report}");
     assert_eq!(
         records.len(),
-        summary.allowed + summary.denied + 2,
-        "one record per walkthrough call, the malformed call and the Check\n{report}"
+        summary.allowed + summary.denied + streamed_records + 2,
+        "one record per walkthrough call and streamed record, the malformed call and the Check\n{report}"
     );
     assert_ids_without_gaps(&records);
 }

@@ -14,7 +14,7 @@
 mod common;
 
 use common::{Harness, call, reason};
-use pdgate::proto::demo::{ContactUpdate, GetProfileRequest};
+use pdgate::proto::demo::{ContactUpdate, ExportRequest, GetProfileRequest};
 use std::path::Path;
 use tonic::Code;
 
@@ -305,6 +305,177 @@ async fn the_envoy_door_cannot_decide_a_route_that_reads_its_message() {
     assert_eq!(
         records[0].body.reasons[0].code,
         "MESSAGE_INSPECTION_REQUIRED"
+    );
+}
+
+/// The customers of an interconnection export that reach `caller`, as the metadata names
+/// them (`subjects`), and the answer's decision record.
+async fn export(
+    h: &Harness,
+    caller: &str,
+    subjects: &[&str],
+) -> (Vec<String>, pdgate::audit::AuditRecord) {
+    let mut client = h.client().await;
+    let response = client
+        .export_for_interconnect(call(
+            ExportRequest {
+                recipient: caller.into(),
+                delay_ms: 0,
+            },
+            caller,
+            "third_party.interconnect",
+            subjects,
+        ))
+        .await
+        .unwrap();
+    let record = record_of(h, response.metadata());
+    let mut stream = response.into_inner();
+    let mut customers = Vec::new();
+    while let Some(r) = stream.message().await.unwrap() {
+        customers.push(r.customer_id);
+    }
+    (customers, record)
+}
+
+/// The audit records of the records of the response to decision `call`.
+fn records_of(h: &Harness, call: &str) -> Vec<pdgate::audit::AuditRecord> {
+    h.audit_records()
+        .into_iter()
+        .filter(|r| {
+            r.body
+                .detail
+                .as_deref()
+                .is_some_and(|d| d.ends_with(&format!("decision {call}")))
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn an_export_leaves_out_the_record_of_a_customer_who_stopped_provision() {
+    // §3, §7: cust-4 asked to stop the provision of her data to third parties. The export
+    // names her; the service streams her record; pdgate decides each record for the customer
+    // it is about, and hers never reaches NTT East.
+    let h = Harness::start().await;
+    let (customers, call_record) = export(&h, "ntt-east", &["cust-1", "cust-4"]).await;
+    assert_eq!(customers, ["cust-1"]);
+    assert_eq!(h.service.calls(), 1, "the export itself is allowed");
+    // The call is decided without subjects; each record for its own.
+    assert_eq!(call_record.body.decision, "allow");
+    assert!(call_record.body.subjects.is_empty(), "{call_record:?}");
+    let records = records_of(&h, &call_record.body.decision_id);
+    let by_subject = |s: &str| {
+        records
+            .iter()
+            .find(|r| r.body.subjects == [s])
+            .unwrap_or_else(|| panic!("no record decision about {s}: {records:?}"))
+    };
+    assert_eq!(records.len(), 2, "{records:?}");
+    assert_eq!(by_subject("cust-1").body.decision, "allow");
+    let dropped = by_subject("cust-4");
+    assert_eq!(dropped.body.decision, "deny");
+    assert_eq!(dropped.body.reasons[0].code, "PROVISION_SUSPENDED");
+    assert_eq!(
+        dropped.body.method.as_deref(),
+        Some("/demo.customer.v1.CustomerData/ExportForInterconnect")
+    );
+}
+
+#[tokio::test]
+async fn an_export_of_every_customer_leaves_out_each_one_the_purpose_may_not_reach() {
+    // Naming no one, the service exports every customer: cust-3 stopped all use, cust-4
+    // third-party provision. The header does not decide who is in the export; the records do.
+    let h = Harness::start().await;
+    let (customers, call_record) = export(&h, "ntt-west", &[]).await;
+    assert_eq!(customers, ["cust-1", "cust-2"]);
+    let records = records_of(&h, &call_record.body.decision_id);
+    let denied: Vec<(&str, &str)> = records
+        .iter()
+        .filter(|r| r.body.decision == "deny")
+        .map(|r| (r.body.subjects[0].as_str(), r.body.reasons[0].code.as_str()))
+        .collect();
+    assert_eq!(
+        denied,
+        [
+            ("cust-3", "USE_SUSPENDED"),
+            ("cust-4", "PROVISION_SUSPENDED")
+        ]
+    );
+}
+
+#[tokio::test]
+async fn the_envoy_door_refuses_an_export_whose_records_it_cannot_drop() {
+    use envoy_types::ext_authz::v3::pb::CheckRequest;
+    use envoy_types::pb::envoy::service::auth::v3::AttributeContext;
+    use envoy_types::pb::envoy::service::auth::v3::attribute_context::{HttpRequest, Request};
+    use envoy_types::pb::envoy::service::auth::v3::authorization_client::AuthorizationClient;
+    let h = Harness::start().await;
+    let mut envoy = AuthorizationClient::new(h.channel(h.api_addr).await);
+    let headers = [
+        ("x-caller", "ntt-east"),
+        ("x-purpose", "third_party.interconnect"),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_owned(), v.to_owned()))
+    .collect();
+    let answer = envoy
+        .check(CheckRequest {
+            attributes: Some(AttributeContext {
+                request: Some(Request {
+                    http: Some(HttpRequest {
+                        method: "POST".into(),
+                        path: "/demo.customer.v1.CustomerData/ExportForInterconnect".into(),
+                        headers,
+                        ..HttpRequest::default()
+                    }),
+                    ..Request::default()
+                }),
+                ..AttributeContext::default()
+            }),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(answer.status.unwrap().code, 7);
+    let records = h.audit_records();
+    assert_eq!(records.len(), 1);
+    assert_eq!(
+        records[0].body.reasons[0].code,
+        "MESSAGE_INSPECTION_REQUIRED"
+    );
+}
+
+#[tokio::test]
+async fn validation_refuses_records_on_a_method_that_streams_none() {
+    let problems = validate_with(
+        |t| {
+            t.replacen(
+                "    subjects: customer_id
+",
+                "    subjects: customer_id
+    records: customer_id
+",
+                1,
+            )
+        },
+        true,
+    )
+    .await;
+    assert_eq!(problems.len(), 1, "{problems:?}");
+    assert_eq!(problems[0].line, Some(line_of("CustomerData/GetProfile:")));
+    assert!(
+        problems[0].message.contains("server-streaming"),
+        "{}",
+        problems[0].message
+    );
+    let problems = validate_with(
+        |t| t.replacen("records: customer_id", "records: customer", 1),
+        true,
+    )
+    .await;
+    assert_eq!(problems.len(), 1, "{problems:?}");
+    assert_eq!(
+        problems[0].line,
+        Some(line_of("CustomerData/ExportForInterconnect:"))
     );
 }
 

@@ -79,6 +79,24 @@ pub struct Pending<'s> {
     snapshot: Option<&'s Snapshot>,
     part: Part,
     id: DecisionId,
+    /// The call's subjects are decided one by one, per record of its response
+    /// ([`Pending::per_record`]): stage 5 does not run for the call itself.
+    per_record: bool,
+}
+
+impl Pending<'_> {
+    /// Leaves stage 5 to the records of the call's response: an export names no subject up
+    /// front, and each record it streams is decided for its own subject before it is
+    /// delivered (`policy::inspect::Inspection::records`).
+    #[must_use]
+    pub fn per_record(mut self) -> Self {
+        self.per_record = true;
+        self
+    }
+
+    pub fn is_per_record(&self) -> bool {
+        self.per_record
+    }
 }
 
 enum Part {
@@ -176,6 +194,7 @@ impl Decider {
                 snapshot,
                 part: Part::Denied(Vec::new()),
                 id,
+                per_record: false,
             };
         };
         let resolved = engine::resolve(snapshot, request).and_then(|key| {
@@ -205,6 +224,7 @@ impl Decider {
             snapshot: Some(snapshot),
             part,
             id,
+            per_record: false,
         }
     }
 
@@ -215,6 +235,7 @@ impl Decider {
             snapshot,
             part: Part::Denied(vec![reason]),
             id: self.ids.next(),
+            per_record: false,
         }
     }
 
@@ -229,6 +250,7 @@ impl Decider {
     ) -> Decision {
         let mut decision = match (pending.snapshot, &pending.part) {
             (Some(snapshot), Part::Evaluated(outcome, hit, minimized)) => {
+                let subjects = (!pending.per_record).then_some(subjects);
                 let mut decision =
                     engine::finish(snapshot, outcome, request, subjects, pending.id, *hit);
                 if decision.allowed {
@@ -248,6 +270,7 @@ impl Decider {
         };
         let shadow = self.shadow.load();
         if let (Some(shadow), Part::Evaluated(..)) = (shadow.as_deref(), &pending.part) {
+            let subjects = (!pending.per_record).then_some(subjects);
             self.compare_with_shadow(shadow, request, subjects, &mut decision);
         }
         decision
@@ -277,7 +300,7 @@ impl Decider {
         &self,
         shadow: &Shadow,
         request: &Request,
-        subjects: &dyn SubjectStates,
+        subjects: Option<&dyn SubjectStates>,
         decision: &mut Decision,
     ) {
         let snapshot = &shadow.snapshot;

@@ -77,7 +77,7 @@ pub fn decide_fresh(
         Err(reasons) => return denied_early(snapshot, reasons, id),
     };
     let outcome = evaluate(snapshot, &key);
-    let mut decision = finish(snapshot, &outcome, request, subjects, id, false);
+    let mut decision = finish(snapshot, &outcome, request, Some(subjects), id, false);
     if decision.allowed {
         decision.minimized =
             super::minimize::minimized(snapshot, &key, &outcome, &minimizable, |k| {
@@ -483,12 +483,13 @@ fn recipient_mismatch(
     }
 }
 
-/// Stage 5 on top of a (possibly cached) outcome: reads each subject's state.
+/// Stage 5 on top of a (possibly cached) outcome: reads each subject's state. Without
+/// `subjects`, stage 5 is left to the records of the response, each decided on its own.
 pub fn finish(
     snapshot: &Snapshot,
     outcome: &Outcome,
     request: &Request,
-    subjects: &dyn SubjectStates,
+    subjects: Option<&dyn SubjectStates>,
     id: DecisionId,
     cache_hit: bool,
 ) -> Decision {
@@ -506,7 +507,7 @@ pub fn finish(
         return decision;
     }
     let req = &outcome.requirements;
-    if req.subject_dependent() {
+    if let (true, Some(subjects)) = (req.subject_dependent(), subjects) {
         decision.reasons = subject_reasons(req, &request.subjects, subjects);
     }
     decision.allowed = decision.reasons.is_empty();
@@ -709,7 +710,7 @@ pub fn explain(
         Err(reasons) => (denied_early(snapshot, reasons, id), Stage::WellFormed),
         Ok(key) => {
             let outcome = evaluate(snapshot, &key);
-            let decision = finish(snapshot, &outcome, request, subjects, id, false);
+            let decision = finish(snapshot, &outcome, request, Some(subjects), id, false);
             if outcome.reasons.is_empty() {
                 (decision, Stage::SubjectState)
             } else {

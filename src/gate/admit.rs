@@ -69,6 +69,23 @@ pub enum Ask<'a> {
     },
     /// `AccessControl.Check`: the request names what it asks.
     Check(Request),
+    /// One record of a response stream on a route that decides records one by one
+    /// (`records` in routes.yaml): the call's own decision was `of`, this one is about the
+    /// `subjects` the record names. A deny drops the record; the stream goes on.
+    Record {
+        path: &'a str,
+        metadata: &'a HeaderMap,
+        subjects: Vec<String>,
+        of: DecisionId,
+    },
+}
+
+/// Whose data a call to a route is about, as the door read it.
+enum Found {
+    /// The request message's subjects (`None`: the route reads none, or the door could not).
+    Request(Option<Vec<String>>),
+    /// A response record's.
+    Record(Vec<String>),
 }
 
 /// A call, as a door hands it to [`Gate::admit`].
@@ -137,7 +154,7 @@ impl Gate {
         } = call;
         let snapshot = policy.snapshot();
         let method = match &ask {
-            Ask::Method { path, .. } => Some(*path),
+            Ask::Method { path, .. } | Ask::Record { path, .. } => Some(*path),
             Ask::Unreadable { path, .. } => *path,
             Ask::Check(_) => None,
         };
@@ -146,6 +163,7 @@ impl Gate {
 
         let mut malformed = None;
         let mut timeout = None;
+        let mut detail = None;
         let (pending, request) = match ask {
             Ask::Method {
                 path,
@@ -154,7 +172,32 @@ impl Gate {
             } => match metadata::extract(metadata, authenticated.as_deref()) {
                 Ok(context) => {
                     timeout = context.timeout;
-                    self.route(snapshot, path, context, message_subjects)
+                    let routed = self.route(
+                        snapshot,
+                        path,
+                        context,
+                        Found::Request(message_subjects),
+                        door,
+                    );
+                    if routed.0.is_per_record() {
+                        detail = Some(
+                            "the call's subjects are decided one by one, per record of its response"
+                                .to_owned(),
+                        );
+                    }
+                    routed
+                }
+                Err(error) => self.unreadable(snapshot, authenticated, error, &mut malformed),
+            },
+            Ask::Record {
+                path,
+                metadata,
+                subjects,
+                of,
+            } => match metadata::extract(metadata, authenticated.as_deref()) {
+                Ok(context) => {
+                    detail = Some(format!("a record of the response to decision {of}"));
+                    self.route(snapshot, path, context, Found::Record(subjects), door)
                 }
                 Err(error) => self.unreadable(snapshot, authenticated, error, &mut malformed),
             },
@@ -186,7 +229,7 @@ impl Gate {
 
         let mut body = audit::body_of(&decision, &request, door.record_kind());
         body.method = method.map(str::to_owned);
-        body.detail = malformed.as_ref().map(ToString::to_string);
+        body.detail = malformed.as_ref().map(ToString::to_string).or(detail);
         // pdgate's own span when it makes one (same trace as the caller's), else the caller's
         // span as its traceparent names it.
         if let Some((trace_id, span_id)) = span
@@ -241,12 +284,18 @@ impl Gate {
     /// metadata, when given, must name exactly the same, else `SUBJECT_MISMATCH`; on a client
     /// stream it may name more, all decided). A method without a route is denied
     /// `ROUTE_UNKNOWN`.
+    ///
+    /// On a route that decides its response's records one by one (`records`), a call whose
+    /// request names no subject is decided without them (stage 5 waits for the records;
+    /// `x-data-subject` then only tells the service whom to export), and each record is
+    /// decided for the subjects it names ([`Found::Record`]).
     fn route<'s>(
         &self,
         snapshot: Option<&'s Snapshot>,
         path: &str,
         context: metadata::CallContext,
-        message_subjects: Option<Vec<String>>,
+        found: Found,
+        door: Door,
     ) -> (Pending<'s>, Request) {
         let mut request = Request {
             caller: context.caller,
@@ -273,6 +322,34 @@ impl Gate {
         route.action.as_str().clone_into(&mut request.action);
         request.categories.clone_from(&route.categories);
         request.minimizable.clone_from(&route.minimize);
+        let message_subjects = match found {
+            Found::Request(subjects) => subjects,
+            Found::Record(subjects) => {
+                request.subjects = subjects;
+                return (self.decider.begin(Some(snapshot), &request), request);
+            }
+        };
+        let per_record = route
+            .inspection
+            .as_ref()
+            .is_some_and(|i| i.records.is_some() && i.request_subjects.is_none());
+        if per_record {
+            if !door.clears_response_fields() {
+                let reason = Reason::new(
+                    ReasonCode::MessageInspectionRequired,
+                    "§6(5)",
+                    format!(
+                        "`{path}` streams records that are decided one by one, and this door cannot drop records from a response; send the call through pdgate's data plane"
+                    ),
+                );
+                return (self.decider.refuse(Some(snapshot), reason), request);
+            }
+            request.subjects.clear();
+            return (
+                self.decider.begin(Some(snapshot), &request).per_record(),
+                request,
+            );
+        }
         let reads_subjects = route
             .inspection
             .as_ref()

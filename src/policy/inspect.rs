@@ -44,6 +44,10 @@ pub struct Inspection {
     pub response: Option<Plans>,
     /// The route's `minimize` categories; bit `i` of a [`CategorySet`] is `minimizable[i]`.
     pub minimizable: Vec<String>,
+    /// Where each message of a server stream names the subject it is about (`records`):
+    /// each is decided for that subject, and dropped when the decision is a deny. The call
+    /// itself is then decided without subjects (stages 1–4), unless its request names some.
+    pub records: Option<SubjectPath>,
 }
 
 impl Inspection {
@@ -75,7 +79,8 @@ pub(crate) fn inspect_routes(
         let method = pool.as_ref().and_then(|p| find_method(p, path));
         let wants = matches!(route.subjects, SubjectSource::Message(_))
             || !route.minimize.is_empty()
-            || !route.fields.is_empty();
+            || !route.fields.is_empty()
+            || route.records.is_some();
         let (Some(method), Some(options)) = (method, options.as_ref()) else {
             if wants {
                 problems.push(at(match &pool {
@@ -85,6 +90,7 @@ pub(crate) fn inspect_routes(
                     Some(_) => format!(
                         "route `{path}`: no such method in `{DESCRIPTORS_DIR}/` (the service and method must be defined there)"
                     ),
+
                 }));
             } else {
                 warn_trusts_metadata(path, route, categories, warnings);
@@ -101,7 +107,8 @@ pub(crate) fn inspect_routes(
         }
         let before = problems.len();
         let request_subjects = request_subjects(path, route, &method, options, problems);
-        if request_subjects.is_none() {
+        let records = records(path, route, &method, problems);
+        if request_subjects.is_none() && records.is_none() {
             warn_trusts_metadata(path, route, categories, warnings);
         }
         let response = (!route.minimize.is_empty()).then(|| {
@@ -118,7 +125,9 @@ pub(crate) fn inspect_routes(
             }
             .plan(&method.output())
         });
-        if problems.len() > before || (request_subjects.is_none() && response.is_none()) {
+        if problems.len() > before
+            || (request_subjects.is_none() && response.is_none() && records.is_none())
+        {
             continue;
         }
         route.inspection = Some(Arc::new(Inspection {
@@ -128,6 +137,7 @@ pub(crate) fn inspect_routes(
             request_subjects,
             response,
             minimizable: route.minimize.clone(),
+            records,
         }));
     }
 }
@@ -307,7 +317,7 @@ fn request_subjects(
     let at = |message: String| Problem::at(ROUTES_FILE, route.line, message);
     match &route.subjects {
         SubjectSource::Message(field_path) => {
-            let resolved = match resolve(&input, field_path) {
+            let resolved = match resolve_ids(&input, field_path) {
                 Ok(fields) => fields,
                 Err(e) => {
                     problems.push(at(format!("route `{path}`: `subjects: {field_path}`: {e}")));
@@ -315,13 +325,6 @@ fn request_subjects(
                 }
             };
             let last = resolved.last()?;
-            if last.kind() != Kind::String {
-                problems.push(at(format!(
-                    "route `{path}`: `subjects: {field_path}` is a {:?} field; subject ids are strings",
-                    last.kind()
-                )));
-                return None;
-            }
             if !annotated.is_empty() && !annotated.iter().any(|f| resolved.len() == 1 && f == last)
             {
                 problems.push(at(format!(
@@ -354,6 +357,45 @@ fn request_subjects(
                 None
             }
         },
+    }
+}
+
+/// Where each message of a server stream names its subject (`records: <response field>`).
+fn records(
+    path: &str,
+    route: &Route,
+    method: &MethodDescriptor,
+    problems: &mut Vec<Problem>,
+) -> Option<SubjectPath> {
+    let field_path = route.records.as_deref()?;
+    let at = |message: String| Problem::at(ROUTES_FILE, route.line, message);
+    if !method.is_server_streaming() {
+        problems.push(at(format!(
+            "route `{path}`: `records: {field_path}` needs a server-streaming method (each streamed message is one record); `{}` answers with one message",
+            method.name()
+        )));
+        return None;
+    }
+    match resolve_ids(&method.output(), field_path) {
+        Ok(fields) => Some(SubjectPath(
+            fields.iter().map(FieldDescriptor::number).collect(),
+        )),
+        Err(e) => {
+            problems.push(at(format!("route `{path}`: `records: {field_path}`: {e}")));
+            None
+        }
+    }
+}
+
+/// The fields along `path`, which must end in a string field: subject ids are strings.
+fn resolve_ids(message: &MessageDescriptor, path: &str) -> Result<Vec<FieldDescriptor>, String> {
+    let fields = resolve(message, path)?;
+    match fields.last() {
+        Some(last) if last.kind() != Kind::String => Err(format!(
+            "is a {:?} field; subject ids are strings",
+            last.kind()
+        )),
+        _ => Ok(fields),
     }
 }
 

@@ -10,6 +10,9 @@
 //!     subjects: customer_id                           # request field with the subject ids
 //!     fields: { email: customer.contact.email }       # response field -> category, where the
 //!                                                     # service's protos are not annotated
+//!   /demo.customer.v1.CustomerData/ExportForInterconnect:
+//!     records: customer_id                            # each streamed response message is a
+//!                                                     # record about this field's subject
 //! ```
 //!
 //! Reading messages (`subjects: <field>`, `minimize`, `fields`) needs the service's
@@ -42,6 +45,8 @@ struct RouteEntry {
     subjects: Option<String>,
     #[serde(default)]
     fields: BTreeMap<String, String>,
+    #[serde(default)]
+    records: Option<String>,
 }
 
 /// Where the data-subject ids of a call are found.
@@ -68,6 +73,10 @@ pub struct Route {
     pub subjects: SubjectSource,
     /// Response field paths and their categories, where the protos are not annotated.
     pub fields: BTreeMap<String, String>,
+    /// The response field naming the subject of each message of a server stream (an export
+    /// of many customers): each message is a record decided for its own subject, and dropped
+    /// when that subject's state does not allow it (`policy::inspect`).
+    pub records: Option<String>,
     /// Where the route stands in `routes.yaml`.
     pub line: usize,
     /// What pdgate reads and rewrites of the method's messages, when it reads them.
@@ -176,6 +185,14 @@ pub(crate) fn parse(
                 ok = false;
             }
         }
+        if entry.records.as_deref().is_some_and(str::is_empty) {
+            problems.push(Problem::at(
+                ROUTES_FILE,
+                line,
+                format!("route `{path}`: `records` names no field"),
+            ));
+            ok = false;
+        }
         let subjects = match entry.subjects.as_deref() {
             None => SubjectSource::Metadata { explicit: false },
             Some("metadata") => SubjectSource::Metadata { explicit: true },
@@ -190,6 +207,7 @@ pub(crate) fn parse(
                     minimize: entry.minimize,
                     subjects,
                     fields: entry.fields,
+                    records: entry.records,
                     line,
                     inspection: None,
                 },

@@ -4,8 +4,8 @@
 
 use super::deadline::Bounded;
 use super::messages::{
-    InspectedRequest, MessageError, MinimizedResponse, StreamCall, Verdict, first_message,
-    subjects_of,
+    InspectedRequest, InspectedResponse, MessageError, RecordCall, StreamCall, Verdict,
+    first_message, subjects_of,
 };
 use crate::gate::metadata::{MetadataError, SUBJECT};
 use crate::gate::{Ask, Call, Door, Gate, Peer};
@@ -173,7 +173,7 @@ where
                 metadata.remove(SUBJECT);
                 let call = StreamCall {
                     gate: gate.clone(),
-                    policy,
+                    policy: policy.clone(),
                     path: Arc::from(path),
                     metadata,
                     certs: certs.clone(),
@@ -185,8 +185,25 @@ where
                     Body::new(InspectedRequest::new(message, frames, body, call, verdict))
                 });
             }
+            // A route whose streamed records are decided one by one: what they are decided
+            // by, taken before the metadata is stamped for the upstream.
+            let records = inspection
+                .as_ref()
+                .and_then(|i| i.records.clone())
+                .map(|records| RecordCall {
+                    gate: gate.clone(),
+                    policy: policy.clone(),
+                    path: Arc::from(path),
+                    metadata: request.headers().clone(),
+                    certs: certs.clone(),
+                    records,
+                    call: admission.decision.decision_id,
+                });
             admission.stamp(request.headers_mut());
-            if inspection.as_ref().is_some_and(|i| i.response.is_some()) {
+            if inspection
+                .as_ref()
+                .is_some_and(|i| i.response.is_some() || i.records.is_some())
+            {
                 // A compressed response could not be read: ask for it uncompressed.
                 request.headers_mut().insert(
                     "grpc-accept-encoding",
@@ -226,19 +243,26 @@ where
                         .as_ref()
                         .map_or(0, |i| i.mask(&admission.decision.minimized));
                     Ok(response.map(|body| {
-                        // Read to clear fields, or to end a client stream's response with the
-                        // refusal of a later request message; otherwise passed untouched.
+                        // Read to clear fields or decide records, or to end a client stream's
+                        // response with the refusal of a later request message; otherwise
+                        // passed untouched.
                         let body = match inspection {
                             Some(inspection)
-                                if inspection.response.is_some() || inspection.client_streaming =>
+                                if inspection.response.is_some()
+                                    || inspection.client_streaming
+                                    || records.is_some() =>
                             {
-                                Body::new(MinimizedResponse::new(
+                                let inspected = InspectedResponse::new(
                                     body,
                                     inspection,
                                     clear,
                                     verdict,
                                     gate.telemetry().metrics().clone(),
-                                ))
+                                );
+                                Body::new(match records {
+                                    Some(records) => inspected.with_records(records),
+                                    None => inspected,
+                                })
                             }
                             _ => body,
                         };

@@ -1,11 +1,13 @@
 //! The data plane's reading of messages, for routes that read them (`policy::inspect`):
 //! gRPC's length-prefixed framing over HTTP/2 bodies, the request's subjects (every message
 //! of a stream, each new subject decided before its message goes on), and responses with the
-//! minimized categories' fields cleared (every message of a stream).
+//! minimized categories' fields cleared (every message of a stream), and streamed records
+//! decided one by one for the subject each names (`records`), dropped when denied.
 //!
 //! A message is handed on only whole and only once read: nothing of a message pdgate refuses
 //! reaches the other side.
 
+use crate::decision::DecisionId;
 use crate::gate::{Admission, Ask, Call, Door, Gate, Peer, Policy};
 use crate::message::frames::{FrameError, Frames, frame};
 use crate::message::{self, CategorySet, SubjectPath, wire::WireError};
@@ -273,20 +275,113 @@ pub fn message_status(e: &MessageError) -> Status {
     }
 }
 
-/// A response body with the fields of the minimized categories cleared from every message,
-/// and every field the descriptors do not know dropped; trailers pass. The call's
-/// [`Verdict`], once a later request message was refused, ends it with that status.
-pub struct MinimizedResponse {
+/// What a response stream's records are decided by (a route with `records`): the call as it
+/// arrived, and the subjects decided so far.
+pub struct RecordCall {
+    pub gate: Arc<Gate>,
+    pub policy: Policy,
+    pub path: Arc<str>,
+    /// The call's metadata: the caller, its purpose and recipient (its `x-data-subject`, if
+    /// any, told the service whom to export; each record is decided on what it names).
+    pub metadata: HeaderMap,
+    pub certs: Option<Arc<Vec<CertificateDer<'static>>>>,
+    /// Where each record names its subject.
+    pub records: SubjectPath,
+    /// The call's own decision, which each record's decision names in its audit record.
+    pub call: DecisionId,
+}
+
+/// The records of a response stream, decided one by one: a record about a subject the
+/// call may have passes, one about a subject it may not is dropped (its deny is audited),
+/// and the stream goes on. Each subject is decided once per call.
+struct Records {
+    call: RecordCall,
+    allowed: BTreeSet<String>,
+    refused: BTreeSet<String>,
+    /// A record waiting for its subjects' decision, and those subjects.
+    waiting: Option<(Bytes, Vec<String>, BoxFuture<'static, Admission>)>,
+    dropped: u64,
+}
+
+/// Where a record stands once its subjects are read.
+enum RecordFate {
+    Pass,
+    Drop,
+    Decide(Vec<String>),
+}
+
+impl Records {
+    fn fate(&self, record: &[u8]) -> Result<RecordFate, MessageError> {
+        let subjects = subjects_of(record, &self.call.records)?;
+        if subjects.iter().any(|s| self.refused.contains(s)) {
+            return Ok(RecordFate::Drop);
+        }
+        if !subjects.is_empty() && subjects.iter().all(|s| self.allowed.contains(s)) {
+            return Ok(RecordFate::Pass);
+        }
+        Ok(RecordFate::Decide(subjects))
+    }
+
+    fn decide(&self, subjects: Vec<String>) -> BoxFuture<'static, Admission> {
+        let call = &self.call;
+        let (gate, policy, path) = (call.gate.clone(), call.policy.clone(), call.path.clone());
+        let (metadata, certs, of) = (call.metadata.clone(), call.certs.clone(), call.call);
+        Box::pin(async move {
+            gate.admit(Call {
+                policy,
+                door: Door::DataPlane,
+                ask: Ask::Record {
+                    path: &path,
+                    metadata: &metadata,
+                    subjects,
+                    of,
+                },
+                peer: Peer::Certificate(certs.as_ref().and_then(|c| c.first()).map(AsRef::as_ref)),
+                trace: &metadata,
+                started: std::time::Instant::now(),
+            })
+            .await
+        })
+    }
+
+    /// Notes a record's decision; `Err` when it has no audit record, which ends the stream
+    /// (a record is never delivered, nor silently dropped, without its decision's record).
+    fn settle(&mut self, subjects: Vec<String>, admission: &Admission) -> Result<bool, Status> {
+        if admission.allowed() {
+            self.allowed.extend(subjects);
+            return Ok(true);
+        }
+        if admission.decision_id().is_none() {
+            return Err(rescue::refusal_status(admission));
+        }
+        // A record about one subject settles that subject for the rest of the stream; one
+        // about several is decided again when it comes (another mix may be allowed).
+        if let [one] = subjects.as_slice() {
+            self.refused.insert(one.clone());
+        }
+        self.dropped += 1;
+        tracing::debug!(path = %self.call.path, decision = %admission.decision.decision_id, subjects = ?subjects, "record dropped from the response");
+        Ok(false)
+    }
+}
+
+/// A response body as the caller gets it on a route that reads responses: the fields of the
+/// minimized categories cleared from every message, every field the descriptors do not know
+/// dropped, and (`records`) each record decided for its subject and dropped when denied;
+/// trailers pass. The call's [`Verdict`], once a later request message was refused, ends it
+/// with that status.
+pub struct InspectedResponse {
     inner: Option<Body>,
     frames: Frames,
     inspection: Arc<Inspection>,
     clear: CategorySet,
+    records: Option<Records>,
     verdict: Verdict,
     /// Where the fields cleared and dropped are counted.
     metrics: Arc<Metrics>,
 }
 
-impl MinimizedResponse {
+impl InspectedResponse {
     pub fn new(
         inner: Body,
         inspection: Arc<Inspection>,
@@ -299,22 +394,64 @@ impl MinimizedResponse {
             frames: Frames::default(),
             inspection,
             clear,
+            records: None,
             verdict,
             metrics,
         }
     }
 
+    /// Decides each message of the stream as a record about the subject it names.
+    #[must_use]
+    pub fn with_records(mut self, call: RecordCall) -> Self {
+        self.records = Some(Records {
+            call,
+            allowed: BTreeSet::new(),
+            refused: BTreeSet::new(),
+            waiting: None,
+            dropped: 0,
+        });
+        self
+    }
+
+    /// Whether messages must be read whole (else the upstream's bytes pass as they come).
+    fn reads_messages(&self) -> bool {
+        self.inspection.response.is_some() || self.records.is_some()
+    }
+
     fn end_with(&mut self, status: &Status) -> Poll<Option<Result<Frame<Bytes>, Status>>> {
         self.inner = None;
+        if let Some(records) = &mut self.records {
+            records.waiting = None;
+        }
         let mut trailers = HeaderMap::new();
         if status.add_header(&mut trailers).is_err() {
             trailers.insert("grpc-status", http::HeaderValue::from_static("13"));
         }
         Poll::Ready(Some(Ok(Frame::trailers(trailers))))
     }
+
+    /// A message as the caller gets it: its fields minimized (when the route minimizes).
+    fn deliver(&mut self, message: &[u8]) -> Poll<Option<Result<Frame<Bytes>, Status>>> {
+        let Some(plans) = self.inspection.response.as_ref() else {
+            return Poll::Ready(Some(Ok(Frame::data(frame(message)))));
+        };
+        match message::minimize(message, plans, Inspection::RESPONSE, self.clear) {
+            Ok((out, done)) => {
+                self.metrics.record_minimized(done.cleared, done.unknown);
+                Poll::Ready(Some(Ok(Frame::data(frame(&out)))))
+            }
+            Err(e) => {
+                let status = Status::internal(format!(
+                    "the service's response is not a valid `{}`: {e}",
+                    self.inspection.method
+                ));
+                self.end_with(&status)
+            }
+        }
+    }
 }
 
-impl http_body::Body for MinimizedResponse {
+impl http_body::Body for InspectedResponse {
     type Data = Bytes;
     type Error = Status;
 
@@ -329,36 +466,48 @@ impl http_body::Body for MinimizedResponse {
             {
                 return this.end_with(&refusal);
             }
+            if let Some(records) = &mut this.records
+                && let Some((_, _, decision)) = &mut records.waiting
+            {
+                let admission = ready!(decision.as_mut().poll(cx));
+                let Some((record, subjects, _)) = records.waiting.take() else {
+                    continue;
+                };
+                match records.settle(subjects, &admission) {
+                    Ok(true) => return this.deliver(&record),
+                    Ok(false) => continue,
+                    Err(status) => return this.end_with(&status),
+                }
+            }
             match this.frames.next_message() {
                 Err(e) => {
                     return this.end_with(&Status::internal(format!(
                         "the service's response cannot be inspected: {e}"
                     )));
                 }
-                Ok(Some((compressed, message))) => {
-                    let Some(plans) = this.inspection.response.as_ref() else {
-                        // Unreachable: without plans, data passes below without being framed.
-                        return this.end_with(&Status::internal(
-                            "pdgate buffered a response it has no plan for",
-                        ));
+                Ok(Some((true, _))) => {
+                    return this.end_with(&Status::internal(
+                        "the service's response is compressed and pdgate must read it; the service must answer uncompressed (pdgate asks it to with `grpc-accept-encoding: identity`)",
+                    ));
+                }
+                Ok(Some((false, message))) => {
+                    let Some(records) = &mut this.records else {
+                        return this.deliver(&message);
                     };
-                    if compressed {
-                        return this.end_with(&Status::internal(
-                            "the service's response is compressed and pdgate must clear fields of it; the service must answer uncompressed (pdgate asks it to with `grpc-accept-encoding: identity`)",
-                        ));
-                    }
-                    match message::minimize(&message, plans, Inspection::RESPONSE, this.clear) {
-                        Ok((out, done)) => {
-                            this.metrics.record_minimized(done.cleared, done.unknown);
-                            return Poll::Ready(Some(Ok(Frame::data(frame(&out)))));
+                    match records.fate(&message) {
+                        Ok(RecordFate::Pass) => return this.deliver(&message),
+                        Ok(RecordFate::Drop) => records.dropped += 1,
+                        Ok(RecordFate::Decide(subjects)) => {
+                            let decision = records.decide(subjects.clone());
+                            records.waiting = Some((message, subjects, decision));
                         }
                         Err(e) => {
                             return this.end_with(&Status::internal(format!(
-                                "the service's response is not a valid `{}`: {e}",
-                                this.inspection.method
+                                "a record of the service's response cannot be read: {e}"
                             )));
                         }
                     }
+                    continue;
                 }
                 Ok(None) => {}
             }
@@ -377,10 +526,10 @@ impl http_body::Body for MinimizedResponse {
                 }
                 Some(Err(e)) => return Poll::Ready(Some(Err(e))),
                 Some(Ok(frame)) => match frame.into_data() {
-                    // Nothing to clear on this route (read only for a refusal of a later
+                    // Nothing to read on this route (read only for a refusal of a later
                     // request message): the bytes pass as they came, neither buffered nor
                     // held to the inspection limit.
-                    Ok(data) if this.inspection.response.is_none() => {
+                    Ok(data) if !this.reads_messages() => {
                         return Poll::Ready(Some(Ok(Frame::data(data))));
                     }
                     Ok(data) => this.frames.push(&data),
@@ -390,6 +539,11 @@ impl http_body::Body for MinimizedResponse {
                             return this.end_with(&refusal);
                         }
                         this.inner = None;
+                        if let Some(records) = &this.records
+                            && records.dropped > 0
+                        {
+                            tracing::info!(path = %records.call.path, decision = %records.call.call, dropped = records.dropped, "records dropped from the response stream");
+                        }
                         return Poll::Ready(Some(Ok(frame)));
                     }
                 },
@@ -398,6 +552,8 @@ impl http_body::Body for MinimizedResponse {
     }
 
     fn is_end_stream(&self) -> bool {
-        self.inner.is_none() && self.frames.is_empty()
+        self.inner.is_none()
+            && self.frames.is_empty()
+            && self.records.as_ref().is_none_or(|r| r.waiting.is_none())
     }
 }
