@@ -265,28 +265,26 @@ async fn a_client_stream_ends_at_the_first_message_about_a_subject_it_may_not_to
     );
 }
 
-#[tokio::test]
-async fn the_envoy_door_cannot_decide_a_route_that_reads_its_message() {
+/// Envoy's `ext_authz` check of a call to `path` with `headers` (no body): the gRPC code
+/// Envoy is told, and the one audit record it made.
+async fn envoy_check(path: &str, headers: &[(&str, &str)]) -> (i32, pdgate::audit::AuditRecord) {
     use envoy_types::ext_authz::v3::pb::CheckRequest;
     use envoy_types::pb::envoy::service::auth::v3::AttributeContext;
     use envoy_types::pb::envoy::service::auth::v3::attribute_context::{HttpRequest, Request};
     use envoy_types::pb::envoy::service::auth::v3::authorization_client::AuthorizationClient;
     let h = Harness::start().await;
     let mut envoy = AuthorizationClient::new(h.channel(h.api_addr).await);
-    let headers = [
-        ("x-caller", "support-service"),
-        ("x-purpose", "service.support"),
-        ("x-data-subject", "cust-1"),
-    ]
-    .into_iter()
-    .map(|(k, v)| (k.to_owned(), v.to_owned()))
-    .collect();
+    let headers = headers
+        .iter()
+        .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+        .collect();
     let answer = envoy
         .check(CheckRequest {
             attributes: Some(AttributeContext {
                 request: Some(Request {
                     http: Some(HttpRequest {
-                        path: "/demo.customer.v1.CustomerData/GetProfile".into(),
+                        method: "POST".into(),
+                        path: path.into(),
                         headers,
                         ..HttpRequest::default()
                     }),
@@ -298,14 +296,39 @@ async fn the_envoy_door_cannot_decide_a_route_that_reads_its_message() {
         .await
         .unwrap()
         .into_inner();
+    let mut records = h.audit_records();
+    assert_eq!(records.len(), 1, "{records:?}");
+    (answer.status.unwrap().code, records.remove(0))
+}
+
+#[tokio::test]
+async fn the_envoy_door_cannot_decide_a_route_that_reads_its_message() {
+    let (code, record) = envoy_check(
+        "/demo.customer.v1.CustomerData/GetProfile",
+        &[
+            ("x-caller", "support-service"),
+            ("x-purpose", "service.support"),
+            ("x-data-subject", "cust-1"),
+        ],
+    )
+    .await;
     // PERMISSION_DENIED, with the reason: Envoy sees the headers, never the message.
-    assert_eq!(answer.status.unwrap().code, 7);
-    let records = h.audit_records();
-    assert_eq!(records.len(), 1);
-    assert_eq!(
-        records[0].body.reasons[0].code,
-        "MESSAGE_INSPECTION_REQUIRED"
-    );
+    assert_eq!(code, 7);
+    assert_eq!(record.body.reasons[0].code, "MESSAGE_INSPECTION_REQUIRED");
+}
+
+#[tokio::test]
+async fn the_envoy_door_refuses_an_export_whose_records_it_cannot_drop() {
+    let (code, record) = envoy_check(
+        "/demo.customer.v1.CustomerData/ExportForInterconnect",
+        &[
+            ("x-caller", "ntt-east"),
+            ("x-purpose", "third_party.interconnect"),
+        ],
+    )
+    .await;
+    assert_eq!(code, 7);
+    assert_eq!(record.body.reasons[0].code, "MESSAGE_INSPECTION_REQUIRED");
 }
 
 /// The customers of an interconnection export that reach `caller`, as the metadata names
@@ -399,48 +422,6 @@ async fn an_export_of_every_customer_leaves_out_each_one_the_purpose_may_not_rea
             ("cust-3", "USE_SUSPENDED"),
             ("cust-4", "PROVISION_SUSPENDED")
         ]
-    );
-}
-
-#[tokio::test]
-async fn the_envoy_door_refuses_an_export_whose_records_it_cannot_drop() {
-    use envoy_types::ext_authz::v3::pb::CheckRequest;
-    use envoy_types::pb::envoy::service::auth::v3::AttributeContext;
-    use envoy_types::pb::envoy::service::auth::v3::attribute_context::{HttpRequest, Request};
-    use envoy_types::pb::envoy::service::auth::v3::authorization_client::AuthorizationClient;
-    let h = Harness::start().await;
-    let mut envoy = AuthorizationClient::new(h.channel(h.api_addr).await);
-    let headers = [
-        ("x-caller", "ntt-east"),
-        ("x-purpose", "third_party.interconnect"),
-    ]
-    .into_iter()
-    .map(|(k, v)| (k.to_owned(), v.to_owned()))
-    .collect();
-    let answer = envoy
-        .check(CheckRequest {
-            attributes: Some(AttributeContext {
-                request: Some(Request {
-                    http: Some(HttpRequest {
-                        method: "POST".into(),
-                        path: "/demo.customer.v1.CustomerData/ExportForInterconnect".into(),
-                        headers,
-                        ..HttpRequest::default()
-                    }),
-                    ..Request::default()
-                }),
-                ..AttributeContext::default()
-            }),
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    assert_eq!(answer.status.unwrap().code, 7);
-    let records = h.audit_records();
-    assert_eq!(records.len(), 1);
-    assert_eq!(
-        records[0].body.reasons[0].code,
-        "MESSAGE_INSPECTION_REQUIRED"
     );
 }
 
