@@ -14,7 +14,7 @@
 mod common;
 
 use common::{Harness, call, reason};
-use pdgate::proto::demo::{ContactUpdate, ExportRequest, GetProfileRequest};
+use pdgate::proto::demo::{ContactUpdate, ExportRequest, GetProfileRequest, UpdateContactRequest};
 use std::path::Path;
 use tonic::Code;
 
@@ -261,6 +261,137 @@ async fn a_client_stream_ends_at_the_first_message_about_a_subject_it_may_not_to
         records.iter().any(|r| r.body.decision == "deny"
             && r.body.subjects == ["cust-3"]
             && r.body.reasons.iter().any(|c| c.code == "USE_SUSPENDED")),
+        "{records:?}"
+    );
+}
+
+#[tokio::test]
+async fn a_write_may_set_only_the_fields_its_purpose_may_write() {
+    // §1(1): shipping corrects a delivery address; it may not write the e-mail address.
+    let h = Harness::start().await;
+    let mut client = h.client().await;
+    let update = |email: &str| UpdateContactRequest {
+        customer_id: "cust-1".into(),
+        address: "4-5-6 Minato, Tokyo".into(),
+        email: email.into(),
+        ..UpdateContactRequest::default()
+    };
+    let response = client
+        .update_contact(call(
+            update(""),
+            "logistics-service",
+            "service.shipping",
+            &[],
+        ))
+        .await
+        .unwrap();
+    let record = record_of(&h, response.metadata());
+    let profile = response.into_inner();
+    assert_eq!(profile.address, "4-5-6 Minato, Tokyo");
+    // What comes back is what the purpose may have: it writes no name, e-mail or phone.
+    assert_eq!(
+        (
+            profile.name.as_str(),
+            profile.email.as_str(),
+            profile.phone.as_str()
+        ),
+        ("", "", "")
+    );
+    assert_eq!(record.body.categories, ["customer.contact.address"]);
+    assert_eq!(
+        record.body.minimized,
+        [
+            "customer.name",
+            "customer.contact.email",
+            "customer.contact.phone"
+        ]
+    );
+    assert_eq!(h.service.calls(), 1);
+
+    // The same update setting the e-mail address too needs that category: denied.
+    let status = client
+        .update_contact(call(
+            update("new@example.jp"),
+            "logistics-service",
+            "service.shipping",
+            &[],
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::PermissionDenied, "{status:?}");
+    assert_eq!(reason(&status), "NO_GRANT");
+    assert_eq!(
+        h.service.calls(),
+        1,
+        "a refused write never reaches the service"
+    );
+    let record = record_of(&h, status.metadata());
+    assert_eq!(
+        record.body.categories,
+        ["customer.contact.address", "customer.contact.email"]
+    );
+}
+
+#[tokio::test]
+async fn a_client_stream_ends_at_the_first_message_that_writes_what_the_purpose_may_not() {
+    let h = Harness::start().await;
+    let mut client = h.client().await;
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    let call_task = {
+        let request = call(
+            tokio_stream::wrappers::ReceiverStream::new(rx),
+            "logistics-service",
+            "service.shipping",
+            &[],
+        );
+        tokio::spawn(async move { client.import_contacts(request).await })
+    };
+    tx.send(ContactUpdate {
+        customer_id: "cust-1".into(),
+        address: "4-5-6 Minato, Tokyo".into(),
+        ..ContactUpdate::default()
+    })
+    .await
+    .unwrap();
+    let mut direct = h.direct_client().await;
+    common::wait::eventually("the service applied the address", || {
+        let mut direct = direct.clone();
+        async move {
+            direct
+                .get_profile(profile("cust-1"))
+                .await
+                .is_ok_and(|p| p.into_inner().address == "4-5-6 Minato, Tokyo")
+        }
+    })
+    .await;
+    tx.send(ContactUpdate {
+        customer_id: "cust-2".into(),
+        phone: "+81-6-0000-0000".into(),
+        ..ContactUpdate::default()
+    })
+    .await
+    .unwrap();
+    drop(tx);
+    let status = call_task.await.unwrap().unwrap_err();
+    assert_eq!(status.code(), Code::PermissionDenied, "{status:?}");
+    assert_eq!(reason(&status), "NO_GRANT");
+    let phone = direct
+        .get_profile(profile("cust-2"))
+        .await
+        .unwrap()
+        .into_inner()
+        .phone;
+    assert_ne!(
+        phone, "+81-6-0000-0000",
+        "the refused message never reached the service"
+    );
+    let records = h.audit_records();
+    assert!(
+        records.iter().any(|r| r.body.decision == "deny"
+            && r.body.subjects == ["cust-2"]
+            && r.body
+                .categories
+                .contains(&"customer.contact.phone".to_owned())),
         "{records:?}"
     );
 }

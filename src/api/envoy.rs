@@ -112,6 +112,9 @@ impl EnvoyAuthorization {
                 path,
                 metadata,
                 message_subjects,
+                // Envoy forwards the body itself: a write that would need a field refused is
+                // denied anyway (`MESSAGE_INSPECTION_REQUIRED`, it cannot be minimized).
+                message_writes: 0,
             },
             (Err(error), path, _) => Ask::Unreadable {
                 path,

@@ -18,6 +18,8 @@ use super::metadata::{
 use crate::audit::{self, RecordBody, RecordKind};
 use crate::decision::{Decision, DecisionId, Pending, Reason, ReasonCode, Request};
 use crate::identity::IdentityMode;
+use crate::message::CategorySet;
+use crate::policy::Action;
 use crate::policy::Snapshot;
 use crate::policy::inspect::Inspection;
 use crate::telemetry::CallSpan;
@@ -60,6 +62,10 @@ pub enum Ask<'a> {
         path: &'a str,
         metadata: &'a HeaderMap,
         message_subjects: Option<Vec<String>>,
+        /// On a write that may minimize: the route's `minimize` categories (bits of
+        /// [`Inspection::minimizable`]) whose fields the request message sets. The call needs
+        /// them: a caller may not write what it may not have.
+        message_writes: CategorySet,
     },
     /// A call the door could not read as one (an Envoy check without HTTP attributes, or
     /// whose headers are not text): refused `INVALID_ARGUMENT`, and audited.
@@ -82,8 +88,9 @@ pub enum Ask<'a> {
 
 /// Whose data a call to a route is about, as the door read it.
 enum Found {
-    /// The request message's subjects (`None`: the route reads none, or the door could not).
-    Request(Option<Vec<String>>),
+    /// The request message's subjects (`None`: the route reads none, or the door could not),
+    /// and the `minimize` categories it writes.
+    Request(Option<Vec<String>>, CategorySet),
     /// A response record's.
     Record(Vec<String>),
 }
@@ -169,16 +176,12 @@ impl Gate {
                 path,
                 metadata,
                 message_subjects,
+                message_writes,
             } => match metadata::extract(metadata, authenticated.as_deref()) {
                 Ok(context) => {
                     timeout = context.timeout;
-                    let routed = self.route(
-                        snapshot,
-                        path,
-                        context,
-                        Found::Request(message_subjects),
-                        door,
-                    );
+                    let found = Found::Request(message_subjects, message_writes);
+                    let routed = self.route(snapshot, path, context, found, door);
                     if routed.0.is_per_record() {
                         detail = Some(
                             "the call's subjects are decided one by one, per record of its response"
@@ -323,7 +326,20 @@ impl Gate {
         request.categories.clone_from(&route.categories);
         request.minimizable.clone_from(&route.minimize);
         let message_subjects = match found {
-            Found::Request(subjects) => subjects,
+            Found::Request(subjects, writes) => {
+                if route.action != Action::Read && writes != 0 {
+                    // What the message writes, the call needs.
+                    request.minimizable.clear();
+                    for (bit, category) in route.minimize.iter().enumerate() {
+                        if bit < 64 && writes & (1 << bit) != 0 {
+                            request.categories.push(category.clone());
+                        } else {
+                            request.minimizable.push(category.clone());
+                        }
+                    }
+                }
+                subjects
+            }
             Found::Record(subjects) => {
                 request.subjects = subjects;
                 return (self.decider.begin(Some(snapshot), &request), request);

@@ -7,6 +7,7 @@
 //! - [`minimize`]: a response with the fields of the given categories cleared, and every
 //!   field the descriptors do not know dropped — a newer service version's field is never
 //!   passed on unclassified.
+//! - [`categories_set`]: the categories whose fields a request (a write) sets.
 
 pub mod frames;
 pub mod wire;
@@ -186,6 +187,47 @@ fn nested<'a>(
             }
         },
     ))
+}
+
+/// The categories (bits of the plan's [`FieldPlan::Category`]) whose fields `message` (of
+/// type `root`) sets, nested messages included. Fields the plan does not know are not
+/// counted: a write is decided on the categories the service's descriptors give it.
+pub fn categories_set(
+    message: &[u8],
+    plans: &Plans,
+    root: MessageId,
+) -> Result<CategorySet, WireError> {
+    let mut set = 0;
+    collect_set(message, plans, root, 0, &mut set)?;
+    Ok(set)
+}
+
+fn collect_set(
+    message: &[u8],
+    plans: &Plans,
+    id: MessageId,
+    depth: usize,
+    set: &mut CategorySet,
+) -> Result<(), WireError> {
+    if depth > MAX_DEPTH {
+        return Err(WireError::TooDeep(MAX_DEPTH));
+    }
+    let Some(plan) = plans.get(id) else {
+        return Ok(());
+    };
+    for field in Fields::new(message) {
+        let field = field?;
+        match plan.field(field.number) {
+            Some(FieldPlan::Category(bit)) => {
+                *set |= 1u64.checked_shl(u32::from(bit)).unwrap_or(0);
+            }
+            Some(FieldPlan::Nested(inner)) if field.wire_type == WireType::Len => {
+                collect_set(field.value, plans, inner, depth + 1, set)?;
+            }
+            _ => {}
+        }
+    }
+    Ok(())
 }
 
 /// Where `part` (a sub-slice of `whole`) begins in it.

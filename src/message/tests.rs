@@ -245,3 +245,40 @@ fn deep_nesting_is_refused() {
         Err(WireError::TooDeep(MAX_DEPTH))
     );
 }
+
+#[test]
+fn a_write_sets_the_categories_of_the_fields_it_carries_nested_ones_included() {
+    let plans = plans();
+    let only_email = Profile {
+        customer_id: "cust-1".into(),
+        email: "new@example.jp".into(),
+        ..Profile::default()
+    };
+    let bytes = only_email.encode_to_vec();
+    assert_eq!(categories_set(&bytes, &plans, 1).unwrap(), 1 << EMAIL);
+    let nested = Disclosure {
+        others: vec![
+            Profile {
+                phone: "+81".into(),
+                ..Profile::default()
+            },
+            only_email,
+        ],
+        ..Disclosure::default()
+    };
+    let bytes = nested.encode_to_vec();
+    assert_eq!(
+        categories_set(&bytes, &plans, 0).unwrap(),
+        (1 << EMAIL) | (1 << PHONE)
+    );
+    // Nothing set: an empty message, or one with only unclassified fields.
+    assert_eq!(categories_set(&[], &plans, 1).unwrap(), 0);
+    let unknown = ProfileV2 {
+        birthday: "1990-01-01".into(),
+        ..ProfileV2::default()
+    };
+    assert_eq!(
+        categories_set(&unknown.encode_to_vec(), &plans, 1).unwrap(),
+        0
+    );
+}

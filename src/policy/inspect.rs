@@ -13,6 +13,7 @@
 
 use super::problem::Problem;
 use super::routes::{ROUTES_FILE, Route, SubjectSource};
+use super::rows::Action;
 use super::snapshot::{CategoryInfo, Tree};
 use super::source::{DESCRIPTORS_DIR, DescriptorFile};
 use crate::message::{CategorySet, FieldPlan, MessageId, MessagePlan, Plans, SubjectPath};
@@ -42,6 +43,10 @@ pub struct Inspection {
     /// The plans of the response message types (the response is [`Inspection::RESPONSE`]),
     /// when the route may minimize; `None`: responses pass untouched.
     pub response: Option<Plans>,
+    /// The plans of the request message types (the request is [`Inspection::REQUEST`]) on a
+    /// write or delete route that may minimize: a request that sets a field of a `minimize`
+    /// category makes the call need that category (granted to write it, or denied).
+    pub request: Option<Plans>,
     /// The route's `minimize` categories; bit `i` of a [`CategorySet`] is `minimizable[i]`.
     pub minimizable: Vec<String>,
     /// Where each message of a server stream names the subject it is about (`records`):
@@ -53,6 +58,13 @@ pub struct Inspection {
 impl Inspection {
     /// The id of the response message type in [`Inspection::response`].
     pub const RESPONSE: MessageId = 0;
+    /// The id of the request message type in [`Inspection::request`].
+    pub const REQUEST: MessageId = 0;
+
+    /// Whether request messages are read: for their subjects, or for what a write sets.
+    pub fn reads_requests(&self) -> bool {
+        self.request_subjects.is_some() || self.request.is_some()
+    }
 
     /// The bits of the `minimized` categories (names not minimizable here are ignored).
     pub fn mask<S: AsRef<str>>(&self, minimized: &[S]) -> CategorySet {
@@ -111,8 +123,10 @@ pub(crate) fn inspect_routes(
         if request_subjects.is_none() && records.is_none() {
             warn_trusts_metadata(path, route, categories, warnings);
         }
-        let response = (!route.minimize.is_empty()).then(|| {
-            ResponsePlanner {
+        let (response, request) = if route.minimize.is_empty() {
+            (None, None)
+        } else {
+            let mut planner = Planner {
                 path,
                 route,
                 options,
@@ -122,9 +136,17 @@ pub(crate) fn inspect_routes(
                 ids: HashMap::new(),
                 carried: vec![false; route.minimize.len()],
                 problems,
-            }
-            .plan(&method.output())
-        });
+            };
+            let response = planner.plan(&method.output());
+            // A write's request is read for the categories it sets (annotations only:
+            // routes.yaml's `fields` are response fields).
+            let request = (route.action != Action::Read).then(|| {
+                planner.by_field.clear();
+                planner.plan(&method.input())
+            });
+            planner.report_uncarried();
+            (Some(response), request)
+        };
         if problems.len() > before
             || (request_subjects.is_none() && response.is_none() && records.is_none())
         {
@@ -136,6 +158,7 @@ pub(crate) fn inspect_routes(
             server_streaming: method.is_server_streaming(),
             request_subjects,
             response,
+            request,
             minimizable: route.minimize.clone(),
             records,
         }));
@@ -476,8 +499,8 @@ fn fields_by_path(
     by_field
 }
 
-/// Builds the plans of a route's response types.
-struct ResponsePlanner<'a> {
+/// Builds the plans of a route's message types.
+struct Planner<'a> {
     path: &'a str,
     route: &'a Route,
     options: &'a Options,
@@ -490,9 +513,17 @@ struct ResponsePlanner<'a> {
     problems: &'a mut Vec<Problem>,
 }
 
-impl ResponsePlanner<'_> {
-    fn plan(mut self, output: &MessageDescriptor) -> Plans {
-        self.message(output);
+impl Planner<'_> {
+    /// The plans of `root` (id 0) and the types inside it.
+    fn plan(&mut self, root: &MessageDescriptor) -> Plans {
+        self.ids.clear();
+        self.message(root);
+        std::mem::take(&mut self.plans)
+    }
+
+    /// A `minimize` category no planned field carries is a problem: nothing would ever be
+    /// cleared (or refused) for it.
+    fn report_uncarried(self) {
         for (i, carried) in self.carried.iter().enumerate() {
             if !carried {
                 self.problems.push(Problem::at(
@@ -505,7 +536,6 @@ impl ResponsePlanner<'_> {
                 ));
             }
         }
-        self.plans
     }
 
     fn message(&mut self, message: &MessageDescriptor) -> MessageId {

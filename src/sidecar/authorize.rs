@@ -5,7 +5,7 @@
 use super::deadline::Bounded;
 use super::messages::{
     InspectedRequest, InspectedResponse, MessageError, RecordCall, StreamCall, Verdict,
-    first_message, subjects_of,
+    first_message, request_facts,
 };
 use crate::gate::metadata::{MetadataError, SUBJECT};
 use crate::gate::{Ask, Call, Door, Gate, Peer};
@@ -111,10 +111,7 @@ where
             let mut unreadable = not_grpc(&request);
             if unreadable.is_some() {
                 // Refused whatever the route: its body is not read.
-            } else if let Some(subject_path) = inspection
-                .as_ref()
-                .and_then(|i| i.request_subjects.as_ref())
-            {
+            } else if let Some(reading) = inspection.as_ref().filter(|i| i.reads_requests()) {
                 let mut frames = Frames::default();
                 let read = tokio::time::timeout(
                     FIRST_MESSAGE_WAIT,
@@ -125,13 +122,13 @@ where
                     "no whole request message within {FIRST_MESSAGE_WAIT:?}"
                 ))));
                 match read.and_then(|message| {
-                    let subjects = match &message.message {
-                        Some(m) => subjects_of(m, subject_path)?,
-                        None => Vec::new(),
+                    let facts = match &message.message {
+                        Some(m) => request_facts(m, reading)?,
+                        None => (Vec::new(), 0),
                     };
-                    Ok((message, subjects))
+                    Ok((message, facts))
                 }) {
-                    Ok((message, subjects)) => first = Some((message, frames, subjects)),
+                    Ok((message, facts)) => first = Some((message, frames, facts)),
                     Err(e) => unreadable = Some(unreadable_message(e)),
                 }
             }
@@ -143,7 +140,15 @@ where
                 None => Ask::Method {
                     path,
                     metadata: request.headers(),
-                    message_subjects: first.as_ref().map(|(_, _, subjects)| subjects.clone()),
+                    message_subjects: first
+                        .as_ref()
+                        .filter(|_| {
+                            inspection
+                                .as_ref()
+                                .is_some_and(|i| i.request_subjects.is_some())
+                        })
+                        .map(|(_, _, (subjects, _))| subjects.clone()),
+                    message_writes: first.as_ref().map_or(0, |(_, _, (_, writes))| *writes),
                 },
             };
             let mut admission = gate
@@ -165,20 +170,22 @@ where
             // Later messages of a stream are read before they go on, and decided when they
             // name a subject the call was not decided for.
             let verdict = Verdict::default();
-            if let (Some(inspection), Some((message, frames, _))) = (&inspection, first)
-                && let Some(subject_path) = inspection.request_subjects.clone()
-            {
+            if let (Some(inspection), Some((message, frames, _))) = (&inspection, first) {
                 let mut metadata = request.headers().clone();
-                // It named the first message's subjects; a later message is decided on its own.
-                metadata.remove(SUBJECT);
+                if inspection.request_subjects.is_some() {
+                    // It named the first message's subjects; a later message is decided on its
+                    // own.
+                    metadata.remove(SUBJECT);
+                }
                 let call = StreamCall {
                     gate: gate.clone(),
                     policy: policy.clone(),
                     path: Arc::from(path),
                     metadata,
                     certs: certs.clone(),
-                    subject_path,
+                    inspection: inspection.clone(),
                     decided: admission.request.subjects.iter().cloned().collect(),
+                    refused_writes: inspection.mask(&admission.decision.minimized),
                 };
                 let verdict = verdict.clone();
                 request = request.map(|body| {

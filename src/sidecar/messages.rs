@@ -132,9 +132,47 @@ pub struct StreamCall {
     /// The call's metadata, without `x-data-subject` (which named the first message's).
     pub metadata: HeaderMap,
     pub certs: Option<Arc<Vec<CertificateDer<'static>>>>,
-    pub subject_path: SubjectPath,
+    /// What the route reads of its requests: subjects, and on a write the categories set.
+    pub inspection: Arc<Inspection>,
     /// Subjects the call has been decided for (and allowed).
     pub decided: BTreeSet<String>,
+    /// The `minimize` categories the call may not have: a message that writes one is decided
+    /// again, needing it.
+    pub refused_writes: CategorySet,
+}
+
+impl StreamCall {
+    /// A message's subjects and the `minimize` categories it writes.
+    fn read(&self, message: &[u8]) -> Result<(Vec<String>, CategorySet), MessageError> {
+        request_facts(message, &self.inspection)
+    }
+
+    /// Whether a message about `subjects` writing `writes` is covered by what the call was
+    /// decided for.
+    fn covers(&self, subjects: &[String], writes: CategorySet) -> bool {
+        let subjects_decided = match self.inspection.request_subjects {
+            Some(_) => !subjects.is_empty() && subjects.iter().all(|s| self.decided.contains(s)),
+            None => true,
+        };
+        subjects_decided && writes & self.refused_writes == 0
+    }
+}
+
+/// What pdgate reads of a request message: its subjects (when the route reads them) and the
+/// `minimize` categories it sets (on a write that may minimize).
+pub fn request_facts(
+    message: &[u8],
+    inspection: &Inspection,
+) -> Result<(Vec<String>, CategorySet), MessageError> {
+    let subjects = match &inspection.request_subjects {
+        Some(path) => subjects_of(message, path)?,
+        None => Vec::new(),
+    };
+    let writes = match &inspection.request {
+        Some(plans) => message::categories_set(message, plans, Inspection::REQUEST)?,
+        None => 0,
+    };
+    Ok((subjects, writes))
 }
 
 /// The request body as the upstream gets it on a route that reads its subjects: the first
@@ -148,8 +186,8 @@ pub struct InspectedRequest {
     rest: Option<Body>,
     trailers: Option<HeaderMap>,
     call: StreamCall,
-    /// A message waiting for its subjects' decision.
-    waiting: Option<(Bytes, BoxFuture<'static, Admission>)>,
+    /// A message waiting for its decision, and the categories it writes.
+    waiting: Option<(Bytes, CategorySet, BoxFuture<'static, Admission>)>,
     verdict: Verdict,
 }
 
@@ -193,9 +231,9 @@ impl http_body::Body for InspectedRequest {
             return Poll::Ready(Some(Ok(Frame::data(head))));
         }
         loop {
-            if let Some((message, decision)) = &mut this.waiting {
+            if let Some((message, writes, decision)) = &mut this.waiting {
                 let admission = ready!(decision.as_mut().poll(cx));
-                let message = message.clone();
+                let (message, writes) = (message.clone(), *writes);
                 this.waiting = None;
                 if !admission.allowed() {
                     return this.fail(rescue::refusal_status(&admission));
@@ -203,23 +241,22 @@ impl http_body::Body for InspectedRequest {
                 this.call
                     .decided
                     .extend(admission.request.subjects.iter().cloned());
+                this.call.refused_writes &= !writes;
                 return Poll::Ready(Some(Ok(Frame::data(frame(&message)))));
             }
             match this.frames.next_message() {
                 Err(e) => return this.fail(message_status(&e.into())),
                 Ok(Some((true, _))) => return this.fail(message_status(&MessageError::Compressed)),
                 Ok(Some((false, message))) => {
-                    let subjects = match subjects_of(&message, &this.call.subject_path) {
-                        Ok(subjects) => subjects,
+                    let (subjects, writes) = match this.call.read(&message) {
+                        Ok(facts) => facts,
                         Err(e) => return this.fail(message_status(&e)),
                     };
-                    if subjects.iter().all(|s| this.call.decided.contains(s))
-                        && !subjects.is_empty()
-                    {
+                    if this.call.covers(&subjects, writes) {
                         return Poll::Ready(Some(Ok(Frame::data(frame(&message)))));
                     }
-                    let decision = decide(&this.call, subjects);
-                    this.waiting = Some((message, decision));
+                    let decision = decide(&this.call, subjects, writes);
+                    this.waiting = Some((message, writes, decision));
                     continue;
                 }
                 Ok(None) => {}
@@ -242,8 +279,18 @@ impl http_body::Body for InspectedRequest {
     }
 }
 
-/// The decision for a later message of a stream, about `subjects`: audited like any call.
-fn decide(call: &StreamCall, subjects: Vec<String>) -> BoxFuture<'static, Admission> {
+/// The decision for a later message of a stream, about `subjects` and writing `writes`:
+/// audited like any call.
+fn decide(
+    call: &StreamCall,
+    subjects: Vec<String>,
+    writes: CategorySet,
+) -> BoxFuture<'static, Admission> {
+    let subjects = call
+        .inspection
+        .request_subjects
+        .is_some()
+        .then_some(subjects);
     let gate = call.gate.clone();
     let policy = call.policy.clone();
     let path = call.path.clone();
@@ -256,7 +303,8 @@ fn decide(call: &StreamCall, subjects: Vec<String>) -> BoxFuture<'static, Admiss
             ask: Ask::Method {
                 path: &path,
                 metadata: &metadata,
-                message_subjects: Some(subjects),
+                message_subjects: subjects,
+                message_writes: writes,
             },
             peer: Peer::Certificate(certs.as_ref().and_then(|c| c.first()).map(AsRef::as_ref)),
             trace: &metadata,
