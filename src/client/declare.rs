@@ -190,7 +190,10 @@ fn value(key: &'static str, text: &str) -> Result<HeaderValue, ClientError> {
 /// let channel = tower::ServiceBuilder::new().layer(DeclareLayer::new()).service(channel);
 /// let mut client = CustomerDataClient::new(channel);
 /// let billing = Declaration::purpose("service.billing").subject("cust-1");
-/// let request = pdgate::proto::demo::GetBillingStatementRequest { customer_id: "cust-1".into() };
+/// let request = pdgate::proto::demo::GetBillingStatementRequest {
+///     customer_id: "cust-1".into(),
+///     ..Default::default()
+/// };
 /// client.get_billing_statement(billing.attach(tonic::Request::new(request))).await?;
 /// # Ok(()) }
 /// ```
