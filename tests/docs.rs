@@ -375,7 +375,9 @@ fn admin_reasons() -> Vec<(String, String)> {
     let mut doc = String::new();
     for line in source.lines() {
         if let Some(d) = line.strip_prefix("/// ") {
-            doc = d.to_owned();
+            // "The `ErrorInfo` reason of an admin call refused for want of a role." → what
+            // follows "of", as the table's cell.
+            doc = d.split_once(" of ").map_or(d, |(_, what)| what).to_owned();
         } else if let Some(rest) = line.strip_prefix("pub const ")
             && let Some((_, value)) = rest.split_once(": &str = \"")
         {
@@ -418,7 +420,7 @@ fn reason_codes_reference() -> String {
     out.push_str(
         "\n## Refusals of pdgate's admin API\n\nThe `ErrorInfo` reason of an admin call \
          (`PolicyAdmin`, `SubjectRights`, `AuditLog`) that pdgate refused:\n\n\
-         | code | what it means |\n|---|---|\n",
+         | code | refused |\n|---|---|\n",
     );
     for (code, doc) in admin_reasons() {
         let _ = writeln!(out, "| `{code}` | {doc} |");
@@ -495,14 +497,25 @@ fn files_shown_in_the_docs_are_the_files() {
     let mut checked = 0;
     for page in pages() {
         let text = std::fs::read_to_string(&page).unwrap();
-        for part in text.split("<!-- file: ").skip(1) {
-            let (path, rest) = part.split_once(" -->\n").unwrap();
-            let block = rest
-                .strip_prefix("```")
-                .and_then(|r| r.split_once('\n'))
-                .map(|(_, b)| b)
-                .unwrap_or_else(|| panic!("{}: a fenced block follows `{path}`", page.display()));
-            let shown = &block[..block.find("\n```").map_or(0, |n| n + 1)];
+        let mut lines = text.lines();
+        while let Some(line) = lines.next() {
+            // A marker is a line of its own; the fenced block follows it.
+            let Some(path) = line
+                .strip_prefix("<!-- file: ")
+                .and_then(|l| l.strip_suffix(" -->"))
+            else {
+                continue;
+            };
+            assert!(
+                lines.next().is_some_and(|l| l.starts_with("```")),
+                "{}: a fenced block follows `{path}`",
+                page.display()
+            );
+            let mut shown = String::new();
+            for l in lines.by_ref().take_while(|l| !l.starts_with("```")) {
+                shown.push_str(l);
+                shown.push('\n');
+            }
             assert_eq!(
                 shown,
                 read(path),
