@@ -34,11 +34,13 @@
 //! hash-chained audit log: writer, reader, retention, index), [`telemetry`] (metrics, and
 //! OTLP spans), [`identity`] (identity modes, certificate naming, admin roles), [`config`]
 //! (`pdgate.toml`), [`proto`] (the generated gRPC types), [`replay`] (what-if replay of an
-//! audit log, `pdgate policy diff`) and [`demo`] (a customer-data service to try it on).
+//! audit log, `pdgate policy diff`), [`demo`] (a customer-data service to try it on) and
+//! [`client`] (for callers: the metadata a call declares, pdgate's denials read back).
 
 pub mod api;
 pub mod audit;
 pub mod cli;
+pub mod client;
 pub mod config;
 pub mod decision;
 pub mod demo;

@@ -22,7 +22,7 @@ const LAYERS: &[&[&str]] = &[
     &["telemetry"],
     // The running core: admission pipeline and policy lifecycle.
     &["gate"],
-    &["proto", "transport", "replay"],
+    &["proto", "transport", "replay", "client"],
     &["config"],
     // The doors, and the demo that drives them.
     &["sidecar", "api", "demo"],

@@ -1,0 +1,279 @@
+//! The client helpers against the real demo behind a real sidecar (docs/clients.md):
+//! `pdgate::client` in Rust — the layer writes each call's declaration, the denial details
+//! decode to the reason codes, clauses and the decision id the audit log holds — and the
+//! page's Python example, run as written when python3 has grpcio, grpcio-tools and
+//! grpcio-status (skipped with a message otherwise).
+
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    reason = "test code: a failed step fails the test"
+)]
+
+mod common;
+
+use common::Harness;
+use pdgate::client::{ClientError, Declaration, DeclareLayer, Denial, DenialReason};
+use pdgate::decision::ReasonCode;
+use pdgate::proto::demo::customer_data_client::CustomerDataClient;
+use pdgate::proto::demo::{GetBillingStatementRequest, GetCallHistoryRequest, GetProfileRequest};
+use std::path::PathBuf;
+use std::time::Duration;
+
+fn billing(customer: &str) -> GetBillingStatementRequest {
+    GetBillingStatementRequest {
+        customer_id: customer.into(),
+        ..Default::default()
+    }
+}
+
+fn profile(customer: &str) -> GetProfileRequest {
+    GetProfileRequest {
+        customer_id: customer.into(),
+    }
+}
+
+#[tokio::test]
+async fn the_layer_declares_each_call_and_denials_decode_to_their_reasons() {
+    let h = Harness::start().await;
+    let channel = h.channel(h.data_addr).await;
+    // Calls without a declaration of their own are the marketing service's e-mail campaign.
+    let layer = DeclareLayer::with_default(
+        Declaration::purpose("marketing.email").insecure_caller("marketing-service"),
+    );
+    let mut client =
+        CustomerDataClient::new(tower::ServiceBuilder::new().layer(layer).service(channel));
+
+    // Allowed, with the declaration attached to the call.
+    let declared = Declaration::purpose("service.billing").insecure_caller("billing-service");
+    let answer = client
+        .get_billing_statement(declared.attach(tonic::Request::new(billing("cust-1"))))
+        .await
+        .expect("billing reads a statement");
+    let allowed_id = pdgate::client::decision_id(answer.metadata())
+        .expect("a decision id on the answer")
+        .to_owned();
+    assert_eq!(h.service.calls(), 1);
+
+    // The layer's default declaration: no consent to e-mail marketing (§1(2)).
+    let status = client
+        .get_profile(tonic::Request::new(profile("cust-1")))
+        .await
+        .expect_err("cust-1 never consented");
+    assert_eq!(status.code(), tonic::Code::PermissionDenied);
+    let denial = Denial::from_status(&status).expect("pdgate's details");
+    assert_eq!(
+        denial.reasons,
+        [DenialReason::Known(ReasonCode::ConsentRequired)]
+    );
+    assert!(denial.has(ReasonCode::ConsentRequired));
+    assert_eq!(denial.clauses, ["§1(2)"]);
+    assert!(denial.policy_version.is_some());
+    assert_eq!(h.service.calls(), 1, "a denied call reached the service");
+
+    // Every reason in stage order: a joint user asking for call history.
+    let joint = Declaration::purpose("joint_use.marketing_research").insecure_caller("softbank");
+    let status = client
+        .get_call_history(joint.attach(tonic::Request::new(GetCallHistoryRequest {
+            customer_id: "cust-2".into(),
+        })))
+        .await
+        .expect_err("never communications data for joint use");
+    let secrecy = Denial::from_status(&status).unwrap();
+    assert_eq!(
+        secrecy.reasons,
+        [
+            DenialReason::Known(ReasonCode::NoGrant),
+            DenialReason::Known(ReasonCode::SecrecyOfCommunications)
+        ]
+    );
+    assert_eq!(secrecy.first().map(DenialReason::as_str), Some("NO_GRANT"));
+
+    // The subjects the declaration names must be the message's.
+    let mismatch = Declaration::purpose("service.support")
+        .insecure_caller("support-service")
+        .subject("cust-2");
+    let status = client
+        .get_profile(mismatch.attach(tonic::Request::new(profile("cust-1"))))
+        .await
+        .expect_err("header and message disagree");
+    assert!(
+        Denial::from_status(&status)
+            .unwrap()
+            .has(ReasonCode::SubjectMismatch)
+    );
+    let matching = Declaration::purpose("service.support")
+        .insecure_caller("support-service")
+        .subject("cust-1");
+    client
+        .get_profile(matching.attach(tonic::Request::new(profile("cust-1"))))
+        .await
+        .expect("support reads the profile it names");
+
+    // The ids the denials carry are those of their audit records.
+    let records = h.audit_records();
+    let by_id = |id: &str| records.iter().find(|r| r.body.decision_id == id);
+    assert!(by_id(&allowed_id).is_some_and(|r| r.body.reasons.is_empty()));
+    let consent = by_id(denial.decision_id.as_deref().unwrap()).expect("the denial's record");
+    assert_eq!(consent.body.purpose, "marketing.email");
+    assert!(by_id(secrecy.decision_id.as_deref().unwrap()).is_some());
+}
+
+#[tokio::test]
+async fn a_declaration_pdgate_would_refuse_never_leaves_the_client() {
+    let h = Harness::start().await;
+    let channel = h.channel(h.data_addr).await;
+    let mut client = CustomerDataClient::new(
+        tower::ServiceBuilder::new()
+            .layer(DeclareLayer::new())
+            .service(channel),
+    );
+    let records_before = h.audit_records().len();
+    for (declaration, key) in [
+        (Declaration::purpose(" service.billing"), "x-purpose"),
+        (
+            Declaration::purpose("service.billing").subject("cust-1,cust-4"),
+            "x-data-subject",
+        ),
+        (Declaration::purpose(""), "x-purpose"),
+        (
+            Declaration::purpose("service.billing").insecure_caller("請求"),
+            "x-caller",
+        ),
+    ] {
+        let status = client
+            .get_billing_statement(declaration.attach(tonic::Request::new(billing("cust-1"))))
+            .await
+            .expect_err("refused in the client");
+        assert!(
+            status.message().contains(&format!("`{key}`")),
+            "{key}: {status:?}"
+        );
+        assert!(Denial::from_status(&status).is_none());
+    }
+    let refused = Declaration::purpose("service.billing\t").apply(tonic::Request::new(()));
+    assert!(matches!(
+        refused,
+        Err(ClientError::Whitespace {
+            key: "x-purpose",
+            ..
+        })
+    ));
+    assert_eq!(h.service.calls(), 0);
+    assert_eq!(
+        h.audit_records().len(),
+        records_before,
+        "nothing reached pdgate"
+    );
+    // A status that is not one of pdgate's refusals decodes to nothing.
+    assert!(Denial::from_status(&tonic::Status::permission_denied("the service's own")).is_none());
+}
+
+// ---------------------------------------------------------------------------------------------
+// Python
+
+fn clients_page() -> String {
+    std::fs::read_to_string(PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("docs/clients.md"))
+        .unwrap()
+}
+
+fn python_example() -> String {
+    clients_page()
+        .split("<!-- clients:python -->\n```python\n")
+        .nth(1)
+        .and_then(|b| b.split("\n```").next())
+        .expect("docs/clients.md marks its Python example")
+        .to_owned()
+}
+
+/// python3 with the three packages the example needs, or why not.
+fn python() -> Result<(), String> {
+    let out = std::process::Command::new("python3")
+        .args(["-c", "import grpc, grpc_tools, grpc_status"])
+        .output()
+        .map_err(|e| format!("no python3: {e}"))?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(String::from_utf8_lossy(&out.stderr).trim().to_owned())
+    }
+}
+
+async fn run(cmd: &mut tokio::process::Command) -> std::process::Output {
+    cmd.kill_on_drop(true);
+    tokio::time::timeout(Duration::from_secs(120), cmd.output())
+        .await
+        .expect("python finished within 120 s")
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_python_example_runs_against_the_demo() {
+    if let Err(why) = python() {
+        println!(
+            "skipped: the Python example of docs/clients.md needs python3 with grpcio, \
+             grpcio-tools and grpcio-status ({why}); `pip install grpcio grpcio-tools grpcio-status`"
+        );
+        return;
+    }
+    let h = Harness::start().await;
+    let work = tempfile::tempdir().unwrap();
+    let gen_dir = work.path().join("gen");
+    std::fs::create_dir_all(&gen_dir).unwrap();
+    // The stubs, generated as the page says.
+    let out = run(tokio::process::Command::new("python3")
+        .args(["-m", "grpc_tools.protoc", "-Iproto"])
+        .arg(format!("--python_out={}", gen_dir.display()))
+        .arg(format!("--grpc_python_out={}", gen_dir.display()))
+        .args([
+            "proto/demo/customer/v1/customer.proto",
+            "proto/pdgate/v1/annotations.proto",
+        ])
+        .current_dir(env!("CARGO_MANIFEST_DIR")))
+    .await;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let script = work.path().join("client.py");
+    std::fs::write(&script, python_example()).unwrap();
+
+    let out = run(tokio::process::Command::new("python3")
+        .arg(&script)
+        .arg(h.data_addr.to_string())
+        .env("PYTHONPATH", &gen_dir))
+    .await;
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "the Python example failed:\n{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let lines: Vec<&str> = stdout.lines().collect();
+    assert_eq!(lines.len(), 2, "{stdout}");
+    let id = |line: &str| line.rsplit("decision ").next().unwrap().to_owned();
+    assert!(lines[0].starts_with("allowed: "), "{stdout}");
+    assert!(
+        lines[1].starts_with("denied: CONSENT_REQUIRED §1(2), decision "),
+        "{stdout}"
+    );
+    // Both ids the example printed are the audit records of its two calls.
+    let records = h.audit_records();
+    let allowed = records
+        .iter()
+        .find(|r| r.body.decision_id == id(lines[0]))
+        .unwrap();
+    assert_eq!(
+        (allowed.body.caller.as_str(), allowed.body.purpose.as_str()),
+        ("billing-service", "service.billing")
+    );
+    let denied = records
+        .iter()
+        .find(|r| r.body.decision_id == id(lines[1]))
+        .unwrap();
+    assert_eq!(denied.body.caller, "marketing-service");
+    assert_eq!(h.service.calls(), 1, "the denied call reached the service");
+    println!("python example:\n{stdout}");
+}
