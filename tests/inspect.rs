@@ -396,6 +396,57 @@ async fn a_client_stream_ends_at_the_first_message_that_writes_what_the_purpose_
     );
 }
 
+#[tokio::test]
+async fn a_gzip_compressed_request_is_read_like_any_other() {
+    // The subjects and the minimization hold for a client that compresses its messages.
+    let h = Harness::start().await;
+    let mut client = h
+        .client()
+        .await
+        .send_compressed(tonic::codec::CompressionEncoding::Gzip)
+        .accept_compressed(tonic::codec::CompressionEncoding::Gzip);
+    let status = client
+        .get_profile(call(
+            profile("cust-1"),
+            "marketing-service",
+            "marketing.email",
+            &["cust-2"],
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(reason(&status), "SUBJECT_MISMATCH");
+    assert_eq!(h.service.calls(), 0);
+    let shipped = client
+        .get_profile(call(
+            profile("cust-1"),
+            "logistics-service",
+            "service.shipping",
+            &[],
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(!shipped.name.is_empty() && !shipped.address.is_empty());
+    assert_eq!(shipped.email, "", "minimized in a compressed call too");
+    // A compressed message naming a suspended customer in a client stream.
+    let updates = tokio_stream::iter(vec![ContactUpdate {
+        customer_id: "cust-3".into(),
+        address: "x".into(),
+        ..ContactUpdate::default()
+    }]);
+    let status = client
+        .import_contacts(call(
+            updates,
+            "provisioning-service",
+            "service.provision",
+            &[],
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(reason(&status), "USE_SUSPENDED");
+    assert_eq!(h.service.calls(), 1);
+}
+
 /// Envoy's `ext_authz` check of a call to `path` with `headers` (no body): the gRPC code
 /// Envoy is told, and the one audit record it made.
 async fn envoy_check(path: &str, headers: &[(&str, &str)]) -> (i32, pdgate::audit::AuditRecord) {

@@ -36,6 +36,7 @@ use crate::gate::metadata::{CALLER, DECISION_ID, MetadataError, PURPOSE, RECIPIE
 use crate::gate::{Admission, Ask, Call, Door, Gate, Peer};
 use crate::message::{
     self,
+    compression::{self, Encoding},
     frames::{self, FrameError},
 };
 use crate::policy::inspect::Inspection;
@@ -177,10 +178,15 @@ fn body_subjects(
         return Ok(None);
     }
     match frames::first(body) {
-        Ok(Some((false, message))) => message::subjects(&message, path)
-            .map(Some)
-            .map_err(|e| MetadataError::MessageUnreadable(e.to_string())),
-        Ok(Some((true, _))) => Err(MetadataError::MessageCompressed),
+        Ok(Some((compressed, message))) => {
+            let encoding = Encoding::named(http.headers.get("grpc-encoding").map(String::as_str));
+            let message =
+                compression::readable(compressed, &encoding, &message, frames::MAX_MESSAGE_BYTES)
+                    .map_err(MetadataError::from)?;
+            message::subjects(&message, path)
+                .map(Some)
+                .map_err(|e| MetadataError::MessageUnreadable(e.to_string()))
+        }
         // Cut off at Envoy's `max_request_bytes`: the message cannot be read whole.
         Ok(None) => Err(MetadataError::MessageUnreadable(
             "Envoy sent a partial body (raise `with_request_body.max_request_bytes`)".into(),

@@ -93,9 +93,12 @@ impl CustomerService {
         Self::default()
     }
 
-    /// The generated tonic service around this one.
+    /// The generated tonic service around this one. It takes gzip-compressed requests, and
+    /// compresses its answers to a client that accepts gzip, as many services do.
     pub fn into_server(self) -> CustomerDataServer<Self> {
         CustomerDataServer::new(self)
+            .accept_compressed(tonic::codec::CompressionEncoding::Gzip)
+            .send_compressed(tonic::codec::CompressionEncoding::Gzip)
     }
 
     /// Serves on `listener` until `shutdown` completes.

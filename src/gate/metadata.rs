@@ -2,6 +2,7 @@
 //! call's gRPC metadata (and, in mTLS mode, from the peer). Both doors that carry a call — the
 //! data plane and Envoy's `ext_authz` — present it as an `http::HeaderMap` and read it here.
 
+use crate::message::compression::CompressionError;
 use http::HeaderMap;
 use std::time::Duration;
 
@@ -64,12 +65,14 @@ pub enum MetadataError {
     /// A request message over the inspection limit (answered `RESOURCE_EXHAUSTED`).
     #[error("a request message of {len} bytes is over pdgate's inspection limit of {limit} bytes")]
     MessageTooLarge { len: usize, limit: usize },
-    /// A compressed request message on a route whose messages pdgate reads (answered
-    /// `UNIMPLEMENTED`).
-    #[error(
-        "the request message is compressed (`grpc-encoding`); pdgate reads this method's messages and does not decompress them: send it uncompressed"
-    )]
-    MessageCompressed,
+    /// A request message compressed in an encoding pdgate does not read, on a route whose
+    /// messages it reads (answered `UNIMPLEMENTED`).
+    #[error("{0}")]
+    MessageCompressed(String),
+    /// A compressed request message that expands past the inspection limit (answered
+    /// `RESOURCE_EXHAUSTED`).
+    #[error("a compressed request message expands past pdgate's inspection limit of {limit} bytes")]
+    MessageExpandsTooLarge { limit: usize },
     /// A request message that is not what the service's descriptors say.
     #[error("the request message cannot be read: {0}")]
     MessageUnreadable(String),
@@ -78,6 +81,16 @@ pub enum MetadataError {
         "the check request has no HTTP request attributes; pdgate authorizes HTTP/2 (gRPC) calls (Envoy's HTTP ext_authz filter, not the network one)"
     )]
     NoHttpRequest,
+}
+
+impl From<CompressionError> for MetadataError {
+    fn from(e: CompressionError) -> Self {
+        match e {
+            CompressionError::TooLarge { limit } => Self::MessageExpandsTooLarge { limit },
+            CompressionError::Unsupported(_) => Self::MessageCompressed(e.to_string()),
+            CompressionError::Corrupt(_) => Self::MessageUnreadable(e.to_string()),
+        }
+    }
 }
 
 /// Reads the context. `caller` is the authenticated identity when the transport gives one

@@ -9,6 +9,7 @@
 //!   passed on unclassified.
 //! - [`categories_set`]: the categories whose fields a request (a write) sets.
 
+pub mod compression;
 pub mod frames;
 pub mod wire;
 

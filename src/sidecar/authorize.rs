@@ -9,6 +9,7 @@ use super::messages::{
 };
 use crate::gate::metadata::{MetadataError, SUBJECT};
 use crate::gate::{Ask, Call, Door, Gate, Peer};
+use crate::message::compression::Encoding;
 use crate::message::frames::Frames;
 use crate::telemetry::CallSpan;
 use crate::transport::deadline::Deadline;
@@ -105,6 +106,7 @@ where
             let uri = request.uri().clone();
             let path = uri.path();
             let inspection = policy.inspection(path);
+            let encoding = encoding_of(request.headers());
             // A route that reads its subjects: the first message, before anything is decided
             // (and before anything reaches the upstream).
             let mut first = None;
@@ -123,7 +125,9 @@ where
                 ))));
                 match read.and_then(|message| {
                     let facts = match &message.message {
-                        Some(m) => request_facts(m, reading)?,
+                        Some((compressed, m)) => {
+                            request_facts((*compressed, m), &encoding, reading)?
+                        }
                         None => (Vec::new(), 0),
                     };
                     Ok((message, facts))
@@ -184,6 +188,7 @@ where
                     metadata,
                     certs: certs.clone(),
                     inspection: inspection.clone(),
+                    encoding: encoding.clone(),
                     decided: admission.request.subjects.iter().cloned().collect(),
                     refused_writes: inspection.mask(&admission.decision.minimized),
                 };
@@ -246,6 +251,7 @@ where
             match outcome {
                 Ok(mut response) => {
                     rescue::tag(&mut response, id);
+                    let response_encoding = encoding_of(response.headers());
                     let clear = inspection
                         .as_ref()
                         .map_or(0, |i| i.mask(&admission.decision.minimized));
@@ -265,7 +271,8 @@ where
                                     clear,
                                     verdict,
                                     gate.telemetry().metrics().clone(),
-                                );
+                                )
+                                .encoded(response_encoding);
                                 Body::new(match records {
                                     Some(records) => inspected.with_records(records),
                                     None => inspected,
@@ -322,11 +329,16 @@ fn not_grpc(request: &http::Request<Body>) -> Option<MetadataError> {
     }
 }
 
+/// The message encoding a request or response names (`grpc-encoding`).
+fn encoding_of(headers: &http::HeaderMap) -> Encoding {
+    Encoding::named(headers.get("grpc-encoding").and_then(|v| v.to_str().ok()))
+}
+
 /// A request message that cannot be read, as the gate records the refusal.
 fn unreadable_message(e: MessageError) -> MetadataError {
     match e {
         MessageError::TooLarge { len, limit } => MetadataError::MessageTooLarge { len, limit },
-        MessageError::Compressed => MetadataError::MessageCompressed,
+        MessageError::Compression(e) => e.into(),
         other => MetadataError::MessageUnreadable(other.to_string()),
     }
 }

@@ -9,7 +9,8 @@
 
 use crate::decision::DecisionId;
 use crate::gate::{Admission, Ask, Call, Door, Gate, Peer, Policy};
-use crate::message::frames::{FrameError, Frames, frame};
+use crate::message::compression::{self, CompressionError, Encoding};
+use crate::message::frames::{FrameError, Frames, MAX_MESSAGE_BYTES, frame, framed};
 use crate::message::{self, CategorySet, SubjectPath, wire::WireError};
 use crate::policy::inspect::Inspection;
 use crate::telemetry::metrics::Metrics;
@@ -31,10 +32,8 @@ use tonic::transport::CertificateDer;
 pub enum MessageError {
     #[error("a message of {len} bytes is over pdgate's inspection limit of {limit} bytes")]
     TooLarge { len: usize, limit: usize },
-    #[error(
-        "the message is compressed (`grpc-encoding`); pdgate reads this method's messages and does not decompress them: send it uncompressed"
-    )]
-    Compressed,
+    #[error(transparent)]
+    Compression(#[from] CompressionError),
     #[error("the message is not a valid protobuf message: {0}")]
     Wire(#[from] WireError),
     #[error("the body ends inside a message")]
@@ -53,8 +52,9 @@ impl From<FrameError> for MessageError {
 
 /// What a request body held up to its first message.
 pub struct FirstMessage {
-    /// The first message, when the body has one before its end.
-    pub message: Option<Bytes>,
+    /// The first message as it came, when the body has one before its end, and whether it is
+    /// compressed.
+    pub message: Option<(bool, Bytes)>,
     /// The request's trailers, when the body ended with them.
     pub trailers: Option<HeaderMap>,
     pub ended: bool,
@@ -67,10 +67,7 @@ pub async fn first_message(
 ) -> Result<FirstMessage, MessageError> {
     let mut trailers = None;
     loop {
-        if let Some((compressed, message)) = frames.next_message()? {
-            if compressed {
-                return Err(MessageError::Compressed);
-            }
+        if let Some(message) = frames.next_message()? {
             return Ok(FirstMessage {
                 message: Some(message),
                 trailers,
@@ -134,6 +131,8 @@ pub struct StreamCall {
     pub certs: Option<Arc<Vec<CertificateDer<'static>>>>,
     /// What the route reads of its requests: subjects, and on a write the categories set.
     pub inspection: Arc<Inspection>,
+    /// The request's `grpc-encoding`.
+    pub encoding: Encoding,
     /// Subjects the call has been decided for (and allowed).
     pub decided: BTreeSet<String>,
     /// The `minimize` categories the call may not have: a message that writes one is decided
@@ -143,8 +142,8 @@ pub struct StreamCall {
 
 impl StreamCall {
     /// A message's subjects and the `minimize` categories it writes.
-    fn read(&self, message: &[u8]) -> Result<(Vec<String>, CategorySet), MessageError> {
-        request_facts(message, &self.inspection)
+    fn read(&self, message: (bool, &[u8])) -> Result<(Vec<String>, CategorySet), MessageError> {
+        request_facts(message, &self.encoding, &self.inspection)
     }
 
     /// Whether a message about `subjects` writing `writes` is covered by what the call was
@@ -161,9 +160,11 @@ impl StreamCall {
 /// What pdgate reads of a request message: its subjects (when the route reads them) and the
 /// `minimize` categories it sets (on a write that may minimize).
 pub fn request_facts(
-    message: &[u8],
+    (compressed, message): (bool, &[u8]),
+    encoding: &Encoding,
     inspection: &Inspection,
 ) -> Result<(Vec<String>, CategorySet), MessageError> {
+    let message = &*compression::readable(compressed, encoding, message, MAX_MESSAGE_BYTES)?;
     let subjects = match &inspection.request_subjects {
         Some(path) => subjects_of(message, path)?,
         None => Vec::new(),
@@ -186,7 +187,7 @@ pub struct InspectedRequest {
     rest: Option<Body>,
     trailers: Option<HeaderMap>,
     call: StreamCall,
-    /// A message waiting for its decision, and the categories it writes.
+    /// A message (framed as it came) waiting for its decision, and the categories it writes.
     waiting: Option<(Bytes, CategorySet, BoxFuture<'static, Admission>)>,
     verdict: Verdict,
 }
@@ -200,7 +201,7 @@ impl InspectedRequest {
         verdict: Verdict,
     ) -> Self {
         Self {
-            head: first.message.map(|m| frame(&m)),
+            head: first.message.map(|(compressed, m)| framed(compressed, &m)),
             frames,
             rest: (!first.ended).then_some(rest),
             trailers: first.trailers,
@@ -242,18 +243,19 @@ impl http_body::Body for InspectedRequest {
                     .decided
                     .extend(admission.request.subjects.iter().cloned());
                 this.call.refused_writes &= !writes;
-                return Poll::Ready(Some(Ok(Frame::data(frame(&message)))));
+                return Poll::Ready(Some(Ok(Frame::data(message))));
             }
             match this.frames.next_message() {
                 Err(e) => return this.fail(message_status(&e.into())),
-                Ok(Some((true, _))) => return this.fail(message_status(&MessageError::Compressed)),
-                Ok(Some((false, message))) => {
-                    let (subjects, writes) = match this.call.read(&message) {
+                Ok(Some((compressed, message))) => {
+                    let (subjects, writes) = match this.call.read((compressed, &message)) {
                         Ok(facts) => facts,
                         Err(e) => return this.fail(message_status(&e)),
                     };
+                    // Passed on as it came, compressed or not.
+                    let message = framed(compressed, &message);
                     if this.call.covers(&subjects, writes) {
-                        return Poll::Ready(Some(Ok(Frame::data(frame(&message)))));
+                        return Poll::Ready(Some(Ok(Frame::data(message))));
                     }
                     let decision = decide(&this.call, subjects, writes);
                     this.waiting = Some((message, writes, decision));
@@ -317,8 +319,13 @@ fn decide(
 /// The status of a message pdgate cannot read.
 pub fn message_status(e: &MessageError) -> Status {
     match e {
-        MessageError::TooLarge { .. } => Status::resource_exhausted(e.to_string()),
-        MessageError::Compressed => Status::unimplemented(e.to_string()),
+        MessageError::TooLarge { .. }
+        | MessageError::Compression(CompressionError::TooLarge { .. }) => {
+            Status::resource_exhausted(e.to_string())
+        }
+        MessageError::Compression(CompressionError::Unsupported(_)) => {
+            Status::unimplemented(e.to_string())
+        }
         _ => Status::invalid_argument(e.to_string()),
     }
 }
@@ -424,6 +431,8 @@ pub struct InspectedResponse {
     inspection: Arc<Inspection>,
     clear: CategorySet,
     records: Option<Records>,
+    /// The response's `grpc-encoding`.
+    encoding: Encoding,
     verdict: Verdict,
     /// Where the fields cleared and dropped are counted.
     metrics: Arc<Metrics>,
@@ -443,9 +452,17 @@ impl InspectedResponse {
             inspection,
             clear,
             records: None,
+            encoding: Encoding::Identity,
             verdict,
             metrics,
         }
+    }
+
+    /// Reads the messages in the response's encoding (`grpc-encoding`).
+    #[must_use]
+    pub fn encoded(mut self, encoding: Encoding) -> Self {
+        self.encoding = encoding;
+        self
     }
 
     /// Decides each message of the stream as a record about the subject it names.
@@ -533,12 +550,22 @@ impl http_body::Body for InspectedResponse {
                         "the service's response cannot be inspected: {e}"
                     )));
                 }
-                Ok(Some((true, _))) => {
-                    return this.end_with(&Status::internal(
-                        "the service's response is compressed and pdgate must read it; the service must answer uncompressed (pdgate asks it to with `grpc-accept-encoding: identity`)",
-                    ));
-                }
-                Ok(Some((false, message))) => {
+                Ok(Some((compressed, message))) => {
+                    // Read decompressed, and handed on uncompressed (gRPC allows that per
+                    // message, whatever the response's `grpc-encoding`).
+                    let message = match compression::readable(
+                        compressed,
+                        &this.encoding,
+                        &message,
+                        MAX_MESSAGE_BYTES,
+                    ) {
+                        Ok(readable) => Bytes::from(readable.into_owned()),
+                        Err(e) => {
+                            return this.end_with(&Status::internal(format!(
+                                "the service's response cannot be inspected: {e}"
+                            )));
+                        }
+                    };
                     let Some(records) = &mut this.records else {
                         return this.deliver(&message);
                     };

@@ -31,12 +31,13 @@ pub fn refused(admission: &Admission) -> Response {
 /// (Envoy's `ext_authz`).
 pub fn refusal_status(admission: &Admission) -> Status {
     match &admission.malformed {
-        Some(error @ MetadataError::MessageTooLarge { .. }) => {
-            Status::resource_exhausted(error.to_string())
-        }
-        Some(error @ (MetadataError::MessageCompressed | MetadataError::UnsupportedCodec(_))) => {
-            Status::unimplemented(error.to_string())
-        }
+        Some(
+            error @ (MetadataError::MessageTooLarge { .. }
+            | MetadataError::MessageExpandsTooLarge { .. }),
+        ) => Status::resource_exhausted(error.to_string()),
+        Some(
+            error @ (MetadataError::MessageCompressed(_) | MetadataError::UnsupportedCodec(_)),
+        ) => Status::unimplemented(error.to_string()),
         Some(error) => Status::invalid_argument(error.to_string()),
         None => denied_status(&admission.decision, admission.decision_id()),
     }
