@@ -6,7 +6,7 @@
 //! the exit codes are the same either way.
 
 use super::admin_client::{AdminArgs, AdminClientError, report_status};
-use super::{EXIT_DENIED, EXIT_OK, EXIT_USAGE, print_json};
+use super::{EXIT_DENIED, EXIT_OK, EXIT_USAGE, output, print_json};
 use crate::api::audit_log::{MAX_LIMIT, is_reason_code, query_of};
 use crate::audit::read::{self, Access, Break, Filter, Verification};
 use crate::audit::{Anchor, AuditRecord, RecordKind};
@@ -38,15 +38,31 @@ pub struct DirArgs {
     /// The audit log directory.
     #[arg(
         long = "audit",
-        visible_alias = "dir",
         value_name = "DIR",
         env = "PDGATE_AUDIT",
         default_value = "audit"
     )]
     dir: PathBuf,
-    /// Print JSON instead of text.
-    #[arg(long)]
-    json: bool,
+    /// Deprecated spelling of --audit.
+    #[arg(id = "old_dir", long = "dir", value_name = "DIR", hide = true,
+        value_parser = super::deprecated_flag::<PathBuf>("--dir", "--audit"))]
+    old_dir: Option<PathBuf>,
+}
+
+impl DirArgs {
+    fn path(&self) -> &Path {
+        self.old_dir.as_deref().unwrap_or(&self.dir)
+    }
+}
+
+/// `--dir`, the deprecated spelling of `--audit`.
+fn old_dir_arg() -> Arg {
+    Arg::new("old_dir")
+        .long("dir")
+        .value_name("DIR")
+        .hide(true)
+        .help("Deprecated spelling of --audit")
+        .value_parser(super::deprecated_flag::<PathBuf>("--dir", "--audit"))
 }
 
 /// Where the records come from: a log directory, or a running sidecar's `AuditLog` API.
@@ -71,12 +87,12 @@ impl Args for Source {
             .arg(
                 Arg::new("audit_dir")
                     .long("audit")
-                    .visible_alias("dir")
                     .value_name("DIR")
                     .env("PDGATE_AUDIT")
                     .value_parser(clap::value_parser!(PathBuf))
                     .help("The audit log directory (default `audit`); not with --admin"),
             )
+            .arg(old_dir_arg())
             .arg(
                 Arg::new("json")
                     .long("json")
@@ -97,9 +113,14 @@ impl clap::FromArgMatches for Source {
 
     fn from_arg_matches_mut(matches: &mut ArgMatches) -> Result<Self, clap::Error> {
         let admin_source = matches.value_source("addr");
-        let dir_source = matches.value_source("audit_dir");
+        let old_dir = matches.remove_one::<PathBuf>("old_dir");
+        let dir_source = if old_dir.is_some() {
+            Some(ValueSource::CommandLine)
+        } else {
+            matches.value_source("audit_dir")
+        };
         let admin = AdminArgs::from_arg_matches_mut(matches)?;
-        let dir = matches.remove_one::<PathBuf>("audit_dir");
+        let dir = old_dir.or_else(|| matches.remove_one::<PathBuf>("audit_dir"));
         let json = matches.get_flag("json");
         let on_line = |s: Option<ValueSource>| s == Some(ValueSource::CommandLine);
         let from = match (dir, admin_source, dir_source) {
@@ -143,6 +164,7 @@ pub struct QueryArgs {
     /// This category, one below it or one above it.
     #[arg(long)]
     category: Option<String>,
+    /// Only allowed or only denied decisions.
     #[arg(long, value_enum)]
     decision: Option<DecisionArg>,
     /// A reason code, e.g. CONSENT_REQUIRED (or ADMIN_ROLE_REQUIRED).
@@ -151,13 +173,17 @@ pub struct QueryArgs {
     /// What produced the record: a data-plane call, a Check, an administrative action.
     #[arg(long, value_enum)]
     kind: Option<KindArg>,
-    #[arg(long, value_name = "TIME")]
-    since: Option<String>,
-    #[arg(long, value_name = "TIME")]
-    until: Option<String>,
-    #[arg(long)]
+    /// Records at or after TIME: RFC 3339 or a duration back from now (24h).
+    #[arg(long, value_name = "TIME", value_parser = super::parse_time)]
+    since: Option<u64>,
+    /// Records at or before TIME: RFC 3339 or a duration back from now (1h).
+    #[arg(long, value_name = "TIME", value_parser = super::parse_time)]
+    until: Option<u64>,
+    /// The W3C trace id of the call (32 hex digits, from its `traceparent`).
+    #[arg(long, value_name = "HEX")]
     trace_id: Option<String>,
-    #[arg(long)]
+    /// The decision id the caller was given (`x-pdgate-decision-id`).
+    #[arg(long, value_name = "ID")]
     decision_id: Option<String>,
     /// At most this many records (the first ones in log order; with --admin at most 10000).
     #[arg(long, default_value_t = 1000)]
@@ -196,10 +222,12 @@ pub struct ReportArgs {
     /// The data subject whose request this answers.
     #[arg(long)]
     subject: String,
+    /// Markdown or a standalone HTML page.
     #[arg(long, value_enum, default_value_t = Format::Md)]
     format: Format,
-    #[arg(long, value_name = "TIME")]
-    since: Option<String>,
+    /// Records at or after TIME: RFC 3339 or a duration back from now (365days).
+    #[arg(long, value_name = "TIME", value_parser = super::parse_time)]
+    since: Option<u64>,
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -357,44 +385,27 @@ fn print_verification(v: &Verification, json: bool) {
             (Some(s), Some(l)) => format!("{s}:{l}: "),
             _ => String::new(),
         };
-        println!(
+        outln!(
             "BROKEN {place}{} ({} records verified before it)",
-            b.what, v.records
+            b.what,
+            v.records
         );
         return;
     }
-    println!(
+    outln!(
         "ok: {} records in {} segments, chain whole, last hash {}",
-        v.records, v.segments, v.last_hash
+        v.records,
+        v.segments,
+        v.last_hash
     );
     if let Some(a) = v.anchor {
-        println!(
+        outln!(
             "the log starts at record {}: records 1 to {} were deleted by retention; the chain was verified from their last hash {} (ANCHOR)",
             v.first_seq,
             a.seq,
             hex::encode(a.hash)
         );
     }
-}
-
-/// RFC 3339, or a duration back from now.
-fn parse_time(flag: &str, text: &str) -> Result<u64, u8> {
-    if let Ok(t) = humantime::parse_rfc3339_weak(text) {
-        return Ok(micros(t));
-    }
-    if let Ok(d) = humantime::parse_duration(text) {
-        return Ok(micros(SystemTime::now())
-            .saturating_sub(u64::try_from(d.as_micros()).unwrap_or(u64::MAX)));
-    }
-    eprintln!(
-        "error: {flag} `{text}` is neither an RFC 3339 time (2026-11-27T09:00:00Z) nor a duration (1h, 30m)"
-    );
-    Err(EXIT_USAGE)
-}
-
-fn micros(t: SystemTime) -> u64 {
-    t.duration_since(UNIX_EPOCH)
-        .map_or(0, |d| u64::try_from(d.as_micros()).unwrap_or(u64::MAX))
 }
 
 fn time_of(r: &AuditRecord) -> String {
@@ -445,7 +456,7 @@ fn print_record(r: &AuditRecord, json: bool) {
             Err(e) => eprintln!("error: {e}"),
         }
     } else {
-        println!("{}", line_of(r));
+        outln!("{}", line_of(r));
     }
 }
 
@@ -463,24 +474,7 @@ fn query(args: QueryArgs) -> u8 {
     {
         return code;
     }
-    let since = match args
-        .since
-        .as_deref()
-        .map(|t| parse_time("--since", t))
-        .transpose()
-    {
-        Ok(t) => t,
-        Err(code) => return code,
-    };
-    let until = match args
-        .until
-        .as_deref()
-        .map(|t| parse_time("--until", t))
-        .transpose()
-    {
-        Ok(t) => t,
-        Err(code) => return code,
-    };
+    let (since, until) = (args.since, args.until);
     if let (Some(s), Some(u)) = (since, until)
         && s > u
     {
@@ -523,7 +517,7 @@ fn query(args: QueryArgs) -> u8 {
             let result = read::scan(dir, &filter, |r| {
                 found += 1;
                 print_record(&r, json);
-                found < args.limit
+                found < args.limit && !output::closed()
             });
             if let Err(e) = result {
                 eprintln!("error: {e}");
@@ -553,7 +547,7 @@ fn query(args: QueryArgs) -> u8 {
                 Ok(a) => a,
                 Err(code) => return code,
             };
-            for m in &answer.records {
+            for m in answer.records.iter().take_while(|_| !output::closed()) {
                 match parse_line(&m.json) {
                     Ok(r) => {
                         found += 1;
@@ -564,7 +558,7 @@ fn query(args: QueryArgs) -> u8 {
             }
         }
     }
-    if !json {
+    if !json && !output::closed() {
         eprintln!("{found} record{}", if found == 1 { "" } else { "s" });
     }
     EXIT_OK
@@ -598,14 +592,17 @@ fn tail(args: &TailArgs) -> u8 {
     if !args.follow {
         return EXIT_OK;
     }
-    // Follows until interrupted (Ctrl-C ends the process). Each look reads only the segments
-    // that may hold records after the last one printed.
+    // Follows until interrupted (Ctrl-C ends the process) or the reader closes stdout. Each
+    // look reads only the segments that may hold records after the last one printed.
     loop {
+        if output::closed() {
+            return EXIT_OK;
+        }
         std::thread::sleep(Duration::from_millis(500));
         let result = read::scan_lines(dir, &Filter::default(), Access::Scan, seen, |r, _| {
             seen = r.seq;
             print_record(&r, json);
-            true
+            !output::closed()
         });
         if let Err(e) = result {
             eprintln!("error: {e}");
@@ -639,7 +636,12 @@ fn tail_remote(admin: &AdminArgs, lines: usize, follow: bool, json: bool) -> u8 
         loop {
             match stream.message().await {
                 Ok(Some(m)) => match parse_line(&m.json) {
-                    Ok(r) => print_record(&r, json),
+                    Ok(r) => {
+                        print_record(&r, json);
+                        if output::closed() {
+                            return EXIT_OK;
+                        }
+                    }
                     Err(code) => return code,
                 },
                 Ok(None) => return EXIT_OK,
@@ -659,18 +661,10 @@ struct Use {
 }
 
 fn report(args: &ReportArgs) -> u8 {
-    if let Err(code) = check_dir(&args.dir.dir) {
+    if let Err(code) = check_dir(args.dir.path()) {
         return code;
     }
-    let since = match args
-        .since
-        .as_deref()
-        .map(|t| parse_time("--since", t))
-        .transpose()
-    {
-        Ok(t) => t,
-        Err(code) => return code,
-    };
+    let since = args.since;
     let filter = Filter {
         subject: Some(args.subject.clone()),
         since_us: since,
@@ -683,7 +677,7 @@ fn report(args: &ReportArgs) -> u8 {
     // The privacy office's handling of the person's own requests (kind `admin` records that
     // name the subject): listed apart, they are not uses of the data.
     let mut handled: Vec<AuditRecord> = Vec::new();
-    let result = read::scan(&args.dir.dir, &filter, |r| {
+    let result = read::scan(args.dir.path(), &filter, |r| {
         if r.body.kind == Some(RecordKind::Admin) {
             handled.push(r);
             return true;
@@ -725,7 +719,7 @@ fn report(args: &ReportArgs) -> u8 {
         "# Disclosure report for data subject `{}`\n\nGenerated {} from the audit log `{}` (seed §7: disclosure of held personal data; §6(3): audits).\n\n{total} decisions concern this person: {} allowed, {denied} denied.\n\n## Who used the data, for which purpose\n\n| caller | purpose | action | categories | calls | first | last |\n|---|---|---|---|---|---|---|\n",
         args.subject,
         humantime::format_rfc3339_seconds(SystemTime::now()),
-        args.dir.dir.display(),
+        args.dir.path().display(),
         total - denied,
     );
     for ((caller, purpose, action), u) in &uses {
@@ -777,8 +771,8 @@ fn report(args: &ReportArgs) -> u8 {
     md.push_str(&args.subject);
     md.push_str(" --decision deny`.\n");
     match args.format {
-        Format::Md => print!("{md}"),
-        Format::Html => print!("{}", markdown_table_html(&md)),
+        Format::Md => out!("{md}"),
+        Format::Html => out!("{}", markdown_table_html(&md)),
     }
     EXIT_OK
 }

@@ -1,15 +1,33 @@
 //! The `pdgate` command line. Exit codes: 0 ok or allowed, 1 denied or a failed check,
 //! 2 bad input on the command line.
 
+/// `print!` for the CLI: see [`output`] (a closed stdout ends the output quietly).
+macro_rules! out {
+    ($($arg:tt)*) => {
+        $crate::cli::output::write(format_args!($($arg)*))
+    };
+}
+
+/// `println!` for the CLI: see [`output`].
+macro_rules! outln {
+    () => {
+        $crate::cli::output::write(format_args!("\n"))
+    };
+    ($($arg:tt)*) => {
+        $crate::cli::output::write(format_args!("{}\n", format_args!($($arg)*)))
+    };
+}
+
 mod admin_client;
 mod audit;
 mod check;
+pub mod output;
 mod policy_cmd;
 mod policy_diff;
 mod serve;
 mod subjects;
 
-use clap::{Args, Parser, Subcommand};
+use clap::{Args, CommandFactory, Parser, Subcommand};
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -58,6 +76,25 @@ enum Command {
     /// Record and inspect data subjects' consent and requests (§7) in the registry.
     #[command(subcommand)]
     Subjects(subjects::SubjectsCommand),
+    /// Print a shell completion script, e.g. `pdgate completions bash > ~/.local/share/bash-completion/completions/pdgate`.
+    Completions(CompletionsArgs),
+    /// Print the man page (roff), e.g. `pdgate man | man -l -`; with --dir, write one page per
+    /// subcommand there (pdgate.1, pdgate-audit-query.1, ...).
+    Man(ManArgs),
+}
+
+#[derive(Debug, Args)]
+struct CompletionsArgs {
+    /// The shell to complete for.
+    #[arg(value_name = "SHELL", value_enum)]
+    shell: clap_complete::Shell,
+}
+
+#[derive(Debug, Args)]
+struct ManArgs {
+    /// Write pdgate.1 and a page per subcommand into DIR instead of printing pdgate.1.
+    #[arg(long, value_name = "DIR")]
+    dir: Option<PathBuf>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -132,6 +169,8 @@ pub fn main() -> ExitCode {
             Command::Demo(args) => serve::demo(args).await,
             Command::Audit(command) => audit::run(command),
             Command::Subjects(command) => subjects::run(command).await,
+            Command::Completions(args) => completions(args.shell),
+            Command::Man(args) => man(args.dir.as_deref()),
             Command::Policy(PolicyCommand::Validate(args)) => {
                 policy_cmd::validate(&args.dir, args.json).await
             }
@@ -149,7 +188,103 @@ pub fn main() -> ExitCode {
     ExitCode::from(code)
 }
 
+fn completions(shell: clap_complete::Shell) -> u8 {
+    let mut script = Vec::new();
+    clap_complete::generate(shell, &mut Cli::command(), "pdgate", &mut script);
+    output::write_bytes(&script);
+    EXIT_OK
+}
+
+fn man(dir: Option<&std::path::Path>) -> u8 {
+    let result = match dir {
+        Some(dir) => clap_mangen::generate_to(Cli::command(), dir),
+        None => {
+            let mut page = Vec::new();
+            clap_mangen::Man::new(Cli::command())
+                .render(&mut page)
+                .map(|()| output::write_bytes(&page))
+        }
+    };
+    match result {
+        Ok(()) => EXIT_OK,
+        Err(e) => {
+            let place = dir.map_or_else(|| "stdout".to_owned(), |d| format!("`{}`", d.display()));
+            eprintln!("error: cannot write the man page to {place}: {e}");
+            EXIT_DENIED
+        }
+    }
+}
+
 /// Prints `value` as one line of JSON on stdout.
 fn print_json(value: &serde_json::Value) {
-    println!("{value}");
+    outln!("{value}");
+}
+
+/// The value parser of a deprecated flag: parses its value as the new flag would, and says on
+/// stderr which flag to use instead.
+fn deprecated_flag<T>(
+    old: &'static str,
+    new: &'static str,
+) -> impl Fn(&str) -> Result<T, String> + Clone + Send + Sync + 'static
+where
+    T: std::str::FromStr + Clone + Send + Sync + 'static,
+    T::Err: std::fmt::Display,
+{
+    move |text| {
+        output::deprecated(old, new);
+        text.parse::<T>().map_err(|e| e.to_string())
+    }
+}
+
+/// A duration flag's value: `30s`, `5m`, `1h 30m`, `7days` (humantime's units).
+fn parse_duration(text: &str) -> Result<std::time::Duration, String> {
+    humantime::parse_duration(text).map_err(|e| {
+        format!(
+            "`{text}` is not a duration ({e}); write it with a unit: 500ms, 30s, 5m, 24h, 7days"
+        )
+    })
+}
+
+/// A duration flag that used to take bare seconds: a bare number is still read as seconds,
+/// with a deprecation warning.
+fn parse_duration_or_seconds(
+    flag: &'static str,
+) -> impl Fn(&str) -> Result<std::time::Duration, String> + Clone + Send + Sync + 'static {
+    move |text| match text.parse::<u64>() {
+        Ok(seconds) => {
+            output::deprecated(&format!("{flag} {text}"), &format!("{flag} {text}s"));
+            Ok(std::time::Duration::from_secs(seconds))
+        }
+        Err(_) => parse_duration(text),
+    }
+}
+
+/// A point in time, in microseconds since the Unix epoch: RFC 3339 (`2026-11-27T09:00:00Z`)
+/// or a duration back from now (`24h`, `30m`, `7days`).
+fn parse_time(text: &str) -> Result<u64, String> {
+    use std::time::{SystemTime, UNIX_EPOCH};
+    let micros = |t: SystemTime| {
+        t.duration_since(UNIX_EPOCH)
+            .map_or(0, |d| u64::try_from(d.as_micros()).unwrap_or(u64::MAX))
+    };
+    if let Ok(t) = humantime::parse_rfc3339_weak(text) {
+        return Ok(micros(t));
+    }
+    if let Ok(d) = humantime::parse_duration(text) {
+        return Ok(micros(SystemTime::now())
+            .saturating_sub(u64::try_from(d.as_micros()).unwrap_or(u64::MAX)));
+    }
+    Err(format!(
+        "`{text}` is neither an RFC 3339 time (2026-11-27T09:00:00Z) nor a duration back from now (24h, 30m, 7days)"
+    ))
+}
+
+/// A duration flag whose configuration key counts whole seconds: the duration, in seconds.
+fn parse_seconds(text: &str) -> Result<u64, String> {
+    let d = parse_duration(text)?;
+    if d.subsec_nanos() == 0 {
+        Ok(d.as_secs())
+    } else {
+        Err(format!("`{text}`: whole seconds only (e.g. 30s, 5m)"))
+    }
 }
