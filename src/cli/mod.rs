@@ -24,6 +24,7 @@ mod check;
 pub mod output;
 mod policy_cmd;
 mod policy_diff;
+mod policy_test;
 mod serve;
 mod subjects;
 
@@ -101,8 +102,8 @@ struct ManArgs {
 enum PolicyCommand {
     /// Validate a policy directory: every problem is listed with its file and line.
     Validate(PolicyDirArgs),
-    /// Run the policy tests in DIR/tests/*.yaml against the policy in DIR.
-    Test(PolicyTestArgs),
+    /// Run the policy tests in DIR/tests/*.yaml against the policy in DIR, with coverage.
+    Test(policy_test::PolicyTestArgs),
     /// Replay the decisions of an audit log under a candidate policy and report those that
     /// would flip, grouped by purpose, category, caller and clause.
     Diff(policy_diff::DiffArgs),
@@ -116,6 +117,56 @@ enum PolicyCommand {
     Explain(policy_cmd::ExplainArgs),
     /// Load a candidate as a shadow policy (decided, never enforced), or clear it.
     Shadow(policy_cmd::ShadowArgs),
+    /// Print the JSON Schema of a policy file kind, for editors (the same files are in
+    /// schemas/ of the repository).
+    Schema(SchemaArgs),
+}
+
+#[derive(Debug, Args)]
+#[command(
+    after_help = "Example (VS Code with the YAML extension, in .vscode/settings.json):\n  \
+\"yaml.schemas\": { \"schemas/policy-tests.schema.json\": \"policy/tests/*.yaml\", \
+\"schemas/routes.schema.json\": \"policy/routes.yaml\" }"
+)]
+struct SchemaArgs {
+    /// Which file: `taxonomy` (taxonomy.toml), `routes` (routes.yaml) or `tests`
+    /// (tests/*.yaml).
+    #[arg(value_name = "FILE_KIND", value_enum)]
+    kind: SchemaKind,
+}
+
+/// A policy file kind that has a JSON Schema.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum SchemaKind {
+    Taxonomy,
+    Routes,
+    Tests,
+}
+
+impl SchemaKind {
+    pub const ALL: [SchemaKind; 3] = [Self::Taxonomy, Self::Routes, Self::Tests];
+
+    /// Its file under `schemas/` of the repository.
+    pub fn file_name(self) -> &'static str {
+        match self {
+            Self::Taxonomy => "taxonomy.schema.json",
+            Self::Routes => "routes.schema.json",
+            Self::Tests => "policy-tests.schema.json",
+        }
+    }
+
+    /// The schema, generated from the types the files are read into, as pretty JSON ending
+    /// in a newline.
+    pub fn schema_text(self) -> String {
+        let schema = match self {
+            Self::Taxonomy => crate::policy::taxonomy_schema(),
+            Self::Routes => crate::policy::routes::schema(),
+            Self::Tests => crate::decision::fixtures::schema(),
+        };
+        let mut text = serde_json::to_string_pretty(&schema).unwrap_or_default();
+        text.push('\n');
+        text
+    }
 }
 
 #[derive(Debug, Args)]
@@ -126,15 +177,6 @@ struct PolicyDirArgs {
     /// Print one JSON object instead of text.
     #[arg(long)]
     json: bool,
-}
-
-#[derive(Debug, Args)]
-struct PolicyTestArgs {
-    #[command(flatten)]
-    policy: PolicyDirArgs,
-    /// Directory of the test files (default: DIR/tests).
-    #[arg(long, value_name = "TESTS")]
-    tests: Option<PathBuf>,
 }
 
 /// Parses the command line, runs the command and maps the result to an exit code.
@@ -175,14 +217,16 @@ pub fn main() -> ExitCode {
                 policy_cmd::validate(&args.dir, args.json).await
             }
             Command::Policy(PolicyCommand::Diff(args)) => policy_diff::run(args).await,
-            Command::Policy(PolicyCommand::Test(args)) => {
-                policy_cmd::test(&args.policy.dir, args.tests.as_deref(), args.policy.json).await
-            }
+            Command::Policy(PolicyCommand::Test(args)) => policy_test::run(args).await,
             Command::Policy(PolicyCommand::Push(args)) => policy_cmd::push(args).await,
             Command::Policy(PolicyCommand::Status(args)) => policy_cmd::status(args).await,
             Command::Policy(PolicyCommand::Rollback(args)) => policy_cmd::rollback(args).await,
             Command::Policy(PolicyCommand::Explain(args)) => policy_cmd::explain(args).await,
             Command::Policy(PolicyCommand::Shadow(args)) => policy_cmd::shadow(args).await,
+            Command::Policy(PolicyCommand::Schema(args)) => {
+                out!("{}", args.kind.schema_text());
+                EXIT_OK
+            }
         }
     });
     ExitCode::from(code)

@@ -1,10 +1,9 @@
-//! `pdgate policy validate` and `pdgate policy test` (local), and `push`, `status`,
+//! `pdgate policy validate` (local; `policy test` is in `policy_test.rs`), and `push`, `status`,
 //! `rollback`, `explain`, `shadow` against a running sidecar's `PolicyAdmin`.
 
 use super::admin_client::{AdminArgs, AdminChannel, report_status};
 use super::check::RequestArgs;
 use super::{EXIT_DENIED, EXIT_OK, EXIT_USAGE, print_json};
-use crate::decision::fixtures;
 use crate::gate::Bundle;
 use crate::policy::{self, Problems};
 use crate::proto::v1::policy_admin_client::PolicyAdminClient;
@@ -15,7 +14,6 @@ use crate::proto::v1::{
 use clap::Args;
 use serde_json::json;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 
 /// Validates `dir`; exit 0 valid, 1 invalid (every problem listed), 2 no such directory.
 pub async fn validate(dir: &Path, json: bool) -> u8 {
@@ -63,67 +61,7 @@ pub async fn validate(dir: &Path, json: bool) -> u8 {
     }
 }
 
-/// Runs the policy tests; exit 0 all passed, 1 a case failed or the policy is invalid.
-pub async fn test(dir: &Path, tests: Option<&Path>, json: bool) -> u8 {
-    if !dir.is_dir() {
-        return missing_dir(dir, json);
-    }
-    let snapshot = match policy::load_dir(dir).await {
-        Ok(s) => Arc::new(s),
-        Err(problems) => {
-            report_invalid(dir, &problems, json);
-            return EXIT_DENIED;
-        }
-    };
-    let tests_dir = tests.map_or_else(|| dir.join("tests"), Path::to_path_buf);
-    let report = match fixtures::read_dir(&tests_dir) {
-        Ok(files) => fixtures::run(&snapshot, &files).await,
-        Err(e) => Err(e),
-    };
-    let report = match report {
-        Ok(r) => r,
-        Err(e) => {
-            if json {
-                print_json(&json!({ "passed": false, "error": e.to_string() }));
-            } else {
-                eprintln!("error: {e}");
-            }
-            return EXIT_DENIED;
-        }
-    };
-    if json {
-        print_json(&json!({
-            "passed": report.passed(),
-            "policy_version": snapshot.version().to_string(),
-            "files": report.files,
-            "cases": report.cases,
-            "failures": report.failures.iter().map(|f| json!({
-                "file": f.file, "case": f.case, "expected": f.expected, "got": f.got,
-            })).collect::<Vec<_>>(),
-        }));
-    } else {
-        for failure in &report.failures {
-            outln!("FAIL {failure}");
-        }
-        if report.cases == 0 {
-            outln!("no policy tests found in {}", tests_dir.display());
-        }
-        outln!(
-            "{} passed, {} failed ({} files, policy {})",
-            report.cases - report.failures.len(),
-            report.failures.len(),
-            report.files,
-            snapshot.version().short()
-        );
-    }
-    if report.passed() {
-        EXIT_OK
-    } else {
-        EXIT_DENIED
-    }
-}
-
-fn missing_dir(dir: &Path, json: bool) -> u8 {
+pub(super) fn missing_dir(dir: &Path, json: bool) -> u8 {
     let message = format!(
         "policy directory `{}` does not exist (give DIR, or set PDGATE_POLICY)",
         dir.display()
