@@ -6,7 +6,7 @@
 //! the exit codes are the same either way.
 
 use super::admin_client::{AdminArgs, AdminClientError, report_status};
-use super::{EXIT_DENIED, EXIT_OK, EXIT_USAGE, output, print_json};
+use super::{EXIT_DENIED, EXIT_OK, EXIT_USAGE, output, print_json, report};
 use crate::api::audit_log::{MAX_LIMIT, is_reason_code, query_of};
 use crate::audit::read::{self, Access, Break, Filter, Verification};
 use crate::audit::{Anchor, AuditRecord, RecordKind};
@@ -14,9 +14,8 @@ use crate::proto::v1::audit_log_client::AuditLogClient;
 use crate::proto::v1::{AuditTailRequest, AuditVerifyRequest, AuditVerifyResponse};
 use clap::parser::ValueSource;
 use clap::{Arg, ArgAction, ArgMatches, Args, Subcommand, ValueEnum};
-use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, UNIX_EPOCH};
 
 #[derive(Debug, Subcommand)]
 pub enum AuditCommand {
@@ -216,32 +215,57 @@ pub struct TailArgs {
 }
 
 #[derive(Debug, Args)]
+#[command(
+    after_help = "The report is written for the person it is about: descriptions and company \
+names from the policy's taxonomy.toml (--policy), local time (--timezone), accesses grouped by \
+purpose and by recipient (inside the company, joint users §2, third parties §3). The privacy \
+office's own processing to answer the person (subject_request.*) and the refused attempts are \
+left out (only counted); --audience auditor adds them in sections of their own.\n\n\
+Examples:\n  pdgate audit report --subject cust-1 --format html > report.html\n  \
+pdgate audit report --subject cust-1 --lang en --timezone Europe/London\n  \
+pdgate audit report --subject cust-1 --audience auditor --json"
+)]
 pub struct ReportArgs {
     #[command(flatten)]
     dir: DirArgs,
     /// The data subject whose request this answers.
     #[arg(long)]
     subject: String,
-    /// Markdown or a standalone HTML page.
-    #[arg(long, value_enum, default_value_t = Format::Md)]
-    format: Format,
+    /// `md` (Markdown), `html` (a standalone page) or `json`.
+    #[arg(long, value_enum, default_value_t = report::Format::Md)]
+    format: report::Format,
+    /// Same as --format json.
+    #[arg(long, conflicts_with = "format")]
+    json: bool,
+    /// The report's language.
+    #[arg(long, value_enum, default_value_t = report::Lang::Ja)]
+    lang: report::Lang,
+    /// Times are shown in this IANA time zone.
+    #[arg(long, value_name = "ZONE", default_value = "Asia/Tokyo")]
+    timezone: String,
+    /// `subject` (the person) or `auditor` (adds the privacy office's processing and the
+    /// refused attempts).
+    #[arg(long, value_enum, default_value_t = report::Audience::Subject)]
+    audience: report::Audience,
+    /// Policy directory whose taxonomy.toml names the purposes, data and companies.
+    #[arg(
+        long,
+        value_name = "DIR",
+        env = "PDGATE_POLICY",
+        default_value = "policy"
+    )]
+    policy: PathBuf,
     /// Records at or after TIME: RFC 3339 or a duration back from now (365days).
     #[arg(long, value_name = "TIME", value_parser = super::parse_time)]
     since: Option<u64>,
 }
 
-#[derive(Debug, Clone, Copy, ValueEnum)]
-enum Format {
-    Md,
-    Html,
-}
-
-pub fn run(command: AuditCommand) -> u8 {
+pub async fn run(command: AuditCommand) -> u8 {
     match command {
         AuditCommand::Verify(args) => verify(&args),
         AuditCommand::Query(args) => query(args),
         AuditCommand::Tail(args) => tail(&args),
-        AuditCommand::Report(args) => report(&args),
+        AuditCommand::Report(args) => report(&args).await,
     }
 }
 
@@ -651,176 +675,44 @@ fn tail_remote(admin: &AdminArgs, lines: usize, follow: bool, json: bool) -> u8 
     })
 }
 
-/// One line of the report: a caller's use of the subject's data for one purpose.
-#[derive(Default)]
-struct Use {
-    calls: usize,
-    categories: std::collections::BTreeSet<String>,
-    first: u64,
-    last: u64,
-}
-
-fn report(args: &ReportArgs) -> u8 {
+async fn report(args: &ReportArgs) -> u8 {
     if let Err(code) = check_dir(args.dir.path()) {
         return code;
     }
-    let since = args.since;
-    let filter = Filter {
-        subject: Some(args.subject.clone()),
-        since_us: since,
-        ..Filter::default()
+    let timezone = match report::parse_timezone(&args.timezone) {
+        Ok(tz) => tz,
+        Err(code) => return code,
     };
-    let mut uses: BTreeMap<(String, String, String), Use> = BTreeMap::new();
-    let mut received: BTreeMap<(String, String), Use> = BTreeMap::new();
-    let mut denied = 0usize;
-    let mut total = 0usize;
-    // The privacy office's handling of the person's own requests (kind `admin` records that
-    // name the subject): listed apart, they are not uses of the data.
-    let mut handled: Vec<AuditRecord> = Vec::new();
-    let result = read::scan(args.dir.path(), &filter, |r| {
-        if r.body.kind == Some(RecordKind::Admin) {
-            handled.push(r);
-            return true;
-        }
-        total += 1;
-        let b = &r.body;
-        if b.decision != "allow" {
-            denied += 1;
-            return true;
-        }
-        let add = |u: &mut Use| {
-            u.calls += 1;
-            u.categories.extend(b.categories.iter().cloned());
-            u.first = if u.first == 0 {
-                b.time_us
-            } else {
-                u.first.min(b.time_us)
-            };
-            u.last = u.last.max(b.time_us);
-        };
-        add(uses
-            .entry((b.caller.clone(), b.purpose.clone(), b.action.clone()))
-            .or_default());
-        // Provision outside the company: a joint-use or third-party purpose (§2, §3).
-        if b.purpose.starts_with("joint_use") || b.purpose.starts_with("third_party") {
-            let to = b.recipient.clone().unwrap_or_else(|| b.caller.clone());
-            add(received.entry((to, b.purpose.clone())).or_default());
-        }
-        true
-    });
-    if let Err(e) = result {
-        eprintln!("error: {e}");
-        return EXIT_DENIED;
+    if !args.policy.is_dir() {
+        eprintln!(
+            "error: --policy `{}` is not a policy directory (the report takes its names from taxonomy.toml)",
+            args.policy.display()
+        );
+        return EXIT_USAGE;
     }
-    let when = |us: u64| {
-        humantime::format_rfc3339_seconds(UNIX_EPOCH + Duration::from_micros(us)).to_string()
+    let policy = match crate::policy::load_dir(&args.policy).await {
+        Ok(p) => p,
+        Err(problems) => {
+            eprintln!(
+                "error: the policy `{}` is not valid: {problems}",
+                args.policy.display()
+            );
+            return EXIT_DENIED;
+        }
     };
-    let mut md = format!(
-        "# Disclosure report for data subject `{}`\n\nGenerated {} from the audit log `{}` (seed §7: disclosure of held personal data; §6(3): audits).\n\n{total} decisions concern this person: {} allowed, {denied} denied.\n\n## Who used the data, for which purpose\n\n| caller | purpose | action | categories | calls | first | last |\n|---|---|---|---|---|---|---|\n",
-        args.subject,
-        humantime::format_rfc3339_seconds(SystemTime::now()),
-        args.dir.path().display(),
-        total - denied,
-    );
-    for ((caller, purpose, action), u) in &uses {
-        md.push_str(&format!(
-            "| {caller} | {purpose} | {action} | {} | {} | {} | {} |\n",
-            u.categories.iter().cloned().collect::<Vec<_>>().join(", "),
-            u.calls,
-            when(u.first),
-            when(u.last)
-        ));
-    }
-    md.push_str("\n## Joint users and third parties that received the data (§2, §3)\n\n");
-    if received.is_empty() {
-        md.push_str("None.\n");
-    } else {
-        md.push_str("| recipient | purpose | categories | times | first | last |\n|---|---|---|---|---|---|\n");
-        for ((to, purpose), u) in &received {
-            md.push_str(&format!(
-                "| {to} | {purpose} | {} | {} | {} | {} |\n",
-                u.categories.iter().cloned().collect::<Vec<_>>().join(", "),
-                u.calls,
-                when(u.first),
-                when(u.last)
-            ));
-        }
-    }
-    md.push_str("\n## Requests of this person handled by the privacy office (§7)\n\n");
-    if handled.is_empty() {
-        md.push_str("None.\n");
-    } else {
-        md.push_str("| time | by | action | outcome | detail |\n|---|---|---|---|---|\n");
-        for r in &handled {
-            let b = &r.body;
-            md.push_str(&format!(
-                "| {} | {} | {} | {} | {} |\n",
-                when(b.time_us),
-                b.caller,
-                b.action,
-                if b.decision == "allow" {
-                    "done"
-                } else {
-                    "refused"
-                },
-                b.detail.as_deref().unwrap_or("").replace('|', "/"),
-            ));
-        }
-    }
-    md.push_str("\nDenied attempts are listed by `pdgate audit query --subject ");
-    md.push_str(&args.subject);
-    md.push_str(" --decision deny`.\n");
-    match args.format {
-        Format::Md => out!("{md}"),
-        Format::Html => out!("{}", markdown_table_html(&md)),
-    }
-    EXIT_OK
-}
-
-/// The report's Markdown as a standalone HTML page (headings, paragraphs and tables only).
-fn markdown_table_html(md: &str) -> String {
-    let esc = |s: &str| {
-        s.replace('&', "&amp;")
-            .replace('<', "&lt;")
-            .replace('>', "&gt;")
-            .replace('`', "")
-    };
-    let mut html = String::from(
-        "<!doctype html>\n<html><head><meta charset=\"utf-8\"><title>Disclosure report</title>\n<style>body{font-family:sans-serif;max-width:60em;margin:2em auto}table{border-collapse:collapse}td,th{border:1px solid #999;padding:.3em .6em}</style></head><body>\n",
-    );
-    let mut in_table = false;
-    for line in md.lines() {
-        if let Some(row) = line.strip_prefix('|') {
-            if row.starts_with("---") {
-                continue;
-            }
-            if !in_table {
-                html.push_str("<table>\n");
-                in_table = true;
-            }
-            let cells: Vec<String> = row
-                .trim_end_matches('|')
-                .split('|')
-                .map(|c| format!("<td>{}</td>", esc(c.trim())))
-                .collect();
-            html.push_str(&format!("<tr>{}</tr>\n", cells.concat()));
-            continue;
-        }
-        if in_table {
-            html.push_str("</table>\n");
-            in_table = false;
-        }
-        if let Some(h) = line.strip_prefix("## ") {
-            html.push_str(&format!("<h2>{}</h2>\n", esc(h)));
-        } else if let Some(h) = line.strip_prefix("# ") {
-            html.push_str(&format!("<h1>{}</h1>\n", esc(h)));
-        } else if !line.trim().is_empty() {
-            html.push_str(&format!("<p>{}</p>\n", esc(line)));
-        }
-    }
-    if in_table {
-        html.push_str("</table>\n");
-    }
-    html.push_str("</body></html>\n");
-    html
+    report::run(&report::Request {
+        dir: args.dir.path(),
+        subject: &args.subject,
+        since_us: args.since,
+        policy: &policy,
+        lang: args.lang,
+        timezone: &timezone,
+        timezone_name: &args.timezone,
+        format: if args.json {
+            report::Format::Json
+        } else {
+            args.format
+        },
+        audience: args.audience,
+    })
 }

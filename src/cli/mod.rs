@@ -25,6 +25,7 @@ pub mod output;
 mod policy_cmd;
 mod policy_diff;
 mod policy_test;
+mod report;
 mod serve;
 mod subjects;
 
@@ -209,7 +210,7 @@ pub fn main() -> ExitCode {
             Command::Check(args) => check::run(args).await,
             Command::Serve(args) => serve::serve(args).await,
             Command::Demo(args) => serve::demo(args).await,
-            Command::Audit(command) => audit::run(command),
+            Command::Audit(command) => audit::run(command).await,
             Command::Subjects(command) => subjects::run(command).await,
             Command::Completions(args) => completions(args.shell),
             Command::Man(args) => man(args.dir.as_deref()),
