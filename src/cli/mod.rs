@@ -48,7 +48,13 @@ pub const EXIT_USAGE: u8 = 2;
     long_about = "pdgate decides whether a caller may do an action on categories of personal data \
 for the purpose of use it declares, from casbin purpose-based rules, within the secrecy of \
 communications and the data subject's consent and requests.\n\n\
-Exit codes: 0 allowed / ok, 1 denied / failed check, 2 bad command-line input.",
+Exit codes: 0 allowed / ok, 1 denied / failed check, 2 bad command-line input. A reader that \
+closes stdout early (`pdgate audit query | head -n 1`) ends the output quietly, and the exit code \
+is the one the command had reached (`check` still exits 1 for a deny).\n\n\
+Deprecated spellings (still accepted, with a warning on stderr): --store (--subjects-store), \
+--dir and serve's --audit-dir (--audit), PDGATE_AUDIT_DIR (PDGATE_AUDIT), --since-us (--since), \
+--cache-ttl-seconds (--cache-ttl), --shutdown-grace-seconds (--shutdown-grace), a bare number \
+for --timeout (a duration such as 10s).",
     after_help = "Examples:\n  \
 pdgate demo\n  \
 pdgate check --caller billing-service --purpose service.billing --action read \\\n      \
