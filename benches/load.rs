@@ -575,7 +575,7 @@ async fn start_pdgate(
             .arg(MAX_CONCURRENT_CALLS.to_string())
             // The audit log and the subject registry of a load run are thrown away; never
             // the working directory's.
-            .arg("--audit-dir")
+            .arg("--audit")
             .arg(scratch.join("audit"))
             .arg("--subjects-store")
             .arg(scratch.join("subjects.db"))

@@ -14,6 +14,9 @@ use tonic::service::Interceptor;
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
 
+/// The shortest `--timeout` honoured: a zero timeout would fail every call before it starts.
+const MIN_TIMEOUT: Duration = Duration::from_millis(100);
+
 /// The API port of a running sidecar, and who the CLI is to it.
 #[derive(Debug, Clone, Args)]
 pub struct AdminArgs {
@@ -42,9 +45,15 @@ pub struct AdminArgs {
     /// The server name to expect in the sidecar's certificate (default: the host of ADDR).
     #[arg(long, value_name = "NAME", requires = "cert")]
     pub server_name: Option<String>,
-    /// Give up when the sidecar does not answer within this many seconds.
-    #[arg(long, value_name = "SECONDS", default_value_t = 10)]
-    pub timeout: u64,
+    /// Give up when the sidecar does not answer within this long, e.g. 10s, 1m (a bare number,
+    /// seconds, is deprecated).
+    #[arg(
+        long,
+        value_name = "DURATION",
+        default_value = "10s",
+        value_parser = super::parse_duration_or_seconds("--timeout")
+    )]
+    pub timeout: Duration,
 }
 
 /// A connection problem, worded for the command line (which flag, what was wrong).
@@ -112,8 +121,8 @@ impl AdminArgs {
         };
         let mut endpoint = Endpoint::from_shared(uri.clone())
             .map_err(|e| address_error(format!("not HOST:PORT or a URI ({e})")))?
-            .connect_timeout(Duration::from_secs(self.timeout.max(1)))
-            .timeout(Duration::from_secs(self.timeout.max(1)));
+            .connect_timeout(self.timeout.max(MIN_TIMEOUT))
+            .timeout(self.timeout.max(MIN_TIMEOUT));
         if let (Some(cert), Some(key), Some(ca)) = (&self.cert, &self.key, &self.ca) {
             let read = |flag: &'static str, path: &PathBuf| {
                 std::fs::read(path).map_err(|source| AdminClientError::File {

@@ -6,7 +6,7 @@
 //! the exit codes are the same either way.
 
 use super::admin_client::{AdminArgs, AdminClientError, report_status};
-use super::{EXIT_DENIED, EXIT_OK, EXIT_USAGE, print_json};
+use super::{EXIT_DENIED, EXIT_OK, EXIT_USAGE, output, print_json, report};
 use crate::api::audit_log::{MAX_LIMIT, is_reason_code, query_of};
 use crate::audit::read::{self, Access, Break, Filter, Verification};
 use crate::audit::{Anchor, AuditRecord, RecordKind};
@@ -14,9 +14,8 @@ use crate::proto::v1::audit_log_client::AuditLogClient;
 use crate::proto::v1::{AuditTailRequest, AuditVerifyRequest, AuditVerifyResponse};
 use clap::parser::ValueSource;
 use clap::{Arg, ArgAction, ArgMatches, Args, Subcommand, ValueEnum};
-use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, UNIX_EPOCH};
 
 #[derive(Debug, Subcommand)]
 pub enum AuditCommand {
@@ -38,15 +37,31 @@ pub struct DirArgs {
     /// The audit log directory.
     #[arg(
         long = "audit",
-        visible_alias = "dir",
         value_name = "DIR",
         env = "PDGATE_AUDIT",
         default_value = "audit"
     )]
     dir: PathBuf,
-    /// Print JSON instead of text.
-    #[arg(long)]
-    json: bool,
+    /// Deprecated spelling of --audit.
+    #[arg(id = "old_dir", long = "dir", value_name = "DIR", hide = true,
+        value_parser = super::deprecated_flag::<PathBuf>("--dir", "--audit"))]
+    old_dir: Option<PathBuf>,
+}
+
+impl DirArgs {
+    fn path(&self) -> &Path {
+        self.old_dir.as_deref().unwrap_or(&self.dir)
+    }
+}
+
+/// `--dir`, the deprecated spelling of `--audit`.
+fn old_dir_arg() -> Arg {
+    Arg::new("old_dir")
+        .long("dir")
+        .value_name("DIR")
+        .hide(true)
+        .help("Deprecated spelling of --audit")
+        .value_parser(super::deprecated_flag::<PathBuf>("--dir", "--audit"))
 }
 
 /// Where the records come from: a log directory, or a running sidecar's `AuditLog` API.
@@ -71,12 +86,12 @@ impl Args for Source {
             .arg(
                 Arg::new("audit_dir")
                     .long("audit")
-                    .visible_alias("dir")
                     .value_name("DIR")
                     .env("PDGATE_AUDIT")
                     .value_parser(clap::value_parser!(PathBuf))
                     .help("The audit log directory (default `audit`); not with --admin"),
             )
+            .arg(old_dir_arg())
             .arg(
                 Arg::new("json")
                     .long("json")
@@ -97,9 +112,14 @@ impl clap::FromArgMatches for Source {
 
     fn from_arg_matches_mut(matches: &mut ArgMatches) -> Result<Self, clap::Error> {
         let admin_source = matches.value_source("addr");
-        let dir_source = matches.value_source("audit_dir");
+        let old_dir = matches.remove_one::<PathBuf>("old_dir");
+        let dir_source = if old_dir.is_some() {
+            Some(ValueSource::CommandLine)
+        } else {
+            matches.value_source("audit_dir")
+        };
         let admin = AdminArgs::from_arg_matches_mut(matches)?;
-        let dir = matches.remove_one::<PathBuf>("audit_dir");
+        let dir = old_dir.or_else(|| matches.remove_one::<PathBuf>("audit_dir"));
         let json = matches.get_flag("json");
         let on_line = |s: Option<ValueSource>| s == Some(ValueSource::CommandLine);
         let from = match (dir, admin_source, dir_source) {
@@ -143,6 +163,7 @@ pub struct QueryArgs {
     /// This category, one below it or one above it.
     #[arg(long)]
     category: Option<String>,
+    /// Only allowed or only denied decisions.
     #[arg(long, value_enum)]
     decision: Option<DecisionArg>,
     /// A reason code, e.g. CONSENT_REQUIRED (or ADMIN_ROLE_REQUIRED).
@@ -151,13 +172,17 @@ pub struct QueryArgs {
     /// What produced the record: a data-plane call, a Check, an administrative action.
     #[arg(long, value_enum)]
     kind: Option<KindArg>,
-    #[arg(long, value_name = "TIME")]
-    since: Option<String>,
-    #[arg(long, value_name = "TIME")]
-    until: Option<String>,
-    #[arg(long)]
+    /// Records at or after TIME: RFC 3339 or a duration back from now (24h).
+    #[arg(long, value_name = "TIME", value_parser = super::parse_time)]
+    since: Option<u64>,
+    /// Records at or before TIME: RFC 3339 or a duration back from now (1h).
+    #[arg(long, value_name = "TIME", value_parser = super::parse_time)]
+    until: Option<u64>,
+    /// The W3C trace id of the call (32 hex digits, from its `traceparent`).
+    #[arg(long, value_name = "HEX")]
     trace_id: Option<String>,
-    #[arg(long)]
+    /// The decision id the caller was given (`x-pdgate-decision-id`).
+    #[arg(long, value_name = "ID")]
     decision_id: Option<String>,
     /// At most this many records (the first ones in log order; with --admin at most 10000).
     #[arg(long, default_value_t = 1000)]
@@ -190,30 +215,57 @@ pub struct TailArgs {
 }
 
 #[derive(Debug, Args)]
+#[command(
+    after_help = "The report is written for the person it is about: descriptions and company \
+names from the policy's taxonomy.toml (--policy), local time (--timezone), accesses grouped by \
+purpose and by recipient (inside the company, joint users §2, third parties §3). The privacy \
+office's own processing to answer the person (subject_request.*) and the refused attempts are \
+left out (only counted); --audience auditor adds them in sections of their own.\n\n\
+Examples:\n  pdgate audit report --subject cust-1 --format html > report.html\n  \
+pdgate audit report --subject cust-1 --lang en --timezone Europe/London\n  \
+pdgate audit report --subject cust-1 --audience auditor --json"
+)]
 pub struct ReportArgs {
     #[command(flatten)]
     dir: DirArgs,
     /// The data subject whose request this answers.
     #[arg(long)]
     subject: String,
-    #[arg(long, value_enum, default_value_t = Format::Md)]
-    format: Format,
-    #[arg(long, value_name = "TIME")]
-    since: Option<String>,
+    /// `md` (Markdown), `html` (a standalone page) or `json`.
+    #[arg(long, value_enum, default_value_t = report::Format::Md)]
+    format: report::Format,
+    /// Same as --format json.
+    #[arg(long, conflicts_with = "format")]
+    json: bool,
+    /// The report's language.
+    #[arg(long, value_enum, default_value_t = report::Lang::Ja)]
+    lang: report::Lang,
+    /// Times are shown in this IANA time zone.
+    #[arg(long, value_name = "ZONE", default_value = "Asia/Tokyo")]
+    timezone: String,
+    /// `subject` (the person) or `auditor` (adds the privacy office's processing and the
+    /// refused attempts).
+    #[arg(long, value_enum, default_value_t = report::Audience::Subject)]
+    audience: report::Audience,
+    /// Policy directory whose taxonomy.toml names the purposes, data and companies.
+    #[arg(
+        long,
+        value_name = "DIR",
+        env = "PDGATE_POLICY",
+        default_value = "policy"
+    )]
+    policy: PathBuf,
+    /// Records at or after TIME: RFC 3339 or a duration back from now (365days).
+    #[arg(long, value_name = "TIME", value_parser = super::parse_time)]
+    since: Option<u64>,
 }
 
-#[derive(Debug, Clone, Copy, ValueEnum)]
-enum Format {
-    Md,
-    Html,
-}
-
-pub fn run(command: AuditCommand) -> u8 {
+pub async fn run(command: AuditCommand) -> u8 {
     match command {
         AuditCommand::Verify(args) => verify(&args),
         AuditCommand::Query(args) => query(args),
         AuditCommand::Tail(args) => tail(&args),
-        AuditCommand::Report(args) => report(&args),
+        AuditCommand::Report(args) => report(&args).await,
     }
 }
 
@@ -357,44 +409,27 @@ fn print_verification(v: &Verification, json: bool) {
             (Some(s), Some(l)) => format!("{s}:{l}: "),
             _ => String::new(),
         };
-        println!(
+        outln!(
             "BROKEN {place}{} ({} records verified before it)",
-            b.what, v.records
+            b.what,
+            v.records
         );
         return;
     }
-    println!(
+    outln!(
         "ok: {} records in {} segments, chain whole, last hash {}",
-        v.records, v.segments, v.last_hash
+        v.records,
+        v.segments,
+        v.last_hash
     );
     if let Some(a) = v.anchor {
-        println!(
+        outln!(
             "the log starts at record {}: records 1 to {} were deleted by retention; the chain was verified from their last hash {} (ANCHOR)",
             v.first_seq,
             a.seq,
             hex::encode(a.hash)
         );
     }
-}
-
-/// RFC 3339, or a duration back from now.
-fn parse_time(flag: &str, text: &str) -> Result<u64, u8> {
-    if let Ok(t) = humantime::parse_rfc3339_weak(text) {
-        return Ok(micros(t));
-    }
-    if let Ok(d) = humantime::parse_duration(text) {
-        return Ok(micros(SystemTime::now())
-            .saturating_sub(u64::try_from(d.as_micros()).unwrap_or(u64::MAX)));
-    }
-    eprintln!(
-        "error: {flag} `{text}` is neither an RFC 3339 time (2026-11-27T09:00:00Z) nor a duration (1h, 30m)"
-    );
-    Err(EXIT_USAGE)
-}
-
-fn micros(t: SystemTime) -> u64 {
-    t.duration_since(UNIX_EPOCH)
-        .map_or(0, |d| u64::try_from(d.as_micros()).unwrap_or(u64::MAX))
 }
 
 fn time_of(r: &AuditRecord) -> String {
@@ -445,7 +480,7 @@ fn print_record(r: &AuditRecord, json: bool) {
             Err(e) => eprintln!("error: {e}"),
         }
     } else {
-        println!("{}", line_of(r));
+        outln!("{}", line_of(r));
     }
 }
 
@@ -463,24 +498,7 @@ fn query(args: QueryArgs) -> u8 {
     {
         return code;
     }
-    let since = match args
-        .since
-        .as_deref()
-        .map(|t| parse_time("--since", t))
-        .transpose()
-    {
-        Ok(t) => t,
-        Err(code) => return code,
-    };
-    let until = match args
-        .until
-        .as_deref()
-        .map(|t| parse_time("--until", t))
-        .transpose()
-    {
-        Ok(t) => t,
-        Err(code) => return code,
-    };
+    let (since, until) = (args.since, args.until);
     if let (Some(s), Some(u)) = (since, until)
         && s > u
     {
@@ -523,7 +541,7 @@ fn query(args: QueryArgs) -> u8 {
             let result = read::scan(dir, &filter, |r| {
                 found += 1;
                 print_record(&r, json);
-                found < args.limit
+                found < args.limit && !output::closed()
             });
             if let Err(e) = result {
                 eprintln!("error: {e}");
@@ -553,7 +571,7 @@ fn query(args: QueryArgs) -> u8 {
                 Ok(a) => a,
                 Err(code) => return code,
             };
-            for m in &answer.records {
+            for m in answer.records.iter().take_while(|_| !output::closed()) {
                 match parse_line(&m.json) {
                     Ok(r) => {
                         found += 1;
@@ -564,7 +582,7 @@ fn query(args: QueryArgs) -> u8 {
             }
         }
     }
-    if !json {
+    if !json && !output::closed() {
         eprintln!("{found} record{}", if found == 1 { "" } else { "s" });
     }
     EXIT_OK
@@ -598,14 +616,17 @@ fn tail(args: &TailArgs) -> u8 {
     if !args.follow {
         return EXIT_OK;
     }
-    // Follows until interrupted (Ctrl-C ends the process). Each look reads only the segments
-    // that may hold records after the last one printed.
+    // Follows until interrupted (Ctrl-C ends the process) or the reader closes stdout. Each
+    // look reads only the segments that may hold records after the last one printed.
     loop {
+        if output::closed() {
+            return EXIT_OK;
+        }
         std::thread::sleep(Duration::from_millis(500));
         let result = read::scan_lines(dir, &Filter::default(), Access::Scan, seen, |r, _| {
             seen = r.seq;
             print_record(&r, json);
-            true
+            !output::closed()
         });
         if let Err(e) = result {
             eprintln!("error: {e}");
@@ -639,7 +660,12 @@ fn tail_remote(admin: &AdminArgs, lines: usize, follow: bool, json: bool) -> u8 
         loop {
             match stream.message().await {
                 Ok(Some(m)) => match parse_line(&m.json) {
-                    Ok(r) => print_record(&r, json),
+                    Ok(r) => {
+                        print_record(&r, json);
+                        if output::closed() {
+                            return EXIT_OK;
+                        }
+                    }
                     Err(code) => return code,
                 },
                 Ok(None) => return EXIT_OK,
@@ -649,184 +675,44 @@ fn tail_remote(admin: &AdminArgs, lines: usize, follow: bool, json: bool) -> u8 
     })
 }
 
-/// One line of the report: a caller's use of the subject's data for one purpose.
-#[derive(Default)]
-struct Use {
-    calls: usize,
-    categories: std::collections::BTreeSet<String>,
-    first: u64,
-    last: u64,
-}
-
-fn report(args: &ReportArgs) -> u8 {
-    if let Err(code) = check_dir(&args.dir.dir) {
+async fn report(args: &ReportArgs) -> u8 {
+    if let Err(code) = check_dir(args.dir.path()) {
         return code;
     }
-    let since = match args
-        .since
-        .as_deref()
-        .map(|t| parse_time("--since", t))
-        .transpose()
-    {
-        Ok(t) => t,
+    let timezone = match report::parse_timezone(&args.timezone) {
+        Ok(tz) => tz,
         Err(code) => return code,
     };
-    let filter = Filter {
-        subject: Some(args.subject.clone()),
-        since_us: since,
-        ..Filter::default()
+    if !args.policy.is_dir() {
+        eprintln!(
+            "error: --policy `{}` is not a policy directory (the report takes its names from taxonomy.toml)",
+            args.policy.display()
+        );
+        return EXIT_USAGE;
+    }
+    let policy = match crate::policy::load_dir(&args.policy).await {
+        Ok(p) => p,
+        Err(problems) => {
+            eprintln!(
+                "error: the policy `{}` is not valid: {problems}",
+                args.policy.display()
+            );
+            return EXIT_DENIED;
+        }
     };
-    let mut uses: BTreeMap<(String, String, String), Use> = BTreeMap::new();
-    let mut received: BTreeMap<(String, String), Use> = BTreeMap::new();
-    let mut denied = 0usize;
-    let mut total = 0usize;
-    // The privacy office's handling of the person's own requests (kind `admin` records that
-    // name the subject): listed apart, they are not uses of the data.
-    let mut handled: Vec<AuditRecord> = Vec::new();
-    let result = read::scan(&args.dir.dir, &filter, |r| {
-        if r.body.kind == Some(RecordKind::Admin) {
-            handled.push(r);
-            return true;
-        }
-        total += 1;
-        let b = &r.body;
-        if b.decision != "allow" {
-            denied += 1;
-            return true;
-        }
-        let add = |u: &mut Use| {
-            u.calls += 1;
-            u.categories.extend(b.categories.iter().cloned());
-            u.first = if u.first == 0 {
-                b.time_us
-            } else {
-                u.first.min(b.time_us)
-            };
-            u.last = u.last.max(b.time_us);
-        };
-        add(uses
-            .entry((b.caller.clone(), b.purpose.clone(), b.action.clone()))
-            .or_default());
-        // Provision outside the company: a joint-use or third-party purpose (§2, §3).
-        if b.purpose.starts_with("joint_use") || b.purpose.starts_with("third_party") {
-            let to = b.recipient.clone().unwrap_or_else(|| b.caller.clone());
-            add(received.entry((to, b.purpose.clone())).or_default());
-        }
-        true
-    });
-    if let Err(e) = result {
-        eprintln!("error: {e}");
-        return EXIT_DENIED;
-    }
-    let when = |us: u64| {
-        humantime::format_rfc3339_seconds(UNIX_EPOCH + Duration::from_micros(us)).to_string()
-    };
-    let mut md = format!(
-        "# Disclosure report for data subject `{}`\n\nGenerated {} from the audit log `{}` (seed §7: disclosure of held personal data; §6(3): audits).\n\n{total} decisions concern this person: {} allowed, {denied} denied.\n\n## Who used the data, for which purpose\n\n| caller | purpose | action | categories | calls | first | last |\n|---|---|---|---|---|---|---|\n",
-        args.subject,
-        humantime::format_rfc3339_seconds(SystemTime::now()),
-        args.dir.dir.display(),
-        total - denied,
-    );
-    for ((caller, purpose, action), u) in &uses {
-        md.push_str(&format!(
-            "| {caller} | {purpose} | {action} | {} | {} | {} | {} |\n",
-            u.categories.iter().cloned().collect::<Vec<_>>().join(", "),
-            u.calls,
-            when(u.first),
-            when(u.last)
-        ));
-    }
-    md.push_str("\n## Joint users and third parties that received the data (§2, §3)\n\n");
-    if received.is_empty() {
-        md.push_str("None.\n");
-    } else {
-        md.push_str("| recipient | purpose | categories | times | first | last |\n|---|---|---|---|---|---|\n");
-        for ((to, purpose), u) in &received {
-            md.push_str(&format!(
-                "| {to} | {purpose} | {} | {} | {} | {} |\n",
-                u.categories.iter().cloned().collect::<Vec<_>>().join(", "),
-                u.calls,
-                when(u.first),
-                when(u.last)
-            ));
-        }
-    }
-    md.push_str("\n## Requests of this person handled by the privacy office (§7)\n\n");
-    if handled.is_empty() {
-        md.push_str("None.\n");
-    } else {
-        md.push_str("| time | by | action | outcome | detail |\n|---|---|---|---|---|\n");
-        for r in &handled {
-            let b = &r.body;
-            md.push_str(&format!(
-                "| {} | {} | {} | {} | {} |\n",
-                when(b.time_us),
-                b.caller,
-                b.action,
-                if b.decision == "allow" {
-                    "done"
-                } else {
-                    "refused"
-                },
-                b.detail.as_deref().unwrap_or("").replace('|', "/"),
-            ));
-        }
-    }
-    md.push_str("\nDenied attempts are listed by `pdgate audit query --subject ");
-    md.push_str(&args.subject);
-    md.push_str(" --decision deny`.\n");
-    match args.format {
-        Format::Md => print!("{md}"),
-        Format::Html => print!("{}", markdown_table_html(&md)),
-    }
-    EXIT_OK
-}
-
-/// The report's Markdown as a standalone HTML page (headings, paragraphs and tables only).
-fn markdown_table_html(md: &str) -> String {
-    let esc = |s: &str| {
-        s.replace('&', "&amp;")
-            .replace('<', "&lt;")
-            .replace('>', "&gt;")
-            .replace('`', "")
-    };
-    let mut html = String::from(
-        "<!doctype html>\n<html><head><meta charset=\"utf-8\"><title>Disclosure report</title>\n<style>body{font-family:sans-serif;max-width:60em;margin:2em auto}table{border-collapse:collapse}td,th{border:1px solid #999;padding:.3em .6em}</style></head><body>\n",
-    );
-    let mut in_table = false;
-    for line in md.lines() {
-        if let Some(row) = line.strip_prefix('|') {
-            if row.starts_with("---") {
-                continue;
-            }
-            if !in_table {
-                html.push_str("<table>\n");
-                in_table = true;
-            }
-            let cells: Vec<String> = row
-                .trim_end_matches('|')
-                .split('|')
-                .map(|c| format!("<td>{}</td>", esc(c.trim())))
-                .collect();
-            html.push_str(&format!("<tr>{}</tr>\n", cells.concat()));
-            continue;
-        }
-        if in_table {
-            html.push_str("</table>\n");
-            in_table = false;
-        }
-        if let Some(h) = line.strip_prefix("## ") {
-            html.push_str(&format!("<h2>{}</h2>\n", esc(h)));
-        } else if let Some(h) = line.strip_prefix("# ") {
-            html.push_str(&format!("<h1>{}</h1>\n", esc(h)));
-        } else if !line.trim().is_empty() {
-            html.push_str(&format!("<p>{}</p>\n", esc(line)));
-        }
-    }
-    if in_table {
-        html.push_str("</table>\n");
-    }
-    html.push_str("</body></html>\n");
-    html
+    report::run(&report::Request {
+        dir: args.dir.path(),
+        subject: &args.subject,
+        since_us: args.since,
+        policy: &policy,
+        lang: args.lang,
+        timezone: &timezone,
+        timezone_name: &args.timezone,
+        format: if args.json {
+            report::Format::Json
+        } else {
+            args.format
+        },
+        audience: args.audience,
+    })
 }

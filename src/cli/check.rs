@@ -12,7 +12,7 @@ use std::sync::Arc;
 
 #[derive(Debug, Args)]
 #[command(
-    after_help = "The subject's state is read from the registry (--store, default subjects.db, \
+    after_help = "The subject's state is read from the registry (--subjects-store, default subjects.db, \
 or --database-url), as `pdgate subjects` recorded it; a registry that cannot be read denies \
 SUBJECT_STATE_UNAVAILABLE. The flags --consent, --comms-consent, --suspend-use, \
 --suspend-provision and --deletion-requested give the state inline instead (the registry is not \
@@ -295,24 +295,24 @@ pub(super) fn print_human(request: &Request, decision: &Decision) {
         decision.decision_id
     );
     if decision.allowed {
-        println!("ALLOW {what}");
+        outln!("ALLOW {what}");
         let rules: Vec<String> = decision
             .matched_rules
             .iter()
             .map(|r| format!("policy.csv:{} `{}`", r.line, r.rule))
             .collect();
-        println!("  granted by {}; {tail}", rules.join(", "));
+        outln!("  granted by {}; {tail}", rules.join(", "));
         if !decision.minimized.is_empty() {
-            println!(
+            outln!(
                 "  minimized (leave out): `{}`",
                 decision.minimized.join("`, `")
             );
         }
     } else {
-        println!("DENY {what}");
+        outln!("DENY {what}");
         for r in &decision.reasons {
-            println!("  {} {}: {}", r.code, r.clause, r.detail);
+            outln!("  {} {}: {}", r.code, r.clause, r.detail);
         }
-        println!("  {tail}");
+        outln!("  {tail}");
     }
 }

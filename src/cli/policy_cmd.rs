@@ -1,10 +1,9 @@
-//! `pdgate policy validate` and `pdgate policy test` (local), and `push`, `status`,
+//! `pdgate policy validate` (local; `policy test` is in `policy_test.rs`), and `push`, `status`,
 //! `rollback`, `explain`, `shadow` against a running sidecar's `PolicyAdmin`.
 
 use super::admin_client::{AdminArgs, AdminChannel, report_status};
 use super::check::RequestArgs;
 use super::{EXIT_DENIED, EXIT_OK, EXIT_USAGE, print_json};
-use crate::decision::fixtures;
 use crate::gate::Bundle;
 use crate::policy::{self, Problems};
 use crate::proto::v1::policy_admin_client::PolicyAdminClient;
@@ -15,7 +14,6 @@ use crate::proto::v1::{
 use clap::Args;
 use serde_json::json;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 
 /// Validates `dir`; exit 0 valid, 1 invalid (every problem listed), 2 no such directory.
 pub async fn validate(dir: &Path, json: bool) -> u8 {
@@ -41,7 +39,7 @@ pub async fn validate(dir: &Path, json: bool) -> u8 {
                         .collect::<Vec<_>>(),
                 }));
             } else {
-                println!(
+                outln!(
                     "{}: valid (policy {}; {} rules, {} purposes, {} categories, {} callers)",
                     dir.display(),
                     snapshot.version().short(),
@@ -51,7 +49,7 @@ pub async fn validate(dir: &Path, json: bool) -> u8 {
                     snapshot.callers().len()
                 );
                 for warning in snapshot.warnings() {
-                    println!("  warning: {warning}");
+                    outln!("  warning: {warning}");
                 }
             }
             EXIT_OK
@@ -63,67 +61,7 @@ pub async fn validate(dir: &Path, json: bool) -> u8 {
     }
 }
 
-/// Runs the policy tests; exit 0 all passed, 1 a case failed or the policy is invalid.
-pub async fn test(dir: &Path, tests: Option<&Path>, json: bool) -> u8 {
-    if !dir.is_dir() {
-        return missing_dir(dir, json);
-    }
-    let snapshot = match policy::load_dir(dir).await {
-        Ok(s) => Arc::new(s),
-        Err(problems) => {
-            report_invalid(dir, &problems, json);
-            return EXIT_DENIED;
-        }
-    };
-    let tests_dir = tests.map_or_else(|| dir.join("tests"), Path::to_path_buf);
-    let report = match fixtures::read_dir(&tests_dir) {
-        Ok(files) => fixtures::run(&snapshot, &files).await,
-        Err(e) => Err(e),
-    };
-    let report = match report {
-        Ok(r) => r,
-        Err(e) => {
-            if json {
-                print_json(&json!({ "passed": false, "error": e.to_string() }));
-            } else {
-                eprintln!("error: {e}");
-            }
-            return EXIT_DENIED;
-        }
-    };
-    if json {
-        print_json(&json!({
-            "passed": report.passed(),
-            "policy_version": snapshot.version().to_string(),
-            "files": report.files,
-            "cases": report.cases,
-            "failures": report.failures.iter().map(|f| json!({
-                "file": f.file, "case": f.case, "expected": f.expected, "got": f.got,
-            })).collect::<Vec<_>>(),
-        }));
-    } else {
-        for failure in &report.failures {
-            println!("FAIL {failure}");
-        }
-        if report.cases == 0 {
-            println!("no policy tests found in {}", tests_dir.display());
-        }
-        println!(
-            "{} passed, {} failed ({} files, policy {})",
-            report.cases - report.failures.len(),
-            report.failures.len(),
-            report.files,
-            snapshot.version().short()
-        );
-    }
-    if report.passed() {
-        EXIT_OK
-    } else {
-        EXIT_DENIED
-    }
-}
-
-fn missing_dir(dir: &Path, json: bool) -> u8 {
+pub(super) fn missing_dir(dir: &Path, json: bool) -> u8 {
     let message = format!(
         "policy directory `{}` does not exist (give DIR, or set PDGATE_POLICY)",
         dir.display()
@@ -346,18 +284,18 @@ fn print_applied(what: &str, r: &ApplyResponse, json: bool) {
         } else {
             short(&r.previous_version)
         };
-        println!(
+        outln!(
             "{what} version {} (was {previous}); {} policy test cases passed",
             short(&r.version),
             r.tests_run
         );
     } else {
-        println!("unchanged: version {} is already active", short(&r.version));
+        outln!("unchanged: version {} is already active", short(&r.version));
     }
     if !r.not_persisted.is_empty() {
-        println!("note: {}", r.not_persisted);
+        outln!("note: {}", r.not_persisted);
     }
-    println!("full version: {}", r.version);
+    outln!("full version: {}", r.version);
 }
 
 pub async fn push(args: PushArgs) -> u8 {
@@ -460,35 +398,35 @@ pub async fn status(args: StatusArgs) -> u8 {
     }
     match &s.active {
         Some(active) => {
-            println!("active:  {}", info_line(active));
-            println!("         version {}", active.version);
+            outln!("active:  {}", info_line(active));
+            outln!("         version {}", active.version);
             if !active.not_persisted.is_empty() {
-                println!("         note: {}", active.not_persisted);
+                outln!("         note: {}", active.not_persisted);
             }
         }
         None => {
-            println!("active:  none — no valid policy; every call is denied POLICY_UNAVAILABLE")
+            outln!("active:  none — no valid policy; every call is denied POLICY_UNAVAILABLE")
         }
     }
-    println!("store:   {}", s.store);
+    outln!("store:   {}", s.store);
     if !s.last_error.is_empty() {
-        println!(
+        outln!(
             "last reload error ({}): the running policy was kept\n  {}",
             time_of(s.last_error_at_us),
             s.last_error.replace('\n', "\n  ")
         );
     }
     match &s.shadow {
-        Some(shadow) => println!(
+        Some(shadow) => outln!(
             "shadow:  {}; {} calls decided differently",
             info_line(shadow),
             s.shadow_differences
         ),
-        None => println!("shadow:  none"),
+        None => outln!("shadow:  none"),
     }
-    println!("history (newest first; `pdgate policy rollback VERSION`):");
+    outln!("history (newest first; `pdgate policy rollback VERSION`):");
     for i in &s.history {
-        println!("  {}", info_line(i));
+        outln!("  {}", info_line(i));
     }
     EXIT_OK
 }
@@ -555,7 +493,7 @@ pub async fn explain(args: ExplainArgs) -> u8 {
         } else {
             format!(" (subject {})", request.subjects.join(", "))
         };
-        println!(
+        outln!(
             "{} `{}` {} `{} {}` for `{}`{subjects}",
             if decision.allowed { "ALLOW" } else { "DENY" },
             request.caller,
@@ -565,9 +503,9 @@ pub async fn explain(args: ExplainArgs) -> u8 {
             request.purpose
         );
         for stage in &r.stages {
-            println!("  {:<17} {}", stage.stage, stage.outcome);
+            outln!("  {:<17} {}", stage.stage, stage.outcome);
             for reason in &stage.reasons {
-                println!("      {} {}: {}", reason.code, reason.clause, reason.detail);
+                outln!("      {} {}: {}", reason.code, reason.clause, reason.detail);
             }
         }
         // Matched rules are the deny rows when a rule denied, else the grants that matched
@@ -578,9 +516,9 @@ pub async fn explain(args: ExplainArgs) -> u8 {
             "granted by"
         };
         for rule in &decision.matched_rules {
-            println!("  {by} policy.csv:{} `{}`", rule.line, rule.rule);
+            outln!("  {by} policy.csv:{} `{}`", rule.line, rule.rule);
         }
-        println!(
+        outln!(
             "  policy {}, decision {} (not an access: audited as an admin action)",
             short(&decision.policy_version),
             decision.decision_id
@@ -623,7 +561,7 @@ pub async fn shadow(args: ShadowArgs) -> u8 {
                         "tests_run": r.tests_run,
                     }));
                 } else {
-                    println!(
+                    outln!(
                         "shadow version {} loaded next to active {}; {} policy test cases passed",
                         short(&r.version),
                         if r.previous_version.is_empty() {
@@ -633,7 +571,7 @@ pub async fn shadow(args: ShadowArgs) -> u8 {
                         },
                         r.tests_run
                     );
-                    println!("see the differences with `pdgate policy status`");
+                    outln!("see the differences with `pdgate policy status`");
                 }
                 EXIT_OK
             }
@@ -649,9 +587,9 @@ pub async fn shadow(args: ShadowArgs) -> u8 {
                         "differences": r.differences,
                     }));
                 } else if r.version.is_empty() {
-                    println!("no shadow policy was loaded");
+                    outln!("no shadow policy was loaded");
                 } else {
-                    println!(
+                    outln!(
                         "shadow version {} cleared; it decided {} calls differently",
                         short(&r.version),
                         r.differences

@@ -21,14 +21,9 @@ pub struct DiffArgs {
     /// The candidate policy directory (model.conf, policy.csv, taxonomy.toml, routes.yaml).
     #[arg(long, value_name = "DIR")]
     candidate: PathBuf,
-    /// The audit log directory whose decisions are replayed.
-    #[arg(
-        long,
-        value_name = "PATH",
-        env = "PDGATE_AUDIT_DIR",
-        default_value = "audit"
-    )]
-    audit: PathBuf,
+    /// The audit log directory whose decisions are replayed [default: audit].
+    #[arg(long, value_name = "DIR", env = "PDGATE_AUDIT")]
+    audit: Option<PathBuf>,
     /// Decide stage 5 against this subject registry's current state (a SQLite file) instead
     /// of a state that reproduces each recorded outcome.
     #[arg(long, value_name = "PATH")]
@@ -39,8 +34,12 @@ pub struct DiffArgs {
     /// Replay only records of this purpose (or one below it).
     #[arg(long, value_name = "PURPOSE")]
     purpose: Option<String>,
-    /// Replay only records at or after this time (microseconds since the Unix epoch).
-    #[arg(long, value_name = "US")]
+    /// Replay only records at or after TIME: RFC 3339 or a duration back from now (24h, 7days).
+    #[arg(long, value_name = "TIME", value_parser = super::parse_time)]
+    since: Option<u64>,
+    /// Deprecated: --since in microseconds since the Unix epoch.
+    #[arg(long, value_name = "US", hide = true, conflicts_with = "since",
+        value_parser = super::deprecated_flag::<u64>("--since-us", "--since"))]
     since_us: Option<u64>,
     /// Exit 0 even when decisions flip (a change meant to flip them).
     #[arg(long)]
@@ -50,7 +49,13 @@ pub struct DiffArgs {
     json: bool,
 }
 
-pub async fn run(args: DiffArgs) -> u8 {
+pub async fn run(mut args: DiffArgs) -> u8 {
+    // `PDGATE_AUDIT_DIR` was this command's own name for `PDGATE_AUDIT`.
+    let audit = args
+        .audit
+        .take()
+        .or_else(|| super::output::env_var("PDGATE_AUDIT", "PDGATE_AUDIT_DIR").map(PathBuf::from))
+        .unwrap_or_else(|| PathBuf::from("audit"));
     if !args.candidate.is_dir() {
         eprintln!(
             "error: `--candidate {}`: not a policy directory",
@@ -58,10 +63,10 @@ pub async fn run(args: DiffArgs) -> u8 {
         );
         return EXIT_USAGE;
     }
-    if !args.audit.is_dir() {
+    if !audit.is_dir() {
         eprintln!(
             "error: `--audit {}`: not an audit log directory (pdgate.toml [audit] dir)",
-            args.audit.display()
+            audit.display()
         );
         return EXIT_USAGE;
     }
@@ -102,10 +107,10 @@ pub async fn run(args: DiffArgs) -> u8 {
     let filter = Filter {
         caller: args.caller.clone(),
         purpose: args.purpose.clone(),
-        since_us: args.since_us,
+        since_us: args.since.or(args.since_us),
         ..Filter::default()
     };
-    let result = replay::replay(&args.audit, &filter, &candidate, basis).await;
+    let result = replay::replay(&audit, &filter, &candidate, basis).await;
     if let Some(r) = registry {
         r.close().await;
     }
@@ -119,7 +124,7 @@ pub async fn run(args: DiffArgs) -> u8 {
     if args.json {
         print_json(&serde_json::to_value(&replay).unwrap_or_default());
     } else {
-        print_text(&args, &replay);
+        print_text(&args, &audit, &replay);
     }
     if replay.flips == 0 || args.allow_flips {
         EXIT_OK
@@ -128,29 +133,29 @@ pub async fn run(args: DiffArgs) -> u8 {
     }
 }
 
-fn print_text(args: &DiffArgs, r: &Replay) {
-    println!(
+fn print_text(args: &DiffArgs, audit: &std::path::Path, r: &Replay) {
+    outln!(
         "replayed {} decisions from `{}` under candidate `{}` (policy {}); {} records skipped (admin actions, audit failures)",
         r.replayed,
-        args.audit.display(),
+        audit.display(),
         args.candidate.display(),
         &r.candidate_version[..r.candidate_version.len().min(12)],
         r.skipped
     );
     match &args.subjects_store {
-        Some(path) => println!(
+        Some(path) => outln!(
             "subject state: the registry `{}` as it is now (a flip may come from a consent given or withdrawn since)",
             path.display()
         ),
-        None => println!(
+        None => outln!(
             "subject state: as recorded (a consent requirement the candidate adds does not flip a recorded allow; pass --subjects-store to decide against the registry)"
         ),
     }
     if r.flips == 0 {
-        println!("no decision flips");
+        outln!("no decision flips");
         return;
     }
-    println!(
+    outln!(
         "{} {}: {} allow -> deny, {} deny -> allow (newly allowed)",
         r.flips,
         if r.flips == 1 {
@@ -164,17 +169,17 @@ fn print_text(args: &DiffArgs, r: &Replay) {
     let group = |title: &str, counts: &BTreeMap<String, u64>| {
         let mut sorted: Vec<(&String, &u64)> = counts.iter().collect();
         sorted.sort_by(|a, b| b.1.cmp(a.1).then(a.0.cmp(b.0)));
-        println!("by {title}:");
+        outln!("by {title}:");
         for (name, n) in sorted {
             let name = if name.is_empty() { "(none)" } else { name };
-            println!("  {n:>8}  {name}");
+            outln!("  {n:>8}  {name}");
         }
     };
     group("purpose", &r.by_purpose);
     group("category", &r.by_category);
     group("caller", &r.by_caller);
     group("clause", &r.by_clause);
-    println!("first {} flips:", r.examples.len());
+    outln!("first {} flips:", r.examples.len());
     for f in &r.examples {
         let recorded = if f.recorded_reasons.is_empty() {
             f.recorded.clone()
@@ -186,7 +191,7 @@ fn print_text(args: &DiffArgs, r: &Replay) {
         } else {
             format!("{} ({})", f.candidate, f.candidate_reasons.join(", "))
         };
-        println!(
+        outln!(
             "  #{} {} {} {} {} [{}] subjects [{}]: {recorded} -> {candidate}",
             f.seq,
             f.caller,

@@ -51,18 +51,30 @@ pub struct ServeArgs {
     /// Most decisions kept in the cache [default: 100000].
     #[arg(long, value_name = "N")]
     cache_max_entries: Option<u64>,
-    /// Seconds a cached decision is kept [default: 300].
-    #[arg(long, value_name = "SECONDS")]
+    /// How long a cached decision is kept, e.g. 5m [default: 300s].
+    #[arg(long = "cache-ttl", value_name = "DURATION", value_parser = super::parse_seconds)]
     cache_ttl_seconds: Option<u64>,
+    /// Deprecated spelling of --cache-ttl (bare seconds).
+    #[arg(long = "cache-ttl-seconds", value_name = "SECONDS", hide = true,
+        value_parser = super::deprecated_flag::<u64>("--cache-ttl-seconds", "--cache-ttl"))]
+    old_cache_ttl_seconds: Option<u64>,
     /// Calls in flight before new ones are shed with RESOURCE_EXHAUSTED [default: 1024].
     #[arg(long, value_name = "N")]
     max_concurrent_calls: Option<usize>,
-    /// Seconds calls in flight get to finish after SIGTERM [default: 30].
-    #[arg(long, value_name = "SECONDS")]
+    /// How long calls in flight get to finish after SIGTERM, e.g. 30s [default: 30s].
+    #[arg(long = "shutdown-grace", value_name = "DURATION", value_parser = super::parse_seconds)]
     shutdown_grace_seconds: Option<u64>,
+    /// Deprecated spelling of --shutdown-grace (bare seconds).
+    #[arg(long = "shutdown-grace-seconds", value_name = "SECONDS", hide = true,
+        value_parser = super::deprecated_flag::<u64>("--shutdown-grace-seconds", "--shutdown-grace"))]
+    old_shutdown_grace_seconds: Option<u64>,
     /// Directory of the audit log [default: audit].
-    #[arg(long, value_name = "DIR", env = "PDGATE_AUDIT")]
+    #[arg(long = "audit", value_name = "DIR", env = "PDGATE_AUDIT")]
     audit_dir: Option<PathBuf>,
+    /// Deprecated spelling of --audit.
+    #[arg(long = "audit-dir", value_name = "DIR", hide = true,
+        value_parser = super::deprecated_flag::<PathBuf>("--audit-dir", "--audit"))]
+    old_audit_dir: Option<PathBuf>,
     /// Export spans and metrics over OTLP/gRPC to this collector, http://HOST:PORT
     /// [default: none, nothing exported].
     #[arg(long, value_name = "URL")]
@@ -90,7 +102,13 @@ pub struct ServeArgs {
 impl ServeArgs {
     /// The file's configuration with the flags on top. An error about a value that came from
     /// a flag names the flag, not the file.
-    fn config(self) -> Result<Config, ConfigError> {
+    fn config(mut self) -> Result<Config, ConfigError> {
+        // A deprecated spelling given on the command line counts as its flag.
+        self.cache_ttl_seconds = self.old_cache_ttl_seconds.or(self.cache_ttl_seconds);
+        self.shutdown_grace_seconds = self
+            .old_shutdown_grace_seconds
+            .or(self.shutdown_grace_seconds);
+        self.audit_dir = self.old_audit_dir.take().or(self.audit_dir);
         let (mut file, origin) = match &self.config {
             Some(path) => (FileConfig::read(path)?, path.display().to_string()),
             None => (FileConfig::default(), "command line".to_owned()),
@@ -121,7 +139,7 @@ impl ServeArgs {
         flag(
             self.cache_ttl_seconds.is_some(),
             "cache.ttl_seconds",
-            "--cache-ttl-seconds",
+            "--cache-ttl",
         );
         flag(
             self.max_concurrent_calls.is_some(),
@@ -131,9 +149,9 @@ impl ServeArgs {
         flag(
             self.shutdown_grace_seconds.is_some(),
             "limits.shutdown_grace_seconds",
-            "--shutdown-grace-seconds",
+            "--shutdown-grace",
         );
-        flag(self.audit_dir.is_some(), "audit.dir", "--audit-dir");
+        flag(self.audit_dir.is_some(), "audit.dir", "--audit");
         flag(
             self.otlp_endpoint.is_some(),
             "telemetry.otlp_endpoint",
@@ -414,7 +432,7 @@ pub async fn demo(args: DemoArgs) -> u8 {
             async move { server::run(&sidecar_config, listeners, gate, sidecar_stop).await },
         );
 
-    println!(
+    outln!(
         "pdgate demo: customer-data service on {upstream_addr}, pdgate in front of it on {data_addr} (API {api_addr})\n"
     );
     let summary = match tonic::transport::Endpoint::from_shared(format!("http://{data_addr}")) {
@@ -422,7 +440,7 @@ pub async fn demo(args: DemoArgs) -> u8 {
             Ok(channel) => {
                 let mut report = String::new();
                 let summary = walkthrough::run(channel, &mut report).await;
-                print!("{report}");
+                out!("{report}");
                 Some(summary)
             }
             Err(e) => {
@@ -436,17 +454,17 @@ pub async fn demo(args: DemoArgs) -> u8 {
         }
     };
     if let Some(s) = &summary {
-        println!(
+        outln!(
             "\n{} calls allowed, {} denied, {} not as the policy promises",
             s.allowed,
             s.denied,
             s.unexpected.len()
         );
         for u in &s.unexpected {
-            println!("  UNEXPECTED {u}");
+            outln!("  UNEXPECTED {u}");
         }
     }
-    println!(
+    outln!(
         "\nCall it yourself (grpcurl, from the repository root):\n  \
 grpcurl -plaintext -import-path proto -proto demo/customer/v1/customer.proto \\\n    \
 -H 'x-caller: billing-service' -H 'x-purpose: service.billing' -H 'x-data-subject: cust-1' \\\n    \
@@ -456,7 +474,7 @@ grpcurl -plaintext -d '{{\"caller\": \"marketing-service\", \"purpose\": \"marke
 grpcurl -plaintext {api_addr} grpc.health.v1.Health/Check"
     );
     if args.serve {
-        println!("\nServing until interrupted (Ctrl-C).");
+        outln!("\nServing until interrupted (Ctrl-C).");
         server::shutdown_signal().await;
     }
     let _ = stop_tx.send(true);
@@ -465,14 +483,14 @@ grpcurl -plaintext {api_addr} grpc.health.v1.Health/Check"
     audit_writer.close().await;
     let audit_dir = config.audit.dir.display();
     match crate::audit::read::verify(&config.audit.dir) {
-        Ok(v) if v.ok() => println!(
+        Ok(v) if v.ok() => outln!(
             "\nEvery decision above is in the audit log, hash-chained ({} records, chain verified):\n  \
 pdgate audit query --audit {audit_dir} --subject cust-4\n  \
 pdgate audit verify --audit {audit_dir}",
             v.records
         ),
-        Ok(v) => println!("\naudit log {audit_dir}: {:?}", v.first_break),
-        Err(e) => println!("\naudit log {audit_dir}: {e}"),
+        Ok(v) => outln!("\naudit log {audit_dir}: {:?}", v.first_break),
+        Err(e) => outln!("\naudit log {audit_dir}: {e}"),
     }
     let clean = matches!(sidecar, Ok(Ok(()))) && matches!(upstream, Ok(Ok(())));
     match summary {

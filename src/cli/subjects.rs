@@ -56,12 +56,20 @@ pub enum SubjectsCommand {
 pub(super) struct StoreArgs {
     /// The embedded registry: a SQLite file, created by the first change.
     #[arg(
-        long = "store",
+        long = "subjects-store",
         value_name = "PATH",
         env = "PDGATE_SUBJECTS",
         default_value = "subjects.db"
     )]
     store: PathBuf,
+    /// Deprecated spelling of --subjects-store.
+    #[arg(
+        long = "store",
+        value_name = "PATH",
+        hide = true,
+        value_parser = super::deprecated_flag::<PathBuf>("--store", "--subjects-store")
+    )]
+    old_store: Option<PathBuf>,
     /// A PostgreSQL registry (fleet) instead of the file, e.g.
     /// `postgres://pdgate@db:5432/pdgate`.
     #[arg(
@@ -69,7 +77,7 @@ pub(super) struct StoreArgs {
         value_name = "URL",
         env = "PDGATE_DATABASE_URL",
         hide_env_values = true,
-        conflicts_with = "store"
+        conflicts_with_all = ["store", "old_store"]
     )]
     database_url: Option<String>,
 }
@@ -78,7 +86,7 @@ pub(super) struct StoreArgs {
 #[derive(Debug, Args)]
 struct Who {
     /// Who makes the change (a person of the privacy office, a service): recorded in the
-    /// history. Required with `--store`/`--database-url`; with `--admin` the actor is the
+    /// history. Required with `--subjects-store`/`--database-url`; with `--admin` the actor is the
     /// identity the sidecar verified, and this flag is refused.
     #[arg(long, value_name = "NAME")]
     actor: Option<String>,
@@ -91,7 +99,7 @@ struct Who {
 }
 
 #[derive(Debug, Args)]
-#[command(group(ArgGroup::new("remote").multiple(true).args(["addr", "identity", "cert"]).conflicts_with_all(["store", "database_url"])))]
+#[command(group(ArgGroup::new("remote").multiple(true).args(["addr", "identity", "cert"]).conflicts_with_all(["store", "old_store", "database_url"])))]
 pub struct ConsentArgs {
     /// The data subject's id, as in x-data-subject.
     #[arg(value_name = "SUBJECT")]
@@ -113,8 +121,9 @@ pub struct ConsentArgs {
 
 #[derive(Debug, Args)]
 #[command(group(ArgGroup::new("what").required(true).args(["use", "provision"])))]
-#[command(group(ArgGroup::new("remote").multiple(true).args(["addr", "identity", "cert"]).conflicts_with_all(["store", "database_url"])))]
+#[command(group(ArgGroup::new("remote").multiple(true).args(["addr", "identity", "cert"]).conflicts_with_all(["store", "old_store", "database_url"])))]
 pub struct SuspendArgs {
+    /// The data subject's id, as in x-data-subject.
     #[arg(value_name = "SUBJECT")]
     subject: String,
     /// The use of the subject's data, for every purpose except answering their own requests,
@@ -133,8 +142,9 @@ pub struct SuspendArgs {
 }
 
 #[derive(Debug, Args)]
-#[command(group(ArgGroup::new("remote").multiple(true).args(["addr", "identity", "cert"]).conflicts_with_all(["store", "database_url"])))]
+#[command(group(ArgGroup::new("remote").multiple(true).args(["addr", "identity", "cert"]).conflicts_with_all(["store", "old_store", "database_url"])))]
 pub struct DeleteArgs {
+    /// The data subject's id, as in x-data-subject.
     #[arg(value_name = "SUBJECT")]
     subject: String,
     #[command(flatten)]
@@ -146,8 +156,9 @@ pub struct DeleteArgs {
 }
 
 #[derive(Debug, Args)]
-#[command(group(ArgGroup::new("remote").multiple(true).args(["addr", "identity", "cert"]).conflicts_with_all(["store", "database_url"])))]
+#[command(group(ArgGroup::new("remote").multiple(true).args(["addr", "identity", "cert"]).conflicts_with_all(["store", "old_store", "database_url"])))]
 pub struct ReadArgs {
+    /// The data subject's id, as in x-data-subject.
     #[arg(value_name = "SUBJECT")]
     subject: String,
     /// Print one JSON object instead of text.
@@ -170,16 +181,16 @@ impl StoreArgs {
             return Ok(Some(Box::new(PostgresRegistry::connect(url).await?)));
         }
         let store = if create {
-            Some(SqliteRegistry::open(&self.store).await?)
+            Some(SqliteRegistry::open(self.path()).await?)
         } else {
-            SqliteRegistry::open_existing(&self.store).await?
+            SqliteRegistry::open_existing(self.path()).await?
         };
         Ok(store.map(|s| Box::new(s) as Box<dyn SubjectRegistry>))
     }
 
     /// The SQLite file, for the message that it does not exist.
     pub(super) fn path(&self) -> &std::path::Path {
-        &self.store
+        self.old_store.as_deref().unwrap_or(&self.store)
     }
 }
 
@@ -306,9 +317,12 @@ fn print_change(change: &Change, record: &SubjectRecord, json: bool) {
             .source
             .as_deref()
             .map_or_else(String::new, |s| format!(", source {s}"));
-        println!(
+        outln!(
             "recorded {} for `{}` (version {}, by {}{source})",
-            change.action, change.subject, record.version, change.actor
+            change.action,
+            change.subject,
+            record.version,
+            change.actor
         );
         print_record(&change.subject, Some(record));
     }
@@ -575,7 +589,7 @@ async fn history(args: ReadArgs) -> u8 {
 pub(super) fn warn_absent(store: &StoreArgs) {
     eprintln!(
         "warning: no subject registry at `{}` (it is created by the first change, or give \
-         --store PATH / --database-url URL): nothing is recorded for anyone",
+         --subjects-store PATH / --database-url URL): nothing is recorded for anyone",
         store.path().display()
     );
 }
@@ -596,7 +610,7 @@ fn record_json(subject: &str, record: Option<&SubjectRecord>) -> serde_json::Val
 
 fn print_record(subject: &str, record: Option<&SubjectRecord>) {
     let Some(r) = record else {
-        println!("`{subject}`: no record (no consent, nothing suspended)");
+        outln!("`{subject}`: no record (no consent, nothing suspended)");
         return;
     };
     let list = |set: &std::collections::BTreeSet<String>| {
@@ -610,28 +624,28 @@ fn print_record(subject: &str, record: Option<&SubjectRecord>) {
         }
     };
     let suspended = |b: bool| if b { "SUSPENDED" } else { "not suspended" };
-    println!("`{subject}` version {}", r.version);
-    println!("  consent: {}", list(&r.state.consent));
-    println!(
+    outln!("`{subject}` version {}", r.version);
+    outln!("  consent: {}", list(&r.state.consent));
+    outln!(
         "  consent to communications data: {}",
         list(&r.state.comms_consent)
     );
-    println!("  use: {}", suspended(r.state.use_suspended));
-    println!(
+    outln!("  use: {}", suspended(r.state.use_suspended));
+    outln!(
         "  third-party provision: {}",
         suspended(r.state.provision_suspended)
     );
     if r.state.deletion_requested {
-        println!("  deletion: REQUESTED");
+        outln!("  deletion: REQUESTED");
     }
 }
 
 fn print_history(subject: &str, events: &[Event]) {
     if events.is_empty() {
-        println!("`{subject}`: no changes recorded");
+        outln!("`{subject}`: no changes recorded");
         return;
     }
-    println!(
+    outln!(
         "`{subject}`: {} change{}",
         events.len(),
         if events.len() == 1 { "" } else { "s" }
@@ -641,7 +655,7 @@ fn print_history(subject: &str, events: &[Event]) {
             .source
             .as_deref()
             .map_or_else(String::new, |s| format!(", source {s}"));
-        println!(
+        outln!(
             "  v{:<4} {}  {} (by {}{source})",
             e.version,
             humantime::format_rfc3339_micros(e.at),

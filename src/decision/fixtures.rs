@@ -27,7 +27,7 @@ use std::fmt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct FixtureFile {
     #[serde(default)]
@@ -35,7 +35,7 @@ pub struct FixtureFile {
     pub cases: Vec<Case>,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Case {
     pub name: String,
@@ -51,7 +51,7 @@ pub struct Case {
 }
 
 /// A subject's state in a case: the fields of [`SubjectState`], plus `unavailable`.
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Default, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct FixtureSubject {
     #[serde(default)]
@@ -82,14 +82,14 @@ impl FixtureSubject {
     }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum Expected {
     Allow,
     Deny,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Expect {
     pub decision: Expected,
@@ -100,6 +100,11 @@ pub struct Expect {
     /// as a set. Absent: not checked.
     #[serde(default)]
     pub minimized: Option<Vec<String>>,
+}
+
+/// The JSON Schema of a policy test file (`tests/*.yaml`; `pdgate policy schema tests`).
+pub fn schema() -> schemars::Schema {
+    schemars::schema_for!(FixtureFile)
 }
 
 /// Why the tests could not be run at all (as opposed to a case that failed).
@@ -143,12 +148,26 @@ impl fmt::Display for Failure {
     }
 }
 
+/// One case that ran, passed or not (for per-case output such as JUnit).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Outcome {
+    pub file: String,
+    pub case: String,
+    pub clause: Option<String>,
+    pub passed: bool,
+}
+
 /// What a run found.
 #[derive(Debug, Default)]
 pub struct Report {
     pub files: usize,
     pub cases: usize,
     pub failures: Vec<Failure>,
+    /// Every case run, in file and case order.
+    pub outcomes: Vec<Outcome>,
+    /// Lines of policy.csv among the matched rules of a case that passed (cases with
+    /// `extra_rules` run against another policy and add none).
+    pub rows_matched: Vec<usize>,
     /// Reason codes that some case expects.
     pub codes_covered: Vec<ReasonCode>,
     /// Clauses named by some case.
@@ -298,7 +317,19 @@ pub async fn run_with(
                     |v: &[String]| v.iter().cloned().collect::<std::collections::BTreeSet<_>>();
                 set(expected) == set(&decision.minimized)
             });
-            if got_decision != case.expect.decision || got != want || !minimized_ok {
+            let passed = got_decision == case.expect.decision && got == want && minimized_ok;
+            report.outcomes.push(Outcome {
+                file: file_name.clone(),
+                case: case.name.clone(),
+                clause: case.clause.clone(),
+                passed,
+            });
+            if passed && case.extra_rules.is_empty() {
+                report
+                    .rows_matched
+                    .extend(decision.matched_rules.iter().map(|r| r.line));
+            }
+            if !passed {
                 let with_minimized = |text: String, minimized: Option<&[String]>| match minimized {
                     Some(m) => format!("{text}, minimized [{}]", m.join(", ")),
                     None => text,
@@ -331,7 +362,131 @@ pub async fn run_with(
     report.codes_covered.dedup();
     report.clauses_covered.sort();
     report.clauses_covered.dedup();
+    report.rows_matched.sort_unstable();
+    report.rows_matched.dedup();
     Ok(report)
+}
+
+/// The reason codes a policy test can produce: stages 1 to 5 of a decision. The others come
+/// from the sidecar (routes, metadata, messages, audit) or from having no policy at all.
+pub const DECIDABLE_CODES: [ReasonCode; 19] = [
+    ReasonCode::PurposeNotDeclared,
+    ReasonCode::PurposeUnknown,
+    ReasonCode::CategoryNotDeclared,
+    ReasonCode::CategoryUnknown,
+    ReasonCode::ActionUnknown,
+    ReasonCode::CallerUnknown,
+    ReasonCode::RecipientUnknown,
+    ReasonCode::PurposeNotRegistered,
+    ReasonCode::RecipientNotAllowed,
+    ReasonCode::NoGrant,
+    ReasonCode::DeniedByRule,
+    ReasonCode::SecrecyOfCommunications,
+    ReasonCode::IdentifiedDataForResearch,
+    ReasonCode::SubjectRequired,
+    ReasonCode::ConsentRequired,
+    ReasonCode::UseSuspended,
+    ReasonCode::ProvisionSuspended,
+    ReasonCode::DeletionRequested,
+    ReasonCode::SubjectStateUnavailable,
+];
+
+/// What the tests exercise of a policy: each grant or deny row of policy.csv (matched by a
+/// passing case), each clause the taxonomy names (named by a case: `§2(b)` counts for `§2`
+/// too), each reason code a decision can give (expected by a case).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct Coverage {
+    pub rows: Vec<Covered>,
+    pub clauses: Vec<Covered>,
+    pub reason_codes: Vec<Covered>,
+}
+
+/// One item of [`Coverage`]: a row (`policy.csv:LINE: p, ...`), a clause or a reason code.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct Covered {
+    pub item: String,
+    pub covered: bool,
+}
+
+impl Coverage {
+    pub fn of(snapshot: &Snapshot, report: &Report) -> Self {
+        let rows = snapshot
+            .rows()
+            .grants
+            .iter()
+            .map(|row| Covered {
+                item: format!(
+                    "policy.csv:{}: p, {}, {}, {}, {}, {}",
+                    row.line,
+                    row.role,
+                    row.purpose,
+                    row.category,
+                    row.action.as_str(),
+                    match row.effect {
+                        crate::policy::Effect::Allow => "allow",
+                        crate::policy::Effect::Deny => "deny",
+                    }
+                ),
+                covered: report.rows_matched.binary_search(&row.line).is_ok(),
+            })
+            .collect();
+        let mut clauses: Vec<String> = snapshot
+            .purposes()
+            .iter_names()
+            .filter_map(|n| snapshot.purposes().id(n))
+            .map(|id| snapshot.purposes().info(id).clause.to_string())
+            .chain(
+                snapshot
+                    .categories()
+                    .iter_names()
+                    .filter_map(|n| snapshot.categories().id(n))
+                    .map(|id| snapshot.categories().info(id).clause.to_string()),
+            )
+            .chain(snapshot.callers().iter().map(|c| c.clause.to_string()))
+            .collect();
+        clauses.sort();
+        clauses.dedup();
+        let clauses = clauses
+            .into_iter()
+            .map(|clause| Covered {
+                covered: report.clauses_covered.iter().any(|named| {
+                    named == &clause
+                        || (named.starts_with(clause.as_str())
+                            && named[clause.len()..].starts_with('('))
+                }),
+                item: clause,
+            })
+            .collect();
+        let reason_codes = DECIDABLE_CODES
+            .iter()
+            .map(|code| Covered {
+                item: code.as_str().to_owned(),
+                covered: report.codes_covered.contains(code),
+            })
+            .collect();
+        Self {
+            rows,
+            clauses,
+            reason_codes,
+        }
+    }
+
+    /// Percent covered of each kind: (rows, clauses, reason codes). An empty kind is 100.
+    pub fn percents(&self) -> (f64, f64, f64) {
+        let percent = |items: &[Covered]| {
+            if items.is_empty() {
+                return 100.0;
+            }
+            let hit = items.iter().filter(|c| c.covered).count();
+            let ratio = hit as f64 / items.len() as f64;
+            ratio * 100.0
+        };
+        (
+            percent(&self.rows),
+            percent(&self.clauses),
+            percent(&self.reason_codes),
+        )
+    }
 }
 
 fn describe(decision: Expected, codes: &[&str]) -> String {

@@ -26,7 +26,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 /// What a caller asks: may `caller` do `action` on `categories` of `subjects` for `purpose`?
 /// Strings as they arrived; unknown or missing names are denied, not rejected.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, serde::Deserialize)]
+#[derive(
+    Debug, Clone, Default, PartialEq, Eq, Serialize, serde::Deserialize, schemars::JsonSchema,
+)]
 #[serde(deny_unknown_fields)]
 pub struct Request {
     pub caller: String,

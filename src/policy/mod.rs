@@ -26,6 +26,7 @@ pub use snapshot::{
     PolicyVersion, PurposeInfo, SecrecyUse, Snapshot, Tree,
 };
 pub use source::{DESCRIPTORS_DIR, DescriptorFile, MODEL_FILE, PolicySource};
+pub use taxonomy::schema as taxonomy_schema;
 pub use taxonomy::{CallerKind, TAXONOMY_FILE};
 
 use std::path::Path;

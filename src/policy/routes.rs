@@ -27,14 +27,14 @@ use std::sync::Arc;
 
 pub const ROUTES_FILE: &str = "routes.yaml";
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 struct RoutesFile {
     #[serde(default)]
     routes: BTreeMap<String, RouteEntry>,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 struct RouteEntry {
     action: String,
@@ -89,6 +89,11 @@ impl Route {
     pub fn reads_messages(&self) -> bool {
         self.inspection.is_some()
     }
+}
+
+/// The JSON Schema of `routes.yaml` (for editors; `pdgate policy schema routes`).
+pub fn schema() -> schemars::Schema {
+    schemars::schema_for!(RoutesFile)
 }
 
 /// Parses and checks the routes against the category tree. Problems name the route.

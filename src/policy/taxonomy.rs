@@ -10,7 +10,7 @@ pub const TAXONOMY_FILE: &str = "taxonomy.toml";
 /// An id (or other string) as written, with its byte span in the file.
 pub type Sp = Spanned<String>;
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Taxonomy {
     #[serde(default, rename = "purpose")]
@@ -24,9 +24,10 @@ pub struct Taxonomy {
     pub suspension: SuspensionRules,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct PurposeEntry {
+    #[schemars(with = "String")]
     pub id: Sp,
     pub clause: String,
     #[serde(default)]
@@ -39,6 +40,7 @@ pub struct PurposeEntry {
     pub subject: bool,
     /// Data used for this purpose (and its children) goes to a company of this kind.
     #[serde(default)]
+    #[schemars(with = "Option<CallerKind>")]
     pub recipient: Option<Spanned<CallerKind>>,
     /// Who is responsible for protecting and managing the data used for this purpose (and its
     /// children): §2(d) names the CISO for joint use.
@@ -48,28 +50,32 @@ pub struct PurposeEntry {
 
 /// The person responsible for protecting and managing personal data used for a purpose, and the
 /// clause that names them.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Manager {
     pub name: String,
     pub clause: String,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CategoryEntry {
+    #[schemars(with = "String")]
     pub id: Sp,
     pub clause: String,
     #[serde(default)]
     pub description: String,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CallerEntry {
+    #[schemars(with = "String")]
     pub id: Sp,
+    #[schemars(with = "String")]
     pub role: Sp,
     pub kind: CallerKind,
+    #[schemars(with = "Vec<String>")]
     pub purposes: Vec<Sp>,
     pub clause: String,
     #[serde(default)]
@@ -77,7 +83,9 @@ pub struct CallerEntry {
 }
 
 /// Where a caller sits relative to the company that holds the data.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Deserialize, serde::Serialize)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Hash, Deserialize, serde::Serialize, schemars::JsonSchema,
+)]
 #[serde(rename_all = "snake_case")]
 pub enum CallerKind {
     /// One of the company's own services.
@@ -99,33 +107,46 @@ impl CallerKind {
 }
 
 /// §5: which purposes may use communications data, and which never may.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct SecrecyLimit {
     pub clause: String,
+    #[schemars(with = "Vec<String>")]
     pub categories: Vec<Sp>,
+    #[schemars(with = "Vec<String>")]
     pub purposes: Vec<Sp>,
+    #[schemars(with = "Vec<String>")]
     pub never_purposes: Vec<Sp>,
     pub never_recipients: Vec<CallerKind>,
 }
 
 /// §1(3), §4: purposes that get de-identified data only.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct DeidentificationLimit {
     pub clause: String,
+    #[schemars(with = "Vec<String>")]
     pub purposes: Vec<Sp>,
+    #[schemars(with = "Vec<String>")]
     pub categories: Vec<Sp>,
 }
 
 /// §7: what the subject's suspension and deletion requests stop.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct SuspensionRules {
     pub clause: String,
+    #[schemars(with = "Vec<String>")]
     pub use_exempt_purposes: Vec<Sp>,
+    #[schemars(with = "Vec<String>")]
     pub provision_purposes: Vec<Sp>,
     /// What a deletion request does not stop: carrying out the subject's requests and what the
     /// law requires to be kept. Required: a policy must say what a deletion request leaves.
+    #[schemars(with = "Vec<String>")]
     pub deletion_exempt_purposes: Vec<Sp>,
+}
+
+/// The JSON Schema of `taxonomy.toml` (for editors; `pdgate policy schema taxonomy`).
+pub fn schema() -> schemars::Schema {
+    schemars::schema_for!(Taxonomy)
 }

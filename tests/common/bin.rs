@@ -377,7 +377,7 @@ pub fn serve(policy: &Path, state: &Path, extra: &[&str]) -> Pdgate {
     .map(|s| (*s).to_owned())
     .collect();
     args.push(policy.display().to_string());
-    args.push("--audit-dir".into());
+    args.push("--audit".into());
     args.push(state.join("audit").display().to_string());
     args.push("--subjects-store".into());
     args.push(state.join("subjects.db").display().to_string());
