@@ -201,6 +201,8 @@ pub struct TlsSection {
     pub uri_prefix: Option<String>,
     /// Or by a DNS SAN `<caller>` or `<caller>.<dns_suffix>`.
     pub dns_suffix: Option<String>,
+    /// How often the three files are read again, for certificate rotation.
+    pub reload_interval_ms: Option<u64>,
 }
 
 pub use crate::transport::TlsFiles;
@@ -395,17 +397,7 @@ fn upstream_is_valid(upstream: &str) -> bool {
         .is_ok_and(|u| u.host().is_some_and(|h| !h.is_empty()))
 }
 
-/// An error and its sources, one line.
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut text = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        text.push_str(": ");
-        text.push_str(&s.to_string());
-        source = s.source();
-    }
-    text
-}
+use crate::transport::tls::error_chain;
 
 /// Default URI SAN prefix for callers: `spiffe://pdgate.local/caller/<caller>`.
 pub const DEFAULT_URI_PREFIX: &str = "spiffe://pdgate.local/caller/";
@@ -583,6 +575,7 @@ impl FileConfig {
                     || t.client_ca.is_some()
                     || t.uri_prefix.is_some()
                     || t.dns_suffix.is_some()
+                    || t.reload_interval_ms.is_some()
                 {
                     return Err(err(
                         "tls",
@@ -606,10 +599,32 @@ impl FileConfig {
                     }
                     Ok(bytes)
                 };
+                let interval = match self.tls.reload_interval_ms {
+                    None => crate::transport::tls::DEFAULT_RELOAD_INTERVAL,
+                    Some(ms) if ms >= 100 => Duration::from_millis(ms),
+                    Some(ms) => {
+                        return Err(err(
+                            "tls.reload_interval_ms",
+                            format!("`{ms}` is too short; allowed: 100 or more (milliseconds)"),
+                        ));
+                    }
+                };
                 let files = TlsFiles {
                     cert_pem: read("tls.cert", &self.tls.cert)?,
                     key_pem: read("tls.key", &self.tls.key)?,
                     client_ca_pem: read("tls.client_ca", &self.tls.client_ca)?,
+                    // Present: read above, so all three paths are set.
+                    reload: match (&self.tls.cert, &self.tls.key, &self.tls.client_ca) {
+                        (Some(cert), Some(key), Some(client_ca)) => {
+                            Some(crate::transport::tls::TlsReload {
+                                cert: cert.clone(),
+                                key: key.clone(),
+                                client_ca: client_ca.clone(),
+                                interval,
+                            })
+                        }
+                        _ => None,
+                    },
                     uri_prefix: self
                         .tls
                         .uri_prefix
@@ -618,7 +633,7 @@ impl FileConfig {
                 };
                 // Build the TLS configuration now, so that a certificate and key that do not
                 // parse or do not match fail here, before any port is bound.
-                crate::transport::server_builder(Some(&files)).map_err(|e| {
+                crate::transport::tls::ServerTls::new(&files).map_err(|e| {
                     err(
                         "tls",
                         format!(

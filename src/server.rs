@@ -14,6 +14,7 @@ use crate::registry::{PostgresRegistry, SqliteRegistry, SubjectCache, SubjectCac
 use crate::sidecar;
 use crate::telemetry::metrics::Metrics;
 use crate::telemetry::{Telemetry, TelemetryError};
+use crate::transport::tls::ServerTls;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -79,6 +80,8 @@ pub enum ServeError {
     Fleet(#[source] crate::gate::StoreError),
     #[error("`telemetry.otlp_endpoint`: {0}")]
     Telemetry(#[from] TelemetryError),
+    #[error("`tls`: {}", crate::transport::tls::error_chain(.0))]
+    Tls(#[source] crate::transport::tls::TlsError),
 }
 
 /// Loads the configured policy and runs its tests, as a reload does. A policy that cannot be
@@ -170,6 +173,9 @@ pub fn gate(
         Metrics::new(decider.cache_stats().clone(), audit.clone())
             .with_shadow_stats(decider.shadow_stats().clone()),
     );
+    if let Subjects::Registry(cache) = &subjects {
+        metrics.report_registry_reads(cache.read_stats().clone());
+    }
     let telemetry = Telemetry::start(&config.telemetry, metrics)?;
     if let Some(endpoint) = &config.telemetry.otlp_endpoint {
         tracing::info!(%endpoint, service = %config.telemetry.service_name, "exporting spans and metrics over OTLP");
@@ -253,20 +259,25 @@ async fn serve(
     let stopped = |mut rx: watch::Receiver<bool>| async move {
         let _ = rx.wait_for(|stop| *stop).await;
     };
+    // One TLS configuration for both ports, its files read again until the stop signal.
+    let tls = match &config.tls {
+        Some(files) => {
+            let tls = ServerTls::new(files).map_err(ServeError::Tls)?;
+            drop(tokio::spawn(tls.clone().watch(
+                gate.telemetry().metrics().clone(),
+                stopped(stop_rx.clone()),
+            )));
+            Some(tls)
+        }
+        None => None,
+    };
     let data: Server = {
-        let (tls, gate, stop) = (config.tls.clone(), gate.clone(), stopped(stop_rx.clone()));
+        let (tls, gate, stop) = (tls.clone(), gate.clone(), stopped(stop_rx.clone()));
         let max_calls = config.max_concurrent_calls;
         tokio::spawn(async move {
-            sidecar::serve_data_plane(
-                listeners.data,
-                gate,
-                upstream,
-                max_calls,
-                tls.as_ref(),
-                stop,
-            )
-            .await
-            .map_err(ServeError::DataPlane)
+            sidecar::serve_data_plane(listeners.data, gate, upstream, max_calls, tls, stop)
+                .await
+                .map_err(ServeError::DataPlane)
         })
     };
     // The file watch (`[reload] watch`) ends with the same stop signal. A fleet member always
@@ -289,9 +300,9 @@ async fn serve(
         })
     });
     let api: Server = {
-        let (tls, stop) = (config.tls.clone(), stopped(stop_rx));
+        let stop = stopped(stop_rx);
         tokio::spawn(async move {
-            crate::api::serve_api(listeners.api, gate, tls.as_ref(), stop)
+            crate::api::serve_api(listeners.api, gate, tls, stop)
                 .await
                 .map_err(ServeError::Api)
         })

@@ -801,6 +801,35 @@ fn no_manifest_carries_a_real_key() {
     }
 }
 
+/// `kubectl kustomize` (kubectl's built-in kustomize) builds every layout; skipped, with a
+/// message, where kubectl is not installed.
+#[test]
+fn kubectl_kustomize_builds_every_layout() {
+    if std::process::Command::new("kubectl")
+        .args(["version", "--client"])
+        .output()
+        .is_err()
+    {
+        eprintln!("SKIPPED: kubectl is not installed (apt-get install kubectl)");
+        return;
+    }
+    for layout in ["base", "overlays/fleet"] {
+        let dir = repo().join("deploy/kubernetes").join(layout);
+        let out = std::process::Command::new("kubectl")
+            .arg("kustomize")
+            .arg(&dir)
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success(),
+            "{layout}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(text.contains("kind: Deployment"), "{layout}: {text}");
+    }
+}
+
 // ---------------------------------------------------------------------------------------------
 // The fleet overlay
 

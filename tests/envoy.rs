@@ -545,6 +545,7 @@ async fn with_mtls_the_principal_names_the_caller_and_x_caller_is_ignored() {
             client_ca_pem: ca.pem().into_bytes(),
             uri_prefix: DEFAULT_URI_PREFIX.to_owned(),
             dns_suffix: Some("svc.cluster.local".to_owned()),
+            reload: None,
         }),
         ..Options::default()
     })

@@ -68,7 +68,7 @@ fn reflection() -> tonic_reflection::server::Builder<'static> {
 pub async fn serve_api(
     listener: TcpListener,
     gate: Arc<Gate>,
-    tls: Option<&crate::transport::TlsFiles>,
+    tls: Option<Arc<crate::transport::tls::ServerTls>>,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
     let (reporter, health) = tonic_health::server::health_reporter();
@@ -95,7 +95,8 @@ pub async fn serve_api(
         shutdown.await;
         let _ = stopping.send(true);
     };
-    let served = crate::transport::server_builder(tls)?
+    // TLS is the listener's (`transport::tls`: certificates rotate), not the builder's.
+    let router = crate::transport::server_builder(None)?
         // HTTP/1 for `GET /metrics` (a Prometheus scrape); gRPC stays on HTTP/2.
         .accept_http1(true)
         .layer(metrics)
@@ -106,9 +107,20 @@ pub async fn serve_api(
         .add_service(subject_rights::SubjectRightsService::new(gate.clone()).into_server())
         .add_service(policy_admin::PolicyAdminService::new(gate.clone()).into_server())
         .add_service(audit_log::AuditLogService::new(gate.clone(), tails_stop).into_server())
-        .add_service(access::AccessControlService::new(gate).into_server())
-        .serve_with_incoming_shutdown(crate::transport::incoming(listener), shutdown)
-        .await;
+        .add_service(access::AccessControlService::new(gate).into_server());
+    let served = match tls {
+        None => {
+            router
+                .serve_with_incoming_shutdown(crate::transport::incoming(listener), shutdown)
+                .await
+        }
+        Some(tls) => {
+            let connections = crate::transport::tls::incoming(listener, tls);
+            router
+                .serve_with_incoming_shutdown(connections, shutdown)
+                .await
+        }
+    };
     health_task.abort();
     served?;
     Ok(())

@@ -34,13 +34,54 @@ pub(super) enum Message {
     Close,
 }
 
-/// Counters shared between the writer and the handle (and, later, the metrics endpoint).
-#[derive(Debug, Default)]
+/// Counters shared between the writer and the handle (and the metrics registry).
+#[derive(Debug)]
 pub struct AuditStats {
     pub written: AtomicU64,
     pub write_failures: AtomicU64,
     pub refused_full: AtomicU64,
     pub batches: AtomicU64,
+    /// Seconds per batch write (one `write` of the batch's lines), and per sync (`fdatasync`:
+    /// per batch, at rotation, or on the interval syncer's thread). Observed once per batch,
+    /// not per record, so the histogram's lock is off the per-call path.
+    pub write_seconds: prometheus_client::metrics::histogram::Histogram,
+    pub sync_seconds: prometheus_client::metrics::histogram::Histogram,
+}
+
+/// Upper bounds of [`AuditStats`]' histograms: a page-cache write takes microseconds, a sync
+/// on a busy or networked disk can take a second.
+pub const IO_SECONDS_BUCKETS: [f64; 14] = [
+    0.000_01, 0.000_05, 0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.05, 0.1,
+    0.5, 2.5,
+];
+
+impl Default for AuditStats {
+    fn default() -> Self {
+        let histogram = || {
+            prometheus_client::metrics::histogram::Histogram::new(
+                IO_SECONDS_BUCKETS.iter().copied(),
+            )
+        };
+        Self {
+            written: AtomicU64::new(0),
+            write_failures: AtomicU64::new(0),
+            refused_full: AtomicU64::new(0),
+            batches: AtomicU64::new(0),
+            write_seconds: histogram(),
+            sync_seconds: histogram(),
+        }
+    }
+}
+
+/// Runs `io`, observing its duration in `histogram`.
+fn timed<T>(
+    histogram: &prometheus_client::metrics::histogram::Histogram,
+    io: impl FnOnce() -> T,
+) -> T {
+    let began = std::time::Instant::now();
+    let result = io();
+    histogram.observe(began.elapsed().as_secs_f64());
+    result
 }
 
 /// A batch as written: its first sequence number and its lines, each ending in `\n`, exactly
@@ -186,7 +227,7 @@ impl Syncer {
         *self.file.lock().unwrap_or_else(PoisonError::into_inner) = handle;
     }
 
-    fn run(&self, interval: Duration, healthy: &AtomicBool) {
+    fn run(&self, interval: Duration, healthy: &AtomicBool, stats: &AuditStats) {
         while !self.stop.load(Ordering::Acquire) {
             std::thread::sleep(interval);
             if !self.dirty.swap(false, Ordering::AcqRel) {
@@ -194,7 +235,7 @@ impl Syncer {
             }
             let file = self.file.lock().unwrap_or_else(PoisonError::into_inner);
             if let Some((path, file)) = file.as_ref()
-                && let Err(e) = file.sync_data()
+                && let Err(e) = timed(&stats.sync_seconds, || file.sync_data())
             {
                 // Already acknowledged records may not survive a power loss: say so loudly,
                 // and let the next batch find out whether the disk still takes writes.
@@ -257,10 +298,10 @@ impl Writer {
         });
         syncer.follow(&segment);
         if let Fsync::Interval(every) = settings.fsync {
-            let (syncer, healthy) = (syncer.clone(), healthy.clone());
+            let (syncer, healthy, stats) = (syncer.clone(), healthy.clone(), stats.clone());
             std::thread::Builder::new()
                 .name("pdgate-audit-sync".into())
-                .spawn(move || syncer.run(every, &healthy))
+                .spawn(move || syncer.run(every, &healthy, &stats))
                 .map_err(|e| AuditError::io(&dir, e))?;
         }
         let maintenance = Some(Maintenance::start(
@@ -367,14 +408,14 @@ impl Writer {
             };
         }
         let start = self.segment.len;
-        let written =
-            self.segment
-                .file
-                .write_all(buf.as_bytes())
-                .and_then(|()| match self.settings.fsync {
-                    Fsync::EveryBatch => self.segment.file.sync_data(),
-                    Fsync::Interval(_) => Ok(()),
-                });
+        let stats = &self.stats;
+        let file = &mut self.segment.file;
+        let written = timed(&stats.write_seconds, || file.write_all(buf.as_bytes())).and_then(
+            |()| match self.settings.fsync {
+                Fsync::EveryBatch => timed(&stats.sync_seconds, || file.sync_data()),
+                Fsync::Interval(_) => Ok(()),
+            },
+        );
         if let Err(e) = written {
             // Cut the batch back off: its calls are denied, so the log must not say they were
             // decided; and a partial line would break the chain.
@@ -409,9 +450,8 @@ impl Writer {
     /// Syncs the current segment (at rotation and shutdown).
     fn sync(&mut self) -> Result<(), AuditError> {
         self.syncer.dirty.store(false, Ordering::Release);
-        self.segment
-            .file
-            .sync_data()
+        let file = &self.segment.file;
+        timed(&self.stats.sync_seconds, || file.sync_data())
             .map_err(|e| AuditError::io(&self.segment.path, e))
     }
 

@@ -104,6 +104,16 @@ pub struct SubjectCache {
     /// Within [`RETRY_AFTER`] of it, calls do not try again: during an outage one call per
     /// interval waits for the store, not every call.
     failed_us: AtomicU64,
+    /// Store reads on the decision path, and those that failed (metrics).
+    stats: Arc<ReadStats>,
+}
+
+/// Reads of the store through [`SubjectCache::read_through`] (the decision path), for the
+/// metrics registry: every read begun, and those that failed or timed out.
+#[derive(Debug, Default)]
+pub struct ReadStats {
+    pub reads: AtomicU64,
+    pub failures: AtomicU64,
 }
 
 /// How long after a failed read the decision path answers from the cache alone.
@@ -158,10 +168,15 @@ impl SubjectCache {
             confirmed_us: AtomicU64::new(0),
             epoch: AtomicU64::new(0),
             failed_us: AtomicU64::new(0),
+            stats: Arc::default(),
         }
     }
 
     /// The store behind the cache.
+    pub fn read_stats(&self) -> &Arc<ReadStats> {
+        &self.stats
+    }
+
     pub fn registry(&self) -> &Arc<dyn SubjectRegistry> {
         &self.registry
     }
@@ -262,10 +277,12 @@ impl SubjectCache {
             let epoch = self.epoch.load(Ordering::Acquire);
             let seen = self.marker(subject);
             let read_us = self.now_us();
+            self.stats.reads.fetch_add(1, Ordering::Relaxed);
             let read = tokio::time::timeout(self.settings.read_timeout, self.registry.get(subject))
                 .await
-                .map_err(|_| CacheError::Timeout(self.settings.read_timeout))?
-                .map_err(CacheError::Registry)?;
+                .map_err(|_| CacheError::Timeout(self.settings.read_timeout))
+                .and_then(|read| read.map_err(CacheError::Registry))
+                .inspect_err(|_| _ = self.stats.failures.fetch_add(1, Ordering::Relaxed))?;
             match self.merge(subject, read.as_ref(), read_us, Some(epoch), seen) {
                 Merge::Cached => return Ok(read),
                 Merge::Older | Merge::Dropped => last = Some(read),

@@ -19,7 +19,7 @@ mod cache;
 mod postgres;
 mod sqlite;
 
-pub use cache::{CacheError, SubjectCache, SubjectCacheSettings};
+pub use cache::{CacheError, ReadStats, SubjectCache, SubjectCacheSettings};
 pub use postgres::{NOTIFY_CHANNEL, Notification, PostgresRegistry};
 pub use sqlite::SqliteRegistry;
 

@@ -40,10 +40,14 @@ struct CallSlots {
 
 impl AuthorizeLayer {
     pub fn new(gate: Arc<Gate>, max_calls: usize) -> Self {
+        let semaphore = Arc::new(Semaphore::new(max_calls));
+        gate.telemetry()
+            .metrics()
+            .watch_call_slots(semaphore.clone(), max_calls);
         Self {
             gate,
             slots: Arc::new(CallSlots {
-                semaphore: Arc::new(Semaphore::new(max_calls)),
+                semaphore,
                 limit: max_calls,
             }),
         }
@@ -97,6 +101,7 @@ where
             // The slot travels with the response body: a call counts as in flight until its
             // last message (a stream) or its trailers are sent, or it is cancelled.
             let Ok(slot) = slots.semaphore.clone().try_acquire_owned() else {
+                gate.telemetry().metrics().record_shed();
                 return Ok(rescue::overloaded(slots.limit));
             };
             let certs = peer_certificates(&request);

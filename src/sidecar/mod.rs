@@ -17,7 +17,8 @@ pub mod deadline;
 pub mod messages;
 
 use crate::gate::Gate;
-use crate::transport::{TlsFiles, incoming, server_builder};
+use crate::transport::tls::ServerTls;
+use crate::transport::{incoming, server_builder};
 use std::future::Future;
 use std::sync::Arc;
 use tokio::net::TcpListener;
@@ -44,13 +45,28 @@ pub async fn serve_data_plane(
     gate: Arc<Gate>,
     upstream: Channel,
     max_calls: usize,
-    tls: Option<&TlsFiles>,
+    tls: Option<Arc<ServerTls>>,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), tonic::transport::Error> {
     let service = tower::ServiceBuilder::new()
-        .layer(authorize::AuthorizeLayer::new(gate, max_calls))
+        .layer(authorize::AuthorizeLayer::new(gate.clone(), max_calls))
+        .layer(crate::telemetry::upstream::UpstreamOutcomeLayer::new(
+            gate.telemetry().metrics().clone(),
+        ))
         .service(upstream);
-    server_builder(tls)?
-        .serve_with_incoming_shutdown(service, incoming(listener), shutdown)
-        .await
+    // TLS is the listener's (`transport::tls`: certificates rotate), not the builder's.
+    let server = server_builder(None)?;
+    match tls {
+        None => {
+            server
+                .serve_with_incoming_shutdown(service, incoming(listener), shutdown)
+                .await
+        }
+        Some(tls) => {
+            let connections = crate::transport::tls::incoming(listener, tls);
+            server
+                .serve_with_incoming_shutdown(service, connections, shutdown)
+                .await
+        }
+    }
 }

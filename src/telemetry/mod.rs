@@ -16,6 +16,8 @@
 
 pub mod logs;
 pub mod metrics;
+pub mod process;
+pub mod upstream;
 
 use crate::decision::{Decision, Request};
 use http::{HeaderMap, HeaderName, HeaderValue};

@@ -4,6 +4,7 @@
 
 pub mod deadline;
 pub mod rescue;
+pub mod tls;
 
 use tokio::net::{TcpListener, TcpStream};
 use tokio_stream::{Stream, StreamExt};
@@ -18,6 +19,9 @@ pub struct TlsFiles {
     pub client_ca_pem: Vec<u8>,
     pub uri_prefix: String,
     pub dns_suffix: Option<String>,
+    /// Where the three files were read from, to be read again for rotation
+    /// ([`tls::ServerTls::watch`]); `None`: these bytes serve for the process's life.
+    pub reload: Option<tls::TlsReload>,
 }
 
 /// A tonic server builder, with mTLS when `tls` is given: pdgate's certificate, and client

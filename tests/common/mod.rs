@@ -513,3 +513,19 @@ pub async fn scrape(h: &Harness) -> String {
     stream.read_to_string(&mut text).await.unwrap();
     text
 }
+
+/// `billing-service` reading `subject`'s billing statement for `service.billing` (allowed by
+/// the default policy for every demo subject that has not suspended use).
+pub fn billing_call(
+    subject: &str,
+) -> tonic::Request<pdgate::proto::demo::GetBillingStatementRequest> {
+    call(
+        pdgate::proto::demo::GetBillingStatementRequest {
+            customer_id: subject.into(),
+            month: String::new(),
+        },
+        "billing-service",
+        "service.billing",
+        &[subject],
+    )
+}

@@ -44,6 +44,7 @@ impl Ca {
             client_ca_pem: self.pem().into_bytes(),
             uri_prefix: DEFAULT_URI_PREFIX.to_owned(),
             dns_suffix: Some("callers.pdgate.local".to_owned()),
+            reload: None,
         }
     }
 
