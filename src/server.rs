@@ -244,9 +244,11 @@ async fn serve(
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), ServeError> {
     let upstream =
-        sidecar::upstream_channel(&config.upstream).map_err(|source| ServeError::Upstream {
-            upstream: config.upstream.clone(),
-            source,
+        sidecar::upstream_channel(&config.upstream, &config.limits).map_err(|source| {
+            ServeError::Upstream {
+                upstream: config.upstream.clone(),
+                source,
+            }
         })?;
     // One signal, two servers: the watch channel fans it out.
     let (stop_tx, stop_rx) = watch::channel(false);
@@ -255,13 +257,14 @@ async fn serve(
     };
     let data: Server = {
         let (tls, gate, stop) = (config.tls.clone(), gate.clone(), stopped(stop_rx.clone()));
-        let max_calls = config.max_concurrent_calls;
+        let (max_calls, limits) = (config.max_concurrent_calls, config.limits.clone());
         tokio::spawn(async move {
             sidecar::serve_data_plane(
                 listeners.data,
                 gate,
                 upstream,
                 max_calls,
+                &limits,
                 tls.as_ref(),
                 stop,
             )
@@ -289,9 +292,9 @@ async fn serve(
         })
     });
     let api: Server = {
-        let (tls, stop) = (config.tls.clone(), stopped(stop_rx));
+        let (tls, limits, stop) = (config.tls.clone(), config.limits.clone(), stopped(stop_rx));
         tokio::spawn(async move {
-            crate::api::serve_api(listeners.api, gate, tls.as_ref(), stop)
+            crate::api::serve_api(listeners.api, gate, tls.as_ref(), &limits, stop)
                 .await
                 .map_err(ServeError::Api)
         })

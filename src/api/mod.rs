@@ -69,6 +69,7 @@ pub async fn serve_api(
     listener: TcpListener,
     gate: Arc<Gate>,
     tls: Option<&crate::transport::TlsFiles>,
+    limits: &crate::transport::limits::Limits,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
     let (reporter, health) = tonic_health::server::health_reporter();
@@ -95,7 +96,8 @@ pub async fn serve_api(
         shutdown.await;
         let _ = stopping.send(true);
     };
-    let served = crate::transport::server_builder(tls)?
+    let connections = crate::transport::connections::Connections::new(limits);
+    let served = crate::transport::server_builder(tls, limits, &connections)?
         // HTTP/1 for `GET /metrics` (a Prometheus scrape); gRPC stays on HTTP/2.
         .accept_http1(true)
         .layer(metrics)
@@ -106,8 +108,8 @@ pub async fn serve_api(
         .add_service(subject_rights::SubjectRightsService::new(gate.clone()).into_server())
         .add_service(policy_admin::PolicyAdminService::new(gate.clone()).into_server())
         .add_service(audit_log::AuditLogService::new(gate.clone(), tails_stop).into_server())
-        .add_service(access::AccessControlService::new(gate).into_server())
-        .serve_with_incoming_shutdown(crate::transport::incoming(listener), shutdown)
+        .add_service(access::AccessControlService::new(gate, limits.clone()).into_server())
+        .serve_with_incoming_shutdown(connections.incoming(listener), shutdown)
         .await;
     health_task.abort();
     served?;

@@ -2,8 +2,14 @@
 //! builder both ports use, and [`rescue`], the one place where pdgate's outcomes and errors
 //! become gRPC statuses.
 
+pub mod connections;
 pub mod deadline;
+pub mod limits;
 pub mod rescue;
+
+use connections::{CallsLayer, Connections};
+use limits::Limits;
+use tower::layer::util::{Identity as NoLayer, Stack};
 
 use tokio::net::{TcpListener, TcpStream};
 use tokio_stream::{Stream, StreamExt};
@@ -20,28 +26,38 @@ pub struct TlsFiles {
     pub dns_suffix: Option<String>,
 }
 
+/// The server a port serves with: [`server_builder`]'s.
+pub type PortServer =
+    tonic::transport::Server<Stack<CallsLayer, Stack<deadline::DeadlineLayer, NoLayer>>>;
+
 /// A tonic server builder, with mTLS when `tls` is given: pdgate's certificate, and client
 /// certificates required and verified against the client CA. Every call is bounded by its
-/// `grpc-timeout` ([`deadline`]).
+/// `grpc-timeout` ([`deadline`]); each connection by `limits` (streams, header size,
+/// keepalive, TLS handshake time) and by `connections` (serve it `connections.incoming(..)`).
 pub fn server_builder(
     tls: Option<&TlsFiles>,
-) -> Result<
-    tonic::transport::Server<
-        tower::layer::util::Stack<deadline::DeadlineLayer, tower::layer::util::Identity>,
-    >,
-    tonic::transport::Error,
-> {
-    let builder = tonic::transport::Server::builder().tcp_nodelay(true);
+    limits: &Limits,
+    connections: &Connections,
+) -> Result<PortServer, tonic::transport::Error> {
+    let builder = tonic::transport::Server::builder()
+        .tcp_nodelay(true)
+        .max_concurrent_streams(limits.max_streams_per_connection)
+        .http2_max_header_list_size(limits.max_header_bytes)
+        .http2_keepalive_interval(Some(limits.keepalive_interval))
+        .http2_keepalive_timeout(Some(limits.keepalive_timeout));
     let builder = match tls {
         None => builder,
         Some(tls) => builder.tls_config(
             ServerTlsConfig::new()
                 .identity(Identity::from_pem(&tls.cert_pem, &tls.key_pem))
                 .client_ca_root(Certificate::from_pem(&tls.client_ca_pem))
-                .client_auth_optional(false),
+                .client_auth_optional(false)
+                .timeout(limits.handshake_timeout),
         )?,
     };
-    Ok(builder.layer(deadline::DeadlineLayer))
+    Ok(builder
+        .layer(deadline::DeadlineLayer)
+        .layer(connections.layer()))
 }
 
 /// The connections `listener` accepts (with `TCP_NODELAY`), for a server to serve. The
