@@ -416,3 +416,175 @@ async fn check_and_batch_check_are_bounded_and_closed_to_unlisted_callers() {
     })
     .await;
 }
+
+/// Raw HTTP/2 abuse (#14 adversarial suite): a header block past `max_header_bytes` never
+/// reaches the upstream, and a rapid reset — a thousand calls cancelled as soon as they are
+/// sent — leaves no call slot held; the sidecar serves after both. (Too many streams:
+/// `one_connection_cannot_take_every_call_slot`; slowloris and idle connections:
+/// `idle_and_silent_connections_are_closed_busy_ones_stay`.)
+#[tokio::test]
+async fn oversized_headers_and_rapid_reset_leave_the_sidecar_serving() {
+    let (upstream, held) = silent_upstream().await;
+    let h = Harness::with(Options {
+        upstream: Some(upstream),
+        max_concurrent_calls: 16,
+        ..Options::default()
+    })
+    .await;
+    let connect = || async {
+        let tcp = tokio::net::TcpStream::connect(h.data_addr).await.unwrap();
+        let (client, connection) = h2::client::handshake(tcp).await.unwrap();
+        tokio::spawn(connection);
+        client
+    };
+    // 64 KiB of header; the default bound is 16 KiB (hyper's default too: on main this part
+    // held already; the bound is now a key, `max_header_bytes`).
+    let mut oversized = raw_request("billing-service");
+    oversized.headers_mut().insert(
+        "x-padding",
+        http::HeaderValue::from_str(&"a".repeat(64 * 1024)).unwrap(),
+    );
+    let client = connect().await;
+    if let Ok(mut client) = client.ready().await
+        && let Ok((response, mut send)) = client.send_request(oversized, false)
+    {
+        let _ = send.send_data(frame(&billing("cust-1")), true);
+        if let Ok(response) = response.await {
+            assert_ne!(response.status(), http::StatusCode::OK, "{response:?}");
+        }
+    }
+    // A whole call after it, on a new connection, reaches the upstream alone.
+    let shed = Arc::new(AtomicUsize::new(0));
+    let _one = flood(h.data_addr, "billing-service", 1, shed.clone()).await;
+    eventually("an ordinary call reaches the upstream", || async {
+        held.load(Ordering::SeqCst) >= 1
+    })
+    .await;
+    assert_eq!(
+        held.load(Ordering::SeqCst),
+        1,
+        "the oversized request never reached the upstream"
+    );
+    // Rapid reset: each call cancelled (RST_STREAM) right after its headers and message.
+    let mut client = connect().await;
+    for _ in 0..1_000 {
+        let Ok(ready) = client.clone().ready().await else {
+            // GOAWAY (h2's own bound on resets): a new connection goes on.
+            client = connect().await;
+            continue;
+        };
+        client = ready;
+        if let Ok((response, mut send)) = client.send_request(raw_request("billing-service"), false)
+        {
+            let _ = send.send_data(frame(&billing("cust-1")), false);
+            send.send_reset(h2::Reason::CANCEL);
+            drop(response);
+        }
+    }
+    // Every reset call gave its slot back: 15 more calls that wait on the silent upstream fit
+    // (with the one above, all 16 slots).
+    let before = held.load(Ordering::SeqCst);
+    let _flood = flood(h.data_addr, "billing-service", 15, shed.clone()).await;
+    eventually("15 new calls get slots after the resets", || async {
+        held.load(Ordering::SeqCst) >= before + 15
+    })
+    .await;
+    assert_eq!(shed.load(Ordering::SeqCst), 0);
+}
+
+/// The resident set of process `pid`, in KiB.
+fn rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap()
+}
+
+/// Opens `n` connections to `addr` that send the HTTP/2 preface and an empty SETTINGS frame,
+/// then nothing; returns when the server has answered each (its SETTINGS) or closed it, and
+/// how many it closed at once.
+async fn idle_connections(addr: SocketAddr, n: usize) -> (Vec<tokio::net::TcpStream>, usize) {
+    use tokio::io::AsyncWriteExt;
+    const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\0\0\0\x04\0\0\0\0\0";
+    let mut open = Vec::with_capacity(n);
+    let mut refused = 0;
+    for _ in 0..n {
+        let mut tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+        tcp.write_all(PREFACE).await.unwrap();
+        let mut buf = [0u8; 256];
+        match tcp.read(&mut buf).await {
+            Ok(1..) => open.push(tcp),
+            _ => refused += 1,
+        }
+    }
+    (open, refused)
+}
+
+/// Finding 3's figure: the RSS of `pdgate serve` (the test build's binary) with 5 000 idle connections, and after the handshake bound has closed them, four
+/// rounds. Run: `cargo test --test limits -- --ignored --nocapture rss`. Prints the figures;
+/// fails if more than `max_connections` are held, or if pdgate does not close them.
+#[tokio::test]
+#[ignore = "a measurement (about a minute): run by hand, see the README's hardening section"]
+async fn rss_under_5000_idle_connections() {
+    let dir = tempfile::tempdir().unwrap();
+    for (name, max_connections) in [
+        ("default max_connections (1024)", 1024),
+        ("max_connections = 6000", 6000),
+    ] {
+        let config = dir.path().join(format!("limits-{max_connections}.toml"));
+        std::fs::write(
+            &config,
+            format!(
+                "[limits]\nmax_connections = {max_connections}\nhandshake_timeout_seconds = 5\n"
+            ),
+        )
+        .unwrap();
+        let state = tempfile::tempdir().unwrap();
+        let command = common::bin::serve(
+            &common::policy_dir(),
+            state.path(),
+            &["--config", config.to_str().unwrap()],
+        )
+        .limit(Duration::from_secs(600));
+        let command = match std::env::var("MALLOC_ARENA_MAX") {
+            Ok(arenas) => command.env("MALLOC_ARENA_MAX", arenas),
+            Err(_) => command,
+        };
+        let mut pdgate = command.spawn();
+        let (data, _) = pdgate.serving().await;
+        let pid = pdgate.pid();
+        let start = rss_kib(pid);
+        println!("{name}: at start {} MiB", start / 1024);
+        let mut after_rounds = Vec::new();
+        for round in 1..=4 {
+            let (open, refused) = idle_connections(data, 5_000).await;
+            assert_eq!(
+                open.len(),
+                5_000.min(max_connections),
+                "{name}: held {refused} refused"
+            );
+            let held = rss_kib(pid);
+            let watchers: Vec<_> = open.into_iter().map(until_closed).collect();
+            let closing = std::time::Instant::now();
+            eventually(
+                "the handshake bound closes every idle connection",
+                || async { watchers.iter().all(tokio::task::JoinHandle::is_finished) },
+            )
+            .await;
+            let after = rss_kib(pid);
+            println!(
+                "{name}: round {round}: {} open, {refused} closed at accept: {} MiB; all closed by pdgate within {:.1} s: {} MiB",
+                watchers.len(),
+                held / 1024,
+                closing.elapsed().as_secs_f64(),
+                after / 1024
+            );
+            after_rounds.push(after);
+        }
+        // Not asserted: RSS after the connections closed. It is not given back to the system
+        // and still grows from round to round, more slowly each time (see the README).
+        println!("{name}: RSS after each round (KiB): {after_rounds:?}");
+    }
+}
