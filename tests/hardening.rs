@@ -490,3 +490,39 @@ async fn the_secrecy_floor_names_every_widening_with_its_line() {
     assert!(floor.iter().any(|p| p.message.contains("`inquiry`")));
     assert!(floor.iter().any(|p| p.message.contains("joint_user")));
 }
+
+/// Finding 8: a syntax error in `taxonomy.toml` used to hide every other file's problems (no
+/// name can be resolved without the taxonomy, so nothing else was read). The other files are
+/// still read: a syntax error in `routes.yaml` and a malformed `policy.csv` row are reported
+/// with it, each with its file and line.
+#[tokio::test]
+async fn a_syntax_error_in_one_file_does_not_hide_the_others_problems() {
+    let dir = common::policy_copy();
+    let append = |file: &str, text: &str| -> usize {
+        let path = dir.path().join(file);
+        let mut content = std::fs::read_to_string(&path).unwrap();
+        if !content.ends_with('\n') {
+            content.push('\n');
+        }
+        let line = content.lines().count() + 1;
+        content.push_str(text);
+        std::fs::write(&path, content).unwrap();
+        line
+    };
+    let taxonomy = append("taxonomy.toml", "[[purposes]\nid = \"broken\"\n");
+    let routes = append("routes.yaml", "  - [unclosed\n");
+    let policy = append("policy.csv", "p, role:billing\n");
+    let problems = pdgate::policy::load_dir(dir.path()).await.unwrap_err().0;
+    let at = |file: &str| {
+        problems
+            .iter()
+            .find(|p| p.file == file)
+            .and_then(|p| p.line)
+    };
+    assert_eq!(at("taxonomy.toml"), Some(taxonomy), "{problems:?}");
+    assert!(
+        at("routes.yaml").is_some_and(|l| l >= routes),
+        "the routes' syntax error is reported too: {problems:?}"
+    );
+    assert_eq!(at("policy.csv"), Some(policy), "{problems:?}");
+}
