@@ -279,6 +279,36 @@ async fn idle_and_silent_connections_are_closed_busy_ones_stay() {
     assert!(!busy_response.is_finished());
 }
 
+/// Finding 3, mTLS: connections that never start (or never finish) the TLS handshake used to
+/// stay open on the mTLS port; they are closed after `handshake_timeout`, on both ports.
+#[tokio::test]
+async fn connections_that_never_finish_the_tls_handshake_are_closed() {
+    let ca = common::tls::Ca::new();
+    let h = Harness::with(Options {
+        tls: Some(ca.server_files("localhost")),
+        limits: Limits {
+            handshake_timeout: Duration::from_millis(300),
+            ..Limits::default()
+        },
+        ..Options::default()
+    })
+    .await;
+    use tokio::io::AsyncWriteExt;
+    let silent = until_closed(tokio::net::TcpStream::connect(h.data_addr).await.unwrap());
+    let silent_api = until_closed(tokio::net::TcpStream::connect(h.api_addr).await.unwrap());
+    // The first bytes of a TLS ClientHello record, and then nothing (slowloris).
+    let mut partial = tokio::net::TcpStream::connect(h.data_addr).await.unwrap();
+    partial
+        .write_all(&[0x16, 0x03, 0x01, 0x02, 0x00, 0x01])
+        .await
+        .unwrap();
+    let partial = until_closed(partial);
+    eventually("pre-handshake connections are closed", || async {
+        silent.is_finished() && silent_api.is_finished() && partial.is_finished()
+    })
+    .await;
+}
+
 /// Finding 3: past `max_connections` a new connection is closed at once; when one closes,
 /// a new one is served again.
 #[tokio::test]
