@@ -50,7 +50,6 @@ use tokio::net::TcpListener;
 use tokio::process::{Child, Command};
 use tokio::sync::watch;
 use tonic::metadata::MetadataValue;
-use tonic::transport::server::TcpIncoming;
 use tonic::transport::{Channel, Endpoint};
 
 /// Set in the re-executed child: serve the baseline forwarder on this address, and nothing else.
@@ -676,7 +675,8 @@ fn baseline_main(listen: &str) -> ExitCode {
             .await
             .map_err(|e| format!("cannot bind `{listen}`: {e}"))?;
         let addr = listener.local_addr().map_err(|e| e.to_string())?;
-        let channel = pdgate::sidecar::upstream_channel(&upstream)
+        let limits = pdgate::transport::limits::Limits::default();
+        let channel = pdgate::sidecar::upstream_channel(&upstream, &limits)
             .map_err(|e| format!("upstream `{upstream}`: {e}"))?;
         let (closed_tx, closed_rx) = tokio::sync::oneshot::channel::<()>();
         std::thread::spawn(move || {
@@ -685,15 +685,12 @@ fn baseline_main(listen: &str) -> ExitCode {
         });
         println!("listening {addr}");
         // As in `serve_data_plane`: the same builder and incoming, minus the Authorize layer.
-        pdgate::transport::server_builder(None)
+        let connections = pdgate::transport::connections::Connections::new(&limits);
+        pdgate::transport::server_builder(&limits, &connections)
             .map_err(|e| e.to_string())?
-            .serve_with_incoming_shutdown(
-                channel,
-                TcpIncoming::from(listener).with_nodelay(Some(true)),
-                async {
-                    let _ = closed_rx.await;
-                },
-            )
+            .serve_with_incoming_shutdown(channel, connections.incoming(listener), async {
+                let _ = closed_rx.await;
+            })
             .await
             .map_err(|e| e.to_string())
     });

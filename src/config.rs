@@ -206,6 +206,7 @@ pub struct TlsSection {
 }
 
 pub use crate::transport::TlsFiles;
+pub use crate::transport::limits::Limits;
 
 fn resolve_audit(
     a: AuditSection,
@@ -414,6 +415,149 @@ pub struct CacheSection {
 pub struct LimitsSection {
     pub max_concurrent_calls: Option<usize>,
     pub shutdown_grace_seconds: Option<u64>,
+    // The bounds of `transport::Limits`; each documented (with its default) there.
+    pub response_timeout_seconds: Option<u64>,
+    pub keepalive_interval_seconds: Option<u64>,
+    pub keepalive_timeout_seconds: Option<u64>,
+    pub max_streams_per_connection: Option<u32>,
+    pub max_calls_per_caller: Option<usize>,
+    pub idle_timeout_seconds: Option<u64>,
+    pub handshake_timeout_seconds: Option<u64>,
+    pub max_connections: Option<usize>,
+    pub max_header_bytes: Option<u32>,
+    pub check_callers: Option<Vec<String>>,
+    pub check_max_categories: Option<usize>,
+    pub check_max_subjects: Option<usize>,
+    pub check_max_batch: Option<usize>,
+    pub check_max_value_bytes: Option<usize>,
+}
+
+/// Checks `[limits]`' bounds and fills in their defaults; `max_concurrent_calls` (already
+/// checked) sets the default share of one caller.
+fn resolve_limits(
+    section: &LimitsSection,
+    max_concurrent_calls: usize,
+    err: &dyn Fn(&str, String) -> ConfigError,
+) -> Result<Limits, ConfigError> {
+    const DAY: u64 = 86_400;
+    let defaults = Limits::default();
+    let seconds = |key: &str, value: Option<u64>, default: Duration, min: u64, max: u64| {
+        value.map_or(Ok(default), |v| {
+            in_range(&format!("limits.{key}"), v, min, max, err).map(Duration::from_secs)
+        })
+    };
+    let count = |key: &str, value: Option<usize>, default: usize, max: usize| {
+        value.map_or(Ok(default), |v| {
+            in_range(&format!("limits.{key}"), v as u64, 1, max as u64, err).map(|_| v)
+        })
+    };
+    let keepalive_interval = seconds(
+        "keepalive_interval_seconds",
+        section.keepalive_interval_seconds,
+        defaults.keepalive_interval,
+        1,
+        DAY,
+    )?;
+    let keepalive_timeout = seconds(
+        "keepalive_timeout_seconds",
+        section.keepalive_timeout_seconds,
+        defaults.keepalive_timeout,
+        1,
+        DAY,
+    )?;
+    let max_calls_per_caller = count(
+        "max_calls_per_caller",
+        section.max_calls_per_caller,
+        max_concurrent_calls.div_ceil(4),
+        max_concurrent_calls,
+    )
+    .map_err(|e| ConfigError {
+        message: format!("{} (at most `max_concurrent_calls`)", e.message),
+        ..e
+    })?;
+    let check_callers = match &section.check_callers {
+        None => None,
+        Some(callers) => {
+            if let Some(bad) = callers
+                .iter()
+                .find(|c| c.is_empty() || c.trim() != c.as_str())
+            {
+                return Err(err(
+                    "limits.check_callers",
+                    format!("`{bad}` is not a caller name (empty, or surrounded by whitespace)"),
+                ));
+            }
+            Some(callers.clone())
+        }
+    };
+    Ok(Limits {
+        response_timeout: seconds(
+            "response_timeout_seconds",
+            section.response_timeout_seconds,
+            defaults.response_timeout,
+            1,
+            DAY,
+        )?,
+        keepalive_interval,
+        keepalive_timeout,
+        max_streams_per_connection: count(
+            "max_streams_per_connection",
+            section.max_streams_per_connection.map(|v| v as usize),
+            defaults.max_streams_per_connection as usize,
+            1_000_000,
+        )? as u32,
+        max_calls_per_caller,
+        idle_timeout: seconds(
+            "idle_timeout_seconds",
+            section.idle_timeout_seconds,
+            defaults.idle_timeout,
+            1,
+            DAY,
+        )?,
+        handshake_timeout: seconds(
+            "handshake_timeout_seconds",
+            section.handshake_timeout_seconds,
+            defaults.handshake_timeout,
+            1,
+            3_600,
+        )?,
+        max_connections: count(
+            "max_connections",
+            section.max_connections,
+            defaults.max_connections,
+            1_000_000,
+        )?,
+        max_header_bytes: section
+            .max_header_bytes
+            .map_or(Ok(defaults.max_header_bytes), |v| {
+                in_range("limits.max_header_bytes", u64::from(v), 1024, 1 << 24, err).map(|_| v)
+            })?,
+        check_callers,
+        check_max_categories: count(
+            "check_max_categories",
+            section.check_max_categories,
+            defaults.check_max_categories,
+            100_000,
+        )?,
+        check_max_subjects: count(
+            "check_max_subjects",
+            section.check_max_subjects,
+            defaults.check_max_subjects,
+            100_000,
+        )?,
+        check_max_batch: count(
+            "check_max_batch",
+            section.check_max_batch,
+            defaults.check_max_batch,
+            100_000,
+        )?,
+        check_max_value_bytes: count(
+            "check_max_value_bytes",
+            section.check_max_value_bytes,
+            defaults.check_max_value_bytes,
+            65_536,
+        )?,
+    })
 }
 
 /// The checked configuration the sidecar runs with.
@@ -433,6 +577,8 @@ pub struct Config {
     pub cache: CacheSettings,
     pub max_concurrent_calls: usize,
     pub shutdown_grace: Duration,
+    /// The other `[limits]` bounds.
+    pub limits: Limits,
     pub audit: AuditSettings,
     pub telemetry: TelemetrySettings,
     /// Who may call the admin services; nobody by default.
@@ -672,6 +818,7 @@ impl FileConfig {
             ));
         }
         let shutdown_grace = Duration::from_secs(self.limits.shutdown_grace_seconds.unwrap_or(30));
+        let limits = resolve_limits(&self.limits, max_concurrent_calls, &err)?;
         let audit = resolve_audit(self.audit, &err)?;
         let telemetry = resolve_telemetry(self.telemetry, &err)?;
         let admin_roles = resolve_admin(self.admin, &err)?;
@@ -699,6 +846,7 @@ impl FileConfig {
             cache: CacheSettings { max_entries, ttl },
             max_concurrent_calls,
             shutdown_grace,
+            limits,
             audit,
             telemetry,
             admin_roles,

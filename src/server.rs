@@ -250,9 +250,11 @@ async fn serve(
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), ServeError> {
     let upstream =
-        sidecar::upstream_channel(&config.upstream).map_err(|source| ServeError::Upstream {
-            upstream: config.upstream.clone(),
-            source,
+        sidecar::upstream_channel(&config.upstream, &config.limits).map_err(|source| {
+            ServeError::Upstream {
+                upstream: config.upstream.clone(),
+                source,
+            }
         })?;
     // One signal, two servers: the watch channel fans it out.
     let (stop_tx, stop_rx) = watch::channel(false);
@@ -273,11 +275,19 @@ async fn serve(
     };
     let data: Server = {
         let (tls, gate, stop) = (tls.clone(), gate.clone(), stopped(stop_rx.clone()));
-        let max_calls = config.max_concurrent_calls;
+        let (max_calls, limits) = (config.max_concurrent_calls, config.limits.clone());
         tokio::spawn(async move {
-            sidecar::serve_data_plane(listeners.data, gate, upstream, max_calls, tls, stop)
-                .await
-                .map_err(ServeError::DataPlane)
+            sidecar::serve_data_plane(
+                listeners.data,
+                gate,
+                upstream,
+                max_calls,
+                &limits,
+                tls,
+                stop,
+            )
+            .await
+            .map_err(ServeError::DataPlane)
         })
     };
     // The file watch (`[reload] watch`) ends with the same stop signal. A fleet member always
@@ -300,9 +310,9 @@ async fn serve(
         })
     });
     let api: Server = {
-        let stop = stopped(stop_rx);
+        let (limits, stop) = (config.limits.clone(), stopped(stop_rx));
         tokio::spawn(async move {
-            crate::api::serve_api(listeners.api, gate, tls, stop)
+            crate::api::serve_api(listeners.api, gate, tls, &limits, stop)
                 .await
                 .map_err(ServeError::Api)
         })

@@ -422,6 +422,7 @@ async fn api_only() -> ApiOnly {
         tls: None,
         cache: pdgate::decision::CacheSettings::default(),
         max_concurrent_calls: 64,
+        limits: pdgate::config::Limits::default(),
         shutdown_grace: Duration::from_secs(60),
         audit: AuditSettings::new(dir.path()),
         telemetry: pdgate::telemetry::TelemetrySettings::default(),
@@ -447,9 +448,15 @@ async fn api_only() -> ApiOnly {
     .unwrap();
     let (stop, mut stopped) = tokio::sync::watch::channel(false);
     let server = tokio::spawn(async move {
-        pdgate::api::serve_api(listener, gate, None, async move {
-            let _ = stopped.wait_for(|s| *s).await;
-        })
+        pdgate::api::serve_api(
+            listener,
+            gate,
+            None,
+            &pdgate::config::Limits::default(),
+            async move {
+                let _ = stopped.wait_for(|s| *s).await;
+            },
+        )
         .await
         .unwrap();
     });

@@ -11,20 +11,11 @@
 
 mod common;
 
+use common::raw::{billing, frame, silent_upstream};
 use common::{Harness, Options, call};
-use pdgate::proto::demo::GetBillingStatementRequest;
-use std::convert::Infallible;
 use std::net::SocketAddr;
 use tonic::Code;
-use tonic::body::Body;
 use tonic::metadata::MetadataValue;
-
-fn billing(customer: &str) -> GetBillingStatementRequest {
-    GetBillingStatementRequest {
-        customer_id: customer.into(),
-        month: String::new(),
-    }
-}
 
 /// The reason codes of the audit record of the decision `id`.
 fn recorded_reasons(h: &Harness, id: &str) -> Vec<String> {
@@ -70,15 +61,6 @@ async fn metadata_with_surrounding_whitespace_is_invalid_and_never_forwarded() {
         .await
         .unwrap();
     assert_eq!(h.service.calls(), 1);
-}
-
-/// A gRPC message frame: uncompressed, length, bytes.
-fn frame(message: &impl prost::Message) -> bytes::Bytes {
-    let bytes = message.encode_to_vec();
-    let mut framed = vec![0];
-    framed.extend_from_slice(&u32::try_from(bytes.len()).unwrap().to_be_bytes());
-    framed.extend_from_slice(&bytes);
-    framed.into()
 }
 
 /// Sends one request over raw HTTP/2 — what a non-gRPC client sends, or a gRPC client that
@@ -177,24 +159,10 @@ async fn only_grpc_posts_are_forwarded() {
     assert_eq!(h.service.calls(), 2);
 }
 
-/// An upstream that accepts every call and never answers it.
-async fn silent_upstream() -> SocketAddr {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let silent = tower::service_fn(|_request: http::Request<Body>| {
-        std::future::pending::<Result<http::Response<Body>, Infallible>>()
-    });
-    tokio::spawn(tonic::transport::Server::builder().serve_with_incoming(
-        silent,
-        tonic::transport::server::TcpIncoming::from(listener),
-    ));
-    addr
-}
-
 #[tokio::test]
 async fn a_deadline_that_passes_before_the_upstream_answers_is_deadline_exceeded() {
     let h = Harness::with(Options {
-        upstream: Some(silent_upstream().await),
+        upstream: Some(silent_upstream().await.0),
         ..Options::default()
     })
     .await;
@@ -521,4 +489,40 @@ async fn the_secrecy_floor_names_every_widening_with_its_line() {
     );
     assert!(floor.iter().any(|p| p.message.contains("`inquiry`")));
     assert!(floor.iter().any(|p| p.message.contains("joint_user")));
+}
+
+/// Finding 8: a syntax error in `taxonomy.toml` used to hide every other file's problems (no
+/// name can be resolved without the taxonomy, so nothing else was read). The other files are
+/// still read: a syntax error in `routes.yaml` and a malformed `policy.csv` row are reported
+/// with it, each with its file and line.
+#[tokio::test]
+async fn a_syntax_error_in_one_file_does_not_hide_the_others_problems() {
+    let dir = common::policy_copy();
+    let append = |file: &str, text: &str| -> usize {
+        let path = dir.path().join(file);
+        let mut content = std::fs::read_to_string(&path).unwrap();
+        if !content.ends_with('\n') {
+            content.push('\n');
+        }
+        let line = content.lines().count() + 1;
+        content.push_str(text);
+        std::fs::write(&path, content).unwrap();
+        line
+    };
+    let taxonomy = append("taxonomy.toml", "[[purposes]\nid = \"broken\"\n");
+    let routes = append("routes.yaml", "  - [unclosed\n");
+    let policy = append("policy.csv", "p, role:billing\n");
+    let problems = pdgate::policy::load_dir(dir.path()).await.unwrap_err().0;
+    let at = |file: &str| {
+        problems
+            .iter()
+            .find(|p| p.file == file)
+            .and_then(|p| p.line)
+    };
+    assert_eq!(at("taxonomy.toml"), Some(taxonomy), "{problems:?}");
+    assert!(
+        at("routes.yaml").is_some_and(|l| l >= routes),
+        "the routes' syntax error is reported too: {problems:?}"
+    );
+    assert_eq!(at("policy.csv"), Some(policy), "{problems:?}");
 }

@@ -584,7 +584,7 @@ async fn access_control_check_and_batch_check() {
     assert!(!batch.responses[1].allowed);
     assert_eq!(batch.responses[1].reasons[0].code, "NO_GRANT");
     let too_many = BatchCheckRequest {
-        requests: vec![allowed; pdgate::api::access::MAX_BATCH + 1],
+        requests: vec![allowed; pdgate::config::Limits::default().check_max_batch + 1],
     };
     assert_eq!(
         api.batch_check(too_many).await.unwrap_err().code(),

@@ -69,6 +69,7 @@ pub async fn serve_api(
     listener: TcpListener,
     gate: Arc<Gate>,
     tls: Option<Arc<crate::transport::tls::ServerTls>>,
+    limits: &crate::transport::limits::Limits,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
     let (reporter, health) = tonic_health::server::health_reporter();
@@ -95,8 +96,8 @@ pub async fn serve_api(
         shutdown.await;
         let _ = stopping.send(true);
     };
-    // TLS is the listener's (`transport::tls`: certificates rotate), not the builder's.
-    let router = crate::transport::server_builder(None)?
+    let connections = crate::transport::connections::Connections::new(limits);
+    let router = crate::transport::server_builder(limits, &connections)?
         // HTTP/1 for `GET /metrics` (a Prometheus scrape); gRPC stays on HTTP/2.
         .accept_http1(true)
         .layer(metrics)
@@ -107,17 +108,20 @@ pub async fn serve_api(
         .add_service(subject_rights::SubjectRightsService::new(gate.clone()).into_server())
         .add_service(policy_admin::PolicyAdminService::new(gate.clone()).into_server())
         .add_service(audit_log::AuditLogService::new(gate.clone(), tails_stop).into_server())
-        .add_service(access::AccessControlService::new(gate).into_server());
+        .add_service(access::AccessControlService::new(gate, limits.clone()).into_server());
+    let accepted = connections.incoming(listener);
     let served = match tls {
         None => {
             router
-                .serve_with_incoming_shutdown(crate::transport::incoming(listener), shutdown)
+                .serve_with_incoming_shutdown(accepted, shutdown)
                 .await
         }
         Some(tls) => {
-            let connections = crate::transport::tls::incoming(listener, tls);
             router
-                .serve_with_incoming_shutdown(connections, shutdown)
+                .serve_with_incoming_shutdown(
+                    crate::transport::tls::handshaken(accepted, tls),
+                    shutdown,
+                )
                 .await
         }
     };

@@ -375,6 +375,7 @@ pub async fn demo(args: DemoArgs) -> u8 {
         tls: None,
         cache: crate::decision::CacheSettings::default(),
         max_concurrent_calls: 1024,
+        limits: crate::config::Limits::default(),
         shutdown_grace: std::time::Duration::from_secs(5),
         // Each demo run starts a fresh audit log of its own.
         audit: AuditSettings::new(std::env::temp_dir().join(format!(

@@ -32,6 +32,12 @@ pub async fn compile(source: PolicySource) -> Result<Snapshot, Problems> {
                 Some(line) => Problem::at(TAXONOMY_FILE, line, message),
                 None => Problem::in_file(TAXONOMY_FILE, message),
             });
+            // Nothing can be resolved without the taxonomy, but the routes are still read, so
+            // that this one error does not hide their own (syntax, shape); their category
+            // names are checked once the taxonomy parses.
+            if let Some(text) = source.routes.as_deref() {
+                super::routes::parse(text, &|_| true, &mut problems);
+            }
             None
         }
     };

@@ -13,6 +13,7 @@ use crate::message::compression::Encoding;
 use crate::message::frames::Frames;
 use crate::telemetry::CallSpan;
 use crate::transport::deadline::Deadline;
+use crate::transport::limits::Limits;
 use crate::transport::rescue;
 use futures_util::future::BoxFuture;
 use std::convert::Infallible;
@@ -30,26 +31,20 @@ use tower::{Layer, Service, ServiceExt};
 pub struct AuthorizeLayer {
     gate: Arc<Gate>,
     slots: Arc<CallSlots>,
-}
-
-/// Calls in flight; a call that finds no slot left is shed (`RESOURCE_EXHAUSTED`).
-struct CallSlots {
-    semaphore: Arc<Semaphore>,
-    limit: usize,
+    /// How long the upstream may take to answer a call without a deadline.
+    response_timeout: std::time::Duration,
 }
 
 impl AuthorizeLayer {
-    pub fn new(gate: Arc<Gate>, max_calls: usize) -> Self {
-        let semaphore = Arc::new(Semaphore::new(max_calls));
+    pub fn new(gate: Arc<Gate>, max_calls: usize, limits: &Limits) -> Self {
+        let slots = Arc::new(CallSlots::new(max_calls, limits.max_calls_per_caller));
         gate.telemetry()
             .metrics()
-            .watch_call_slots(semaphore.clone(), max_calls);
+            .watch_call_slots(slots.semaphore.clone(), max_calls);
         Self {
             gate,
-            slots: Arc::new(CallSlots {
-                semaphore,
-                limit: max_calls,
-            }),
+            slots,
+            response_timeout: limits.response_timeout,
         }
     }
 }
@@ -62,6 +57,7 @@ impl<S> Layer<S> for AuthorizeLayer {
             inner,
             gate: self.gate.clone(),
             slots: self.slots.clone(),
+            response_timeout: self.response_timeout,
         }
     }
 }
@@ -71,6 +67,7 @@ pub struct Authorize<S> {
     inner: S,
     gate: Arc<Gate>,
     slots: Arc<CallSlots>,
+    response_timeout: std::time::Duration,
 }
 
 impl<S> Service<http::Request<Body>> for Authorize<S>
@@ -94,17 +91,24 @@ where
     fn call(&mut self, mut request: http::Request<Body>) -> Self::Future {
         let gate = self.gate.clone();
         let slots = self.slots.clone();
+        let response_timeout = self.response_timeout;
         let inner = self.inner.clone();
         let deadline = request.extensions().get::<Deadline>().map(|d| d.0);
         Box::pin(async move {
             let started = std::time::Instant::now();
             // The slot travels with the response body: a call counts as in flight until its
             // last message (a stream) or its trailers are sent, or it is cancelled.
-            let Ok(slot) = slots.semaphore.clone().try_acquire_owned() else {
-                gate.telemetry().metrics().record_shed();
-                return Ok(rescue::overloaded(slots.limit));
-            };
             let certs = peer_certificates(&request);
+            let slot = match slots.take(caller_key(certs.as_deref(), request.headers())) {
+                Ok(slot) => slot,
+                Err(shed) => {
+                    gate.telemetry().metrics().record_shed();
+                    return Ok(match shed {
+                        Shed::AllSlots => rescue::overloaded(slots.limit),
+                        Shed::CallerShare => rescue::caller_overloaded(slots.per_caller),
+                    });
+                }
+            };
             let policy = gate.policy();
             // The URI's own handle (a reference count), so that the path can be read while the
             // body is.
@@ -245,7 +249,15 @@ where
                         return Ok(rescue::deadline_exceeded(id));
                     }
                 },
-                None => forwarded.await,
+                // No deadline: the upstream still has `limits.response_timeout` to start its
+                // answer, or a silent upstream would hold this call's slot forever.
+                None => match tokio::time::timeout(response_timeout, forwarded).await {
+                    Ok(outcome) => outcome,
+                    Err(_) => {
+                        mark(&mut span, Code::DeadlineExceeded, &"no upstream response");
+                        return Ok(rescue::no_response(response_timeout, id));
+                    }
+                },
             };
             // A later message of the stream was refused: that is the answer, whatever the
             // upstream made of its reset stream.
@@ -367,7 +379,7 @@ fn mark(span: &mut Option<CallSpan>, code: Code, message: &dyn std::fmt::Display
 /// or dropped: the span ends with the call's last message, streams included.
 struct InFlight {
     body: Bounded,
-    _slot: OwnedSemaphorePermit,
+    _slot: CallSlot,
     _span: Option<CallSpan>,
 }
 
@@ -388,5 +400,98 @@ impl http_body::Body for InFlight {
 
     fn size_hint(&self) -> http_body::SizeHint {
         self.body.size_hint()
+    }
+}
+
+/// Calls in flight; a call that finds no slot left is shed (`RESOURCE_EXHAUSTED`), and so is
+/// one whose caller already holds its share of them (`limits.max_calls_per_caller`): one
+/// caller — or one connection's streams — cannot take every slot and starve the others.
+struct CallSlots {
+    semaphore: Arc<Semaphore>,
+    limit: usize,
+    per_caller: usize,
+    /// Calls in flight per caller key ([`caller_key`]); an entry goes when its count is 0.
+    callers: std::sync::Mutex<std::collections::HashMap<u64, usize>>,
+    /// Keys the caller hash per process, so that no one can pick names that share a count.
+    hasher: std::collections::hash_map::RandomState,
+}
+
+impl CallSlots {
+    fn new(limit: usize, per_caller: usize) -> Self {
+        Self {
+            semaphore: Arc::new(Semaphore::new(limit)),
+            limit,
+            per_caller,
+            callers: std::sync::Mutex::default(),
+            hasher: std::collections::hash_map::RandomState::new(),
+        }
+    }
+
+    /// A slot for a call of `caller` (its certificate, or its claimed name in the insecure
+    /// mode: the caller is not authenticated yet, and this only shares out slots), or why the
+    /// call is shed.
+    fn take(self: &Arc<Self>, caller: &[u8]) -> Result<CallSlot, Shed> {
+        use std::hash::BuildHasher;
+        let key = self.hasher.hash_one(caller);
+        let Ok(permit) = self.semaphore.clone().try_acquire_owned() else {
+            return Err(Shed::AllSlots);
+        };
+        let mut callers = self
+            .callers
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let held = callers.entry(key).or_insert(0);
+        if *held >= self.per_caller {
+            return Err(Shed::CallerShare);
+        }
+        *held += 1;
+        Ok(CallSlot {
+            _permit: permit,
+            key,
+            slots: self.clone(),
+        })
+    }
+}
+
+/// Why a call found no slot.
+enum Shed {
+    AllSlots,
+    CallerShare,
+}
+
+/// One call's slot, global and of its caller, until dropped.
+struct CallSlot {
+    _permit: OwnedSemaphorePermit,
+    key: u64,
+    slots: Arc<CallSlots>,
+}
+
+impl Drop for CallSlot {
+    fn drop(&mut self) {
+        let mut callers = self
+            .slots
+            .callers
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(held) = callers.get_mut(&self.key) {
+            *held = held.saturating_sub(1);
+            if *held == 0 {
+                callers.remove(&self.key);
+            }
+        }
+    }
+}
+
+/// Whose share a call counts against: the peer certificate (mTLS), else the `x-caller` it
+/// claims (insecure mode); calls naming no caller share one key.
+fn caller_key<'a>(
+    certs: Option<&'a Vec<CertificateDer<'static>>>,
+    headers: &'a http::HeaderMap,
+) -> &'a [u8] {
+    match certs.and_then(|c| c.first()) {
+        Some(leaf) => leaf.as_ref(),
+        None => headers
+            .get("x-caller")
+            .map_or(&[][..], http::HeaderValue::as_bytes),
     }
 }

@@ -17,16 +17,22 @@ pub mod deadline;
 pub mod messages;
 
 use crate::gate::Gate;
+use crate::transport::connections::Connections;
+use crate::transport::limits::Limits;
+use crate::transport::server_builder;
 use crate::transport::tls::ServerTls;
-use crate::transport::{incoming, server_builder};
 use std::future::Future;
 use std::sync::Arc;
 use tokio::net::TcpListener;
 use tonic::transport::{Channel, Endpoint};
 
 /// A pooled HTTP/2 client to the upstream. Lazy: the sidecar starts while the upstream is
-/// down, and answers `UNAVAILABLE` until it is up.
-pub fn upstream_channel(upstream: &str) -> Result<Channel, tonic::transport::Error> {
+/// down, and answers `UNAVAILABLE` until it is up. HTTP/2 keepalive (`limits`) finds an
+/// upstream that went away without closing its connection.
+pub fn upstream_channel(
+    upstream: &str,
+    limits: &Limits,
+) -> Result<Channel, tonic::transport::Error> {
     let uri = if upstream.contains("://") {
         upstream.to_owned()
     } else {
@@ -35,37 +41,47 @@ pub fn upstream_channel(upstream: &str) -> Result<Channel, tonic::transport::Err
     Ok(Endpoint::from_shared(uri)?
         .tcp_nodelay(true)
         .connect_timeout(std::time::Duration::from_secs(2))
+        .http2_keep_alive_interval(limits.keepalive_interval)
+        .keep_alive_timeout(limits.keepalive_timeout)
+        .keep_alive_while_idle(true)
         .connect_lazy())
 }
 
 /// Serves the data plane on `listener` until `shutdown` completes, then stops accepting and
-/// waits for calls in flight to finish. `max_calls` bounds the calls in flight: one more is shed with `RESOURCE_EXHAUSTED`.
+/// waits for calls in flight to finish. `max_calls` bounds the calls in flight: one more is
+/// shed with `RESOURCE_EXHAUSTED`; `limits` bounds connections and one caller's share.
 pub async fn serve_data_plane(
     listener: TcpListener,
     gate: Arc<Gate>,
     upstream: Channel,
     max_calls: usize,
+    limits: &Limits,
     tls: Option<Arc<ServerTls>>,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), tonic::transport::Error> {
     let service = tower::ServiceBuilder::new()
-        .layer(authorize::AuthorizeLayer::new(gate.clone(), max_calls))
+        .layer(authorize::AuthorizeLayer::new(
+            gate.clone(),
+            max_calls,
+            limits,
+        ))
         .layer(crate::telemetry::upstream::UpstreamOutcomeLayer::new(
             gate.telemetry().metrics().clone(),
         ))
         .service(upstream);
-    // TLS is the listener's (`transport::tls`: certificates rotate), not the builder's.
-    let server = server_builder(None)?;
+    let connections = Connections::new(limits);
+    let server = server_builder(limits, &connections)?;
+    let accepted = connections.incoming(listener);
     match tls {
         None => {
             server
-                .serve_with_incoming_shutdown(service, incoming(listener), shutdown)
+                .serve_with_incoming_shutdown(service, accepted, shutdown)
                 .await
         }
         Some(tls) => {
-            let connections = crate::transport::tls::incoming(listener, tls);
+            let handshaken = crate::transport::tls::handshaken(accepted, tls);
             server
-                .serve_with_incoming_shutdown(service, connections, shutdown)
+                .serve_with_incoming_shutdown(service, handshaken, shutdown)
                 .await
         }
     }

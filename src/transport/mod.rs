@@ -2,14 +2,19 @@
 //! builder both ports use, and [`rescue`], the one place where pdgate's outcomes and errors
 //! become gRPC statuses.
 
+pub mod connections;
 pub mod deadline;
+pub mod limits;
 pub mod rescue;
 pub mod tls;
+
+use connections::{CallsLayer, Connections};
+use limits::Limits;
+use tower::layer::util::{Identity as NoLayer, Stack};
 
 use tokio::net::{TcpListener, TcpStream};
 use tokio_stream::{Stream, StreamExt};
 use tonic::transport::server::TcpIncoming;
-use tonic::transport::{Certificate, Identity, ServerTlsConfig};
 
 /// TLS files, read and checked.
 #[derive(Debug, Clone)]
@@ -24,28 +29,27 @@ pub struct TlsFiles {
     pub reload: Option<tls::TlsReload>,
 }
 
-/// A tonic server builder, with mTLS when `tls` is given: pdgate's certificate, and client
-/// certificates required and verified against the client CA. Every call is bounded by its
-/// `grpc-timeout` ([`deadline`]).
+/// The server a port serves with: [`server_builder`]'s.
+pub type PortServer =
+    tonic::transport::Server<Stack<CallsLayer, Stack<deadline::DeadlineLayer, NoLayer>>>;
+
+/// A tonic server builder. Every call is bounded by its `grpc-timeout` ([`deadline`]); each
+/// connection by `limits` (streams, header size, keepalive) and by `connections` (serve it
+/// [`serve_connections`]). TLS is not the builder's but the listener's ([`tls`]: certificates
+/// rotate without a restart).
 pub fn server_builder(
-    tls: Option<&TlsFiles>,
-) -> Result<
-    tonic::transport::Server<
-        tower::layer::util::Stack<deadline::DeadlineLayer, tower::layer::util::Identity>,
-    >,
-    tonic::transport::Error,
-> {
-    let builder = tonic::transport::Server::builder().tcp_nodelay(true);
-    let builder = match tls {
-        None => builder,
-        Some(tls) => builder.tls_config(
-            ServerTlsConfig::new()
-                .identity(Identity::from_pem(&tls.cert_pem, &tls.key_pem))
-                .client_ca_root(Certificate::from_pem(&tls.client_ca_pem))
-                .client_auth_optional(false),
-        )?,
-    };
-    Ok(builder.layer(deadline::DeadlineLayer))
+    limits: &Limits,
+    connections: &Connections,
+) -> Result<PortServer, tonic::transport::Error> {
+    let builder = tonic::transport::Server::builder()
+        .tcp_nodelay(true)
+        .max_concurrent_streams(limits.max_streams_per_connection)
+        .http2_max_header_list_size(limits.max_header_bytes)
+        .http2_keepalive_interval(Some(limits.keepalive_interval))
+        .http2_keepalive_timeout(Some(limits.keepalive_timeout));
+    Ok(builder
+        .layer(deadline::DeadlineLayer)
+        .layer(connections.layer()))
 }
 
 /// The connections `listener` accepts (with `TCP_NODELAY`), for a server to serve. The

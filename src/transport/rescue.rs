@@ -98,6 +98,26 @@ pub fn overloaded(limit: usize) -> Response {
     .into_http()
 }
 
+/// `RESOURCE_EXHAUSTED`: the caller already holds its share of the call slots.
+pub fn caller_overloaded(limit: usize) -> Response {
+    Status::resource_exhausted(format!(
+        "this caller has {limit} calls in flight, its share (`limits.max_calls_per_caller`); retry with backoff"
+    ))
+    .into_http()
+}
+
+/// `DEADLINE_EXCEEDED`: a call without a deadline whose upstream did not start its answer
+/// within `limits.response_timeout_seconds`.
+pub fn no_response(limit: std::time::Duration, id: DecisionId) -> Response {
+    with_decision_id(
+        Status::deadline_exceeded(format!(
+            "the upstream did not answer within {}s (`limits.response_timeout_seconds`; the call set no deadline)",
+            limit.as_secs()
+        )),
+        id,
+    )
+}
+
 /// `UNAVAILABLE`: the call was allowed but the upstream could not be reached.
 pub fn upstream_unavailable(error: &dyn std::fmt::Display, id: DecisionId) -> Response {
     with_decision_id(
@@ -151,6 +171,12 @@ pub enum ApiError {
     InvalidField {
         field: &'static str,
         message: String,
+    },
+    /// The caller is not in `limits.check_callers`.
+    #[error("{method} is open only to the callers in `limits.check_callers`; {who} is not one", who = who(.identity))]
+    CallerNotAllowed {
+        method: &'static str,
+        identity: String,
     },
     /// The caller's identity does not hold a role the method needs.
     #[error("{method} needs the role {needed}; {who} does not hold it", needed = roles_text(.roles), who = who(.identity))]
@@ -207,6 +233,7 @@ impl From<ApiError> for Status {
                 e.to_string(),
                 ErrorDetails::with_bad_request_violation(*field, message.clone()),
             ),
+            ApiError::CallerNotAllowed { .. } => Status::permission_denied(e.to_string()),
             ApiError::RoleRequired {
                 identity, roles, ..
             } => {

@@ -27,9 +27,10 @@ use std::future::Future;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
-use tokio::net::{TcpListener, TcpStream};
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio_rustls::server::TlsStream;
 use tokio_stream::{Stream, StreamExt};
+use tonic::transport::server::{Connected, TcpConnectInfo};
 
 /// Where [`TlsFiles`] were read from, to read them again.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -221,22 +222,26 @@ impl ServerTls {
     }
 }
 
-/// The TLS connections `listener` accepts: each handshaken with the configuration current
-/// when it arrived, several at once (a slow client does not hold back the others). A failed
-/// or timed-out handshake is logged and skipped. Ends as [`super::incoming`] does.
-pub fn incoming(
-    listener: TcpListener,
+/// The TLS connections of `accepted` (a listener's connections, [`super::incoming`] or
+/// [`super::connections::Connections::incoming`]): each handshaken with the configuration
+/// current when it arrived, several at once (a slow client does not hold back the others). A
+/// failed or timed-out handshake is logged and skipped. Ends when `accepted` does.
+pub fn handshaken<IO>(
+    accepted: impl Stream<Item = std::io::Result<IO>>,
     tls: Arc<ServerTls>,
-) -> impl Stream<Item = std::io::Result<TlsStream<TcpStream>>> {
-    let handshakes = super::incoming(listener).map(move |accepted| {
+) -> impl Stream<Item = std::io::Result<TlsStream<IO>>>
+where
+    IO: AsyncRead + AsyncWrite + Unpin + Connected<ConnectInfo = TcpConnectInfo>,
+{
+    let handshakes = accepted.map(move |accepted| {
         let acceptor = tls.acceptor();
         async move {
-            let tcp = match accepted {
-                Ok(tcp) => tcp,
+            let io = match accepted {
+                Ok(io) => io,
                 Err(e) => return Some(Err(e)),
             };
-            let peer = tcp.peer_addr().ok();
-            match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+            let peer = io.connect_info().remote_addr();
+            match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(io)).await {
                 Ok(Ok(stream)) => Some(Ok(stream)),
                 Ok(Err(e)) => {
                     tracing::debug!(?peer, error = %e, "TLS handshake failed");

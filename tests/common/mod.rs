@@ -10,6 +10,7 @@ pub mod bin;
 pub mod logs;
 pub mod pg;
 pub mod ports;
+pub mod raw;
 pub mod tls;
 pub mod wait;
 
@@ -71,6 +72,8 @@ pub struct Options {
     /// started and `upstream_up` is not read.
     pub upstream: Option<SocketAddr>,
     pub max_concurrent_calls: usize,
+    /// `[limits]`. Default: `Limits::default()`.
+    pub limits: pdgate::config::Limits,
     pub shutdown_grace: Duration,
     /// `Some`: identity mode mTLS with these files.
     pub tls: Option<TlsFiles>,
@@ -129,6 +132,7 @@ impl Default for Options {
             upstream_up: true,
             upstream: None,
             max_concurrent_calls: 64,
+            limits: pdgate::config::Limits::default(),
             shutdown_grace: Duration::from_secs(10),
             tls: None,
             audit: None,
@@ -203,6 +207,7 @@ impl Harness {
             tls: options.tls,
             cache: CacheSettings::default(),
             max_concurrent_calls: options.max_concurrent_calls,
+            limits: options.limits,
             shutdown_grace: options.shutdown_grace,
             audit: audit_settings,
             telemetry: options.telemetry,
