@@ -8,7 +8,7 @@ use super::messages::{
     subjects_of,
 };
 use crate::gate::metadata::{MetadataError, SUBJECT};
-use crate::gate::{Ask, Call, Door, Gate, Peer};
+use crate::gate::{Admission, Ask, Call, Door, Gate, Peer};
 use crate::message::frames::Frames;
 use crate::telemetry::CallSpan;
 use crate::transport::deadline::Deadline;
@@ -147,7 +147,7 @@ where
                 },
             };
             let mut admission = gate
-                .admit(Call {
+                .admit_overlapped(Call {
                     policy: policy.clone(),
                     door: Door::DataPlane,
                     ask,
@@ -202,17 +202,11 @@ where
             });
             let mut span = admission.take_span();
             let id = admission.decision.decision_id;
-            let forwarded = inner.oneshot(request);
-            let outcome = match deadline {
-                Some(at) => match tokio::time::timeout_at(at, forwarded).await {
+            let outcome =
+                match forward(inner, request, deadline, &mut admission, &gate, &mut span).await {
                     Ok(outcome) => outcome,
-                    Err(_) => {
-                        mark(&mut span, Code::DeadlineExceeded, &"deadline exceeded");
-                        return Ok(rescue::deadline_exceeded(id));
-                    }
-                },
-                None => forwarded.await,
-            };
+                    Err(answer) => return Ok(answer),
+                };
             // A later message of the stream was refused: that is the answer, whatever the
             // upstream made of its reset stream.
             if let Some(refusal) = verdict.refusal() {
@@ -261,6 +255,42 @@ where
                 }
             }
         })
+    }
+}
+
+/// Forwards an admitted call, bounded by the caller's deadline. An allowed read's record may
+/// still be on its way to the disk: the call goes to the upstream meanwhile, and its outcome
+/// is used only once the record is written ([`Admission::hold`]). `Err`: the answer instead
+/// — `AUDIT_UNAVAILABLE` when the record could not be written (nothing of the upstream's
+/// answer is used), `DEADLINE_EXCEEDED` when the deadline passed first.
+async fn forward<S>(
+    inner: S,
+    request: http::Request<Body>,
+    deadline: Option<tokio::time::Instant>,
+    admission: &mut Admission,
+    gate: &Gate,
+    span: &mut Option<CallSpan>,
+) -> Result<Result<S::Response, S::Error>, http::Response<Body>>
+where
+    S: Service<http::Request<Body>>,
+{
+    let forwarded = inner.oneshot(request);
+    let bounded = async move {
+        match deadline {
+            Some(at) => tokio::time::timeout_at(at, forwarded).await.ok(),
+            None => Some(forwarded.await),
+        }
+    };
+    match admission.hold(gate, bounded).await {
+        Some(Some(outcome)) => Ok(outcome),
+        Some(None) => {
+            mark(span, Code::DeadlineExceeded, &"deadline exceeded");
+            Err(rescue::deadline_exceeded(admission.decision.decision_id))
+        }
+        None => {
+            mark(span, Code::PermissionDenied, &"audit unavailable");
+            Err(rescue::refused(admission))
+        }
     }
 }
 
