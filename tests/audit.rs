@@ -15,7 +15,7 @@ use common::bin::Pdgate;
 use common::{Harness, Options, call, decision_id, reason};
 use pdgate::audit::read::{self, Filter};
 use pdgate::audit::{AuditLog, AuditSettings, Overflow, RecordBody};
-use pdgate::proto::demo::{GetBillingStatementRequest, GetProfileRequest};
+use pdgate::proto::demo::{GetBillingStatementRequest, GetProfileRequest, UpdateContactRequest};
 use pdgate::proto::v1::CheckRequest;
 use pdgate::proto::v1::access_control_client::AccessControlClient;
 use std::path::Path;
@@ -142,6 +142,21 @@ async fn check_api_decisions_are_recorded_too() {
     assert_eq!(records[0].body.subjects, vec!["cust-9"]);
 }
 
+/// A write: provisioning may change a customer's contact data (§1(1)).
+fn update_contact(subject: &str) -> tonic::Request<UpdateContactRequest> {
+    call(
+        UpdateContactRequest {
+            customer_id: subject.into(),
+            email: "new@example.com".into(),
+            address: String::new(),
+            phone: String::new(),
+        },
+        "provisioning-service",
+        "service.provision",
+        &[subject],
+    )
+}
+
 #[tokio::test]
 async fn a_full_disk_denies_calls_instead_of_losing_records() {
     // The segment the writer appends to is /dev/full: every write fails with ENOSPC.
@@ -152,6 +167,23 @@ async fn a_full_disk_denies_calls_instead_of_losing_records() {
         ..Options::default()
     })
     .await;
+    // A write is recorded before it is forwarded: it never reaches the upstream.
+    let status = h
+        .client()
+        .await
+        .update_contact(update_contact("cust-1"))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::PermissionDenied);
+    assert_eq!(reason(&status), "AUDIT_UNAVAILABLE");
+    assert_eq!(decision_id(status.metadata()), None);
+    assert_eq!(
+        h.service.calls(),
+        0,
+        "an unaudited write reached the upstream"
+    );
+    // A read may go ahead of its record (it changes nothing there), but its answer is
+    // refused all the same.
     let status = h
         .client()
         .await
@@ -160,11 +192,7 @@ async fn a_full_disk_denies_calls_instead_of_losing_records() {
         .unwrap_err();
     assert_eq!(status.code(), Code::PermissionDenied);
     assert_eq!(reason(&status), "AUDIT_UNAVAILABLE");
-    assert_eq!(
-        h.service.calls(),
-        0,
-        "an unaudited call reached the upstream"
-    );
+    assert_eq!(decision_id(status.metadata()), None);
     // A call that is denied anyway is refused too, but not with its own reason: that answer
     // would name a decision no record holds.
     let status = h
@@ -1059,4 +1087,198 @@ async fn a_full_audit_queue_denies_on_the_data_plane() {
     for id in &answered {
         assert!(recorded.contains(id), "answered call {id} has no record");
     }
+}
+
+/// An audit segment that is a FIFO whose buffer the test has filled: the writer's next write
+/// blocks — its records are neither written nor refused — until the test reads the other end
+/// ([`StalledSegment::drain`]) or closes it ([`StalledSegment::break_pipe`]: the write fails,
+/// EPIPE, as a device that fails under the writer).
+struct StalledSegment {
+    path: std::path::PathBuf,
+    /// Both ends in one handle (Linux opens a FIFO read-write without waiting for a peer),
+    /// non-blocking, so that filling and draining never hang the test.
+    fifo: Option<std::fs::File>,
+    drained: Vec<u8>,
+}
+
+/// `O_NONBLOCK` on Linux (x86_64 and aarch64 alike).
+const O_NONBLOCK: i32 = 0o4000;
+
+impl StalledSegment {
+    /// Makes `dir`'s first segment a FIFO, open at both ends (the writer can open it).
+    fn new(dir: &Path) -> Self {
+        use std::os::unix::fs::OpenOptionsExt;
+        let path = dir.join("segment-00000001.jsonl");
+        let made = std::process::Command::new("mkfifo")
+            .arg(&path)
+            .status()
+            .unwrap();
+        assert!(made.success(), "mkfifo: {made}");
+        let fifo = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .custom_flags(O_NONBLOCK)
+            .open(&path)
+            .unwrap();
+        Self {
+            path,
+            fifo: Some(fifo),
+            drained: Vec::new(),
+        }
+    }
+
+    /// Fills the FIFO's buffer to the last byte: the writer's next write waits.
+    fn fill(&mut self) {
+        use std::io::Write;
+        let fifo = self.fifo.as_mut().unwrap();
+        for chunk in [4096, 1] {
+            let bytes = vec![b'#'; chunk];
+            loop {
+                match fifo.write(&bytes) {
+                    Ok(_) => {}
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+                    Err(e) => panic!("filling the FIFO: {e}"),
+                }
+            }
+        }
+    }
+
+    /// Reads what is in the FIFO now (the filler, then records), keeping the records' text.
+    fn drain(&mut self) -> String {
+        use std::io::Read;
+        let fifo = self.fifo.as_mut().unwrap();
+        let mut buf = [0u8; 65536];
+        loop {
+            match fifo.read(&mut buf) {
+                Ok(0) => break,
+                Ok(n) => self.drained.extend(buf[..n].iter().filter(|b| **b != b'#')),
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+                Err(e) => panic!("draining the FIFO: {e}"),
+            }
+        }
+        String::from_utf8_lossy(&self.drained).into_owned()
+    }
+
+    /// Closes the last reading end: the writer's waiting write fails (EPIPE).
+    fn break_pipe(&mut self) {
+        self.fifo = None;
+    }
+
+    /// Whether a thread of this process is blocked writing into this FIFO (the audit writer:
+    /// the test's own handle never blocks). Read from `/proc`: the thread waits in
+    /// `pipe_write` (`anon_pipe_write` on newer kernels), and its system call's first argument is a descriptor of this FIFO.
+    fn writer_blocked(&self) -> bool {
+        let fds: Vec<String> = std::fs::read_dir("/proc/self/fd")
+            .unwrap()
+            .filter_map(Result::ok)
+            .filter(|e| std::fs::read_link(e.path()).is_ok_and(|t| t == self.path))
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .collect();
+        std::fs::read_dir("/proc/self/task")
+            .unwrap()
+            .filter_map(Result::ok)
+            .any(|task| {
+                let read =
+                    |f: &str| std::fs::read_to_string(task.path().join(f)).unwrap_or_default();
+                read("wchan").trim().ends_with("pipe_write")
+                    && read("syscall")
+                        .split_whitespace()
+                        .nth(1)
+                        .and_then(|fd| u64::from_str_radix(fd.trim_start_matches("0x"), 16).ok())
+                        .is_some_and(|fd| fds.contains(&fd.to_string()))
+            })
+    }
+}
+
+/// A harness whose audit segment is a [`StalledSegment`], filled: its writer's next write
+/// waits. `fsync = "interval"`: a FIFO cannot be synced, and the write is what this stalls.
+async fn stalled_harness() -> (tempfile::TempDir, StalledSegment, Harness) {
+    let dir = tempfile::tempdir().unwrap();
+    let mut segment = StalledSegment::new(dir.path());
+    let mut settings = AuditSettings::new(dir.path());
+    settings.fsync = pdgate::audit::Fsync::Interval(Duration::from_secs(60));
+    let h = Harness::with(Options {
+        audit: Some(settings),
+        ..Options::default()
+    })
+    .await;
+    segment.fill();
+    (dir, segment, h)
+}
+
+/// Sends a read through `h` in a task of its own, and waits until it reaches the upstream.
+async fn read_reaching_upstream(
+    h: &Harness,
+    calls_before: u64,
+) -> tokio::task::JoinHandle<
+    Result<tonic::Response<pdgate::proto::demo::BillingStatement>, tonic::Status>,
+> {
+    let mut client = h.client().await;
+    let read = tokio::spawn(async move { client.get_billing_statement(billing("cust-1")).await });
+    common::wait::eventually("the read reaching the upstream", || async {
+        h.service.calls() == calls_before + 1
+    })
+    .await;
+    read
+}
+
+#[tokio::test]
+async fn a_read_goes_ahead_of_its_record_and_a_write_waits_for_its_record() {
+    let (_dir, mut segment, h) = stalled_harness().await;
+
+    // A write, while the writer cannot write: recorded first, so it waits before the upstream.
+    let mut client = h.client().await;
+    let write = tokio::spawn(async move { client.update_contact(update_contact("cust-1")).await });
+    common::wait::eventually("the write's record stuck in the writer", || async {
+        segment.writer_blocked()
+    })
+    .await;
+    assert_eq!(h.service.calls(), 0, "a write went ahead of its record");
+
+    // A read meanwhile: forwarded at once, its record queued behind the write's.
+    let read = read_reaching_upstream(&h, 0).await;
+    assert_eq!(
+        h.service.last_metadata("x-pdgate-caller").as_deref(),
+        Some("billing-service"),
+        "the call that reached the upstream is not the read"
+    );
+    // Neither is answered while its record is not written.
+    assert!(!write.is_finished() && !read.is_finished());
+
+    // The device takes the records: both are answered, each after its record.
+    let mut text = String::new();
+    common::wait::eventually("both records written", || {
+        text = segment.drain();
+        let done = text.lines().count() >= 2;
+        async move { done }
+    })
+    .await;
+    let write = write.await.unwrap().unwrap();
+    let read = read.await.unwrap().unwrap();
+    let lines: Vec<&str> = text.lines().collect();
+    let write_id = decision_id(write.metadata()).unwrap();
+    let read_id = decision_id(read.metadata()).unwrap();
+    assert!(lines[0].contains(&write_id), "{lines:?}");
+    assert!(lines[1].contains(&read_id), "{lines:?}");
+    assert_eq!(h.service.calls(), 2);
+}
+
+#[tokio::test]
+async fn a_read_whose_record_fails_after_the_upstream_answered_gets_nothing_of_the_answer() {
+    let (_dir, mut segment, h) = stalled_harness().await;
+    // The upstream has the call (and answers it at once) while the record waits to be
+    // written.
+    let read = read_reaching_upstream(&h, 0).await;
+    common::wait::eventually("the read's record stuck in the writer", || async {
+        segment.writer_blocked()
+    })
+    .await;
+    assert!(!read.is_finished());
+
+    // The device fails under the writer: the record is not written.
+    segment.break_pipe();
+    let status = read.await.unwrap().unwrap_err();
+    assert_eq!(status.code(), Code::PermissionDenied);
+    assert_eq!(reason(&status), "AUDIT_UNAVAILABLE");
+    assert_eq!(decision_id(status.metadata()), None);
 }

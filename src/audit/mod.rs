@@ -170,6 +170,14 @@ impl AuditLog {
     /// Writes `body` and waits until it is written; returns its sequence number. An error
     /// means the record is not in the log: the call must be denied.
     pub async fn record(&self, body: RecordBody) -> Result<u64, AuditError> {
+        self.submit(body).await?.written().await
+    }
+
+    /// Hands `body` to the writer and returns once it is queued, without waiting for it to
+    /// be written: the caller may do work that has no effect of its own meanwhile (forward a
+    /// read) and must await [`Receipt::written`] before anything of that work is answered.
+    /// An error means the record was not queued: the call must be denied.
+    pub async fn submit(&self, body: RecordBody) -> Result<Receipt, AuditError> {
         let (ack, written) = oneshot::channel();
         let pending = writer::Message::Record(writer::Pending {
             body,
@@ -193,7 +201,7 @@ impl AuditLog {
                 }
             },
         }
-        written.await.map_err(|_| AuditError::Stopped)?
+        Ok(Receipt(written))
     }
 
     /// Whether the last batch was written (false after a write failure, until one succeeds).
@@ -225,6 +233,17 @@ impl AuditLog {
     /// Subscribers now (open `Tail` calls).
     pub fn subscribers(&self) -> usize {
         self.published.receiver_count()
+    }
+}
+
+/// A queued record, until the writer says it is written (or that it could not be).
+pub struct Receipt(oneshot::Receiver<Result<u64, AuditError>>);
+
+impl Receipt {
+    /// Waits until the record is written (and synced, with `fsync = "batch"`); returns its
+    /// sequence number. An error means the record is not in the log.
+    pub async fn written(self) -> Result<u64, AuditError> {
+        self.0.await.map_err(|_| AuditError::Stopped)?
     }
 }
 

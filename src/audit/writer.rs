@@ -10,7 +10,8 @@ use super::record::{AuditRecord, GENESIS, RecordBody, seal, split_line};
 use super::retention::{self, Retention, read_anchor};
 use super::{AuditError, AuditSettings, Fsync, HEAD_FILE, index, segment_name, segment_paths};
 use std::fs::{File, OpenOptions};
-use std::io::{BufRead, BufReader, Seek, SeekFrom, Write};
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
@@ -348,7 +349,7 @@ impl Writer {
                     Err(_) => break,
                 }
             }
-            let result = self.write_batch(&batch);
+            let result = self.write_batch(&mut batch);
             match &result {
                 Ok(_) => {
                     self.healthy.store(true, Ordering::Release);
@@ -373,6 +374,14 @@ impl Writer {
                     });
                 }
             }
+            // After the acknowledgements, which need only the segment: HEAD only helps
+            // `verify` notice a cut, and a HEAD that lags is tolerated, so failing to update
+            // it does not fail the batch.
+            if result.is_ok()
+                && let Err(e) = self.write_head()
+            {
+                tracing::warn!(error = %e, "audit HEAD not updated");
+            }
         }
         // Later senders find the channel closed and are refused (their calls denied).
         rx.close();
@@ -386,8 +395,9 @@ impl Writer {
     }
 
     /// Appends `batch` as one write; returns the first sequence number. On failure the file is
-    /// cut back to where it was and the chain does not advance.
-    fn write_batch(&mut self, batch: &[Pending]) -> Result<u64, AuditError> {
+    /// cut back to where it was and the chain does not advance. The records' bodies are moved
+    /// out (no copy per record); only the acknowledgements are left to send.
+    fn write_batch(&mut self, batch: &mut [Pending]) -> Result<u64, AuditError> {
         if self.segment.len >= self.settings.segment_max_bytes {
             self.rotate()?;
         }
@@ -397,7 +407,7 @@ impl Writer {
             let record = AuditRecord {
                 seq: head.seq + 1,
                 prev: hex::encode(head.hash),
-                body: pending.body.clone(),
+                body: std::mem::take(&mut pending.body),
             };
             let (line, hash) =
                 seal(&record, &head.hash).map_err(|e| AuditError::Encode(e.to_string()))?;
@@ -439,11 +449,6 @@ impl Writer {
                 lines: buf,
             }));
         }
-        // HEAD only helps `verify` notice a cut: a HEAD that lags is tolerated, so failing to
-        // update it does not fail the batch.
-        if let Err(e) = self.write_head() {
-            tracing::warn!(error = %e, "audit HEAD not updated");
-        }
         Ok(first)
     }
 
@@ -459,11 +464,10 @@ impl Writer {
     /// log cut short. Fixed width, rewritten in place.
     fn write_head(&mut self) -> Result<(), AuditError> {
         let text = format!("{:020} {}\n", self.head.seq, hex::encode(self.head.hash));
-        let path = self.dir.join(HEAD_FILE);
+        // One positioned write (no seek first): fixed width, in place.
         self.head_file
-            .seek(SeekFrom::Start(0))
-            .and_then(|_| self.head_file.write_all(text.as_bytes()))
-            .map_err(|e| AuditError::io(&path, e))
+            .write_all_at(text.as_bytes(), 0)
+            .map_err(|e| AuditError::io(&self.dir.join(HEAD_FILE), e))
     }
 
     fn rotate(&mut self) -> Result<(), AuditError> {

@@ -10,12 +10,18 @@
 //! Every answer that carries a decision id has its audit record, refusals of unreadable
 //! metadata included; a decision whose record cannot be written becomes `AUDIT_UNAVAILABLE`
 //! and its answer carries no decision id.
+//!
+//! The data plane overlaps an allowed read's record with the upstream call
+//! ([`Gate::admit_overlapped`], [`Admission::hold`]): a read has no effect of its own, so it
+//! may go ahead while the record is on its way to the disk, as long as nothing of its answer
+//! is released before the record is written. A write or a delete is recorded, then forwarded:
+//! its effect must never exist without its record.
 
 use super::Gate;
 use super::metadata::{
     self, AUTHENTICATED_CALLER, CALLER, DECISION_ID, MetadataError, PDGATE_PREFIX,
 };
-use crate::audit::{self, RecordBody, RecordKind};
+use crate::audit::{self, AuditError, Receipt, RecordBody, RecordKind};
 use crate::decision::{Decision, DecisionId, Pending, Reason, ReasonCode, Request};
 use crate::identity::IdentityMode;
 use crate::message::CategorySet;
@@ -24,7 +30,9 @@ use crate::policy::Snapshot;
 use crate::policy::inspect::Inspection;
 use crate::telemetry::CallSpan;
 use crate::telemetry::metrics::{PURPOSE_NONE, PURPOSE_UNKNOWN};
+use futures_util::future::{Either, select};
 use http::{HeaderMap, HeaderName, HeaderValue};
+use std::future::Future;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -140,6 +148,25 @@ pub struct Admission {
     mtls: bool,
     /// The call's span (OTLP on): the door keeps it until the call ends.
     span: Option<CallSpan>,
+    /// An allowed read's record, queued but not yet written ([`Gate::admit_overlapped`]):
+    /// [`Admission::hold`] waits for it, and counts the decision in the metrics then.
+    unsettled: Option<Unsettled>,
+}
+
+/// What [`Admission::hold`] needs to finish an overlapped admission.
+struct Unsettled {
+    receipt: Receipt,
+    /// The purpose's metrics label, as [`Gate::observe`] chose it at admission.
+    label: Label,
+    started: Instant,
+}
+
+/// The purpose label a decision is counted under (see [`Gate::observe`]).
+#[derive(Clone, Copy)]
+enum Label {
+    None,
+    Unknown,
+    Declared,
 }
 
 impl Gate {
@@ -151,6 +178,19 @@ impl Gate {
     /// Admits or refuses one call. Never fails: whatever cannot be evaluated is a deny, and
     /// the answer is audited before it is returned.
     pub async fn admit(&self, call: Call<'_>) -> Admission {
+        self.admit_with(call, false).await
+    }
+
+    /// Admits or refuses one call like [`Gate::admit`], except that an allowed read returns
+    /// as soon as its record is queued, not written: the door forwards the call meanwhile
+    /// and must pass the upstream call through [`Admission::hold`], which releases its
+    /// outcome only once the record is written. Refusals, writes and deletes are recorded
+    /// before this returns, as with [`Gate::admit`].
+    pub async fn admit_overlapped(&self, call: Call<'_>) -> Admission {
+        self.admit_with(call, true).await
+    }
+
+    async fn admit_with(&self, call: Call<'_>, overlap: bool) -> Admission {
         let Call {
             policy,
             door,
@@ -244,12 +284,22 @@ impl Gate {
             body.span_id = Some(span_id);
         }
         body.latency_us = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX);
-        let (decision, recorded) = self.record(decision, body).await;
+        // Only a read may go ahead of its record: it changes nothing at the upstream.
+        let overlap = overlap && decision.allowed && request.action == "read";
+        let (decision, recorded, receipt) = self.record(decision, body, overlap).await;
         if !recorded {
             malformed = None;
         }
 
-        self.observe(&decision, &request.purpose, snapshot, started);
+        let label = label(&request.purpose, snapshot);
+        let unsettled = receipt.map(|receipt| Unsettled {
+            receipt,
+            label,
+            started,
+        });
+        if unsettled.is_none() {
+            self.observe(&decision, label.of(&request.purpose), started);
+        }
         if let Some(span) = &mut span {
             span.record_decision(&decision, &request, method);
             if let Some(error) = &malformed {
@@ -264,6 +314,7 @@ impl Gate {
             recorded,
             mtls: self.identity == IdentityMode::Mtls,
             span,
+            unsettled,
         }
     }
 
@@ -444,49 +495,73 @@ impl Gate {
         decision
     }
 
-    /// Writes the decision's audit record and waits until it is written. If it cannot be
-    /// written, the decision becomes an `AUDIT_UNAVAILABLE` deny: no call goes through, and
-    /// no answer names a decision, without its record.
-    async fn record(&self, mut decision: Decision, mut body: RecordBody) -> (Decision, bool) {
+    /// Writes the decision's audit record and waits until it is written — or, with
+    /// `overlap`, only until it is queued, returning the receipt to wait on. If it cannot be
+    /// written (or queued), the decision becomes an `AUDIT_UNAVAILABLE` deny: no call goes
+    /// through, and no answer names a decision, without its record.
+    async fn record(
+        &self,
+        mut decision: Decision,
+        mut body: RecordBody,
+        overlap: bool,
+    ) -> (Decision, bool, Option<Receipt>) {
         body.latency_us = body.latency_us.max(1);
         // A shadow policy that decided otherwise: recorded and counted here, once per call.
         body.shadow_decision = decision.shadow_decision();
         self.decider.count_shadow_difference(&decision);
-        match self.audit.record(body).await {
-            Ok(_) => (decision, true),
+        let written = match self.audit.submit(body).await {
+            Ok(receipt) if overlap => return (decision, true, Some(receipt)),
+            Ok(receipt) => receipt.written().await,
+            Err(e) => Err(e),
+        };
+        match written {
+            Ok(_) => (decision, true, None),
             Err(e) => {
-                tracing::error!(error = %e, decision = %decision.decision_id, allowed = decision.allowed, "audit record not written; answering AUDIT_UNAVAILABLE");
-                decision.allowed = false;
-                decision.reasons = vec![Reason::new(
-                    ReasonCode::AuditUnavailable,
-                    "§6(3)",
-                    format!("the decision cannot be audited ({e}); calls are refused until it can"),
-                )];
-                (decision, false)
+                unaudited(&mut decision, &e);
+                (decision, false, None)
             }
         }
     }
 
-    /// Counts a final decision in the metrics, with the time since the call arrived. The
-    /// purpose label is the declared purpose only when the policy defines it, so callers
-    /// cannot make new series by sending new names.
-    fn observe(
-        &self,
-        decision: &Decision,
-        purpose: &str,
-        snapshot: Option<&Snapshot>,
-        started: Instant,
-    ) {
-        let label = if purpose.is_empty() {
-            PURPOSE_NONE
-        } else if snapshot.is_some_and(|p| p.purposes().id(purpose).is_some()) {
-            purpose
-        } else {
-            PURPOSE_UNKNOWN
-        };
+    /// Counts a final decision in the metrics under `purpose` (its [`Label`]), with the time
+    /// since the call arrived.
+    fn observe(&self, decision: &Decision, purpose: &str, started: Instant) {
         self.telemetry
-            .record_decision(decision, label, started.elapsed());
+            .record_decision(decision, purpose, started.elapsed());
     }
+}
+
+/// The purpose label of a call's metrics: the declared purpose only when the policy defines
+/// it, so callers cannot make new series by sending new names.
+fn label(purpose: &str, snapshot: Option<&Snapshot>) -> Label {
+    if purpose.is_empty() {
+        Label::None
+    } else if snapshot.is_some_and(|p| p.purposes().id(purpose).is_some()) {
+        Label::Declared
+    } else {
+        Label::Unknown
+    }
+}
+
+impl Label {
+    fn of(self, purpose: &str) -> &str {
+        match self {
+            Self::None => PURPOSE_NONE,
+            Self::Unknown => PURPOSE_UNKNOWN,
+            Self::Declared => purpose,
+        }
+    }
+}
+
+/// `decision` as it stands when its record cannot be written: an `AUDIT_UNAVAILABLE` deny.
+fn unaudited(decision: &mut Decision, e: &AuditError) {
+    tracing::error!(error = %e, decision = %decision.decision_id, allowed = decision.allowed, "audit record not written; answering AUDIT_UNAVAILABLE");
+    decision.allowed = false;
+    decision.reasons = vec![Reason::new(
+        ReasonCode::AuditUnavailable,
+        "§6(3)",
+        format!("the decision cannot be audited ({e}); calls are refused until it can"),
+    )];
 }
 
 impl Door {
@@ -570,6 +645,40 @@ impl Admission {
     /// The call's span, for the door to end when the call ends (a stream's last message).
     pub fn take_span(&mut self) -> Option<CallSpan> {
         self.span.take()
+    }
+
+    /// Runs `forward` — the call to the upstream — while the record of an overlapped
+    /// admission ([`Gate::admit_overlapped`]) is written, and gives its outcome only once the
+    /// record is written. When the record cannot be written, the outcome is dropped unread
+    /// (at once, cancelling the upstream call, if the write fails first): nothing of the
+    /// upstream's answer reaches the caller, the decision becomes `AUDIT_UNAVAILABLE` with no
+    /// decision id, and `None` is returned. With no record pending, this is `forward` itself.
+    pub async fn hold<F: Future>(&mut self, gate: &Gate, forward: F) -> Option<F::Output> {
+        let Some(Unsettled {
+            receipt,
+            label,
+            started,
+        }) = self.unsettled.take()
+        else {
+            return Some(forward.await);
+        };
+        let written = std::pin::pin!(receipt.written());
+        let forward = std::pin::pin!(forward);
+        let (written, outcome) = match select(written, forward).await {
+            Either::Left((Ok(_), forward)) => (Ok(()), Some(forward.await)),
+            Either::Left((Err(e), _)) => (Err(e), None),
+            Either::Right((outcome, written)) => (written.await.map(|_| ()), Some(outcome)),
+        };
+        let outcome = match written {
+            Ok(()) => outcome,
+            Err(e) => {
+                unaudited(&mut self.decision, &e);
+                self.recorded = false;
+                None
+            }
+        };
+        gate.observe(&self.decision, label.of(&self.request.purpose), started);
+        outcome
     }
 }
 

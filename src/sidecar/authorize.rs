@@ -8,7 +8,7 @@ use super::messages::{
     first_message, request_facts,
 };
 use crate::gate::metadata::{MetadataError, SUBJECT};
-use crate::gate::{Ask, Call, Door, Gate, Peer};
+use crate::gate::{Admission, Ask, Call, Door, Gate, Peer};
 use crate::message::compression::Encoding;
 use crate::message::frames::Frames;
 use crate::telemetry::CallSpan;
@@ -165,7 +165,7 @@ where
                 },
             };
             let mut admission = gate
-                .admit(Call {
+                .admit_overlapped(Call {
                     policy: policy.clone(),
                     door: Door::DataPlane,
                     ask,
@@ -225,7 +225,7 @@ where
                 .as_ref()
                 .is_some_and(|i| i.response.is_some() || i.records.is_some())
             {
-                // A compressed response could not be read: ask for it uncompressed.
+                // pdgate reads gzip, but rewrites cheaper what it need not decompress.
                 request.headers_mut().insert(
                     "grpc-accept-encoding",
                     http::HeaderValue::from_static("identity"),
@@ -240,25 +240,15 @@ where
             });
             let mut span = admission.take_span();
             let id = admission.decision.decision_id;
-            let forwarded = inner.oneshot(request);
-            let outcome = match deadline {
-                Some(at) => match tokio::time::timeout_at(at, forwarded).await {
-                    Ok(outcome) => outcome,
-                    Err(_) => {
-                        mark(&mut span, Code::DeadlineExceeded, &"deadline exceeded");
-                        return Ok(rescue::deadline_exceeded(id));
-                    }
-                },
-                // No deadline: the upstream still has `limits.response_timeout` to start its
-                // answer, or a silent upstream would hold this call's slot forever.
-                None => match tokio::time::timeout(response_timeout, forwarded).await {
-                    Ok(outcome) => outcome,
-                    Err(_) => {
-                        mark(&mut span, Code::DeadlineExceeded, &"no upstream response");
-                        return Ok(rescue::no_response(response_timeout, id));
-                    }
-                },
+            let bounds = Bounds {
+                deadline,
+                response_timeout,
             };
+            let outcome =
+                match forward(inner, request, bounds, &mut admission, &gate, &mut span).await {
+                    Ok(outcome) => outcome,
+                    Err(answer) => return Ok(answer),
+                };
             // A later message of the stream was refused: that is the answer, whatever the
             // upstream made of its reset stream.
             if let Some(refusal) = verdict.refusal() {
@@ -316,6 +306,71 @@ where
                 }
             }
         })
+    }
+}
+
+/// What bounds a forwarded call: the caller's deadline, or without one the time the upstream
+/// has to start its answer (a silent upstream would otherwise hold the call's slot forever).
+struct Bounds {
+    deadline: Option<tokio::time::Instant>,
+    response_timeout: std::time::Duration,
+}
+
+/// How a bounded upstream call ended.
+enum Forwarded<T> {
+    Answered(T),
+    DeadlinePassed,
+    NoResponse,
+}
+
+/// Forwards an admitted call within its [`Bounds`]. An allowed read's record may still be on
+/// its way to the disk: the call goes to the upstream meanwhile, and its outcome is used only
+/// once the record is written ([`Admission::hold`]). `Err`: the answer instead —
+/// `AUDIT_UNAVAILABLE` when the record could not be written (nothing of the upstream's answer
+/// is used), `DEADLINE_EXCEEDED` when the deadline or the response bound passed first.
+async fn forward<S>(
+    inner: S,
+    request: http::Request<Body>,
+    bounds: Bounds,
+    admission: &mut Admission,
+    gate: &Gate,
+    span: &mut Option<CallSpan>,
+) -> Result<Result<S::Response, S::Error>, http::Response<Body>>
+where
+    S: Service<http::Request<Body>>,
+{
+    let forwarded = inner.oneshot(request);
+    let Bounds {
+        deadline,
+        response_timeout,
+    } = bounds;
+    let bounded = async move {
+        match deadline {
+            Some(at) => match tokio::time::timeout_at(at, forwarded).await {
+                Ok(outcome) => Forwarded::Answered(outcome),
+                Err(_) => Forwarded::DeadlinePassed,
+            },
+            None => match tokio::time::timeout(response_timeout, forwarded).await {
+                Ok(outcome) => Forwarded::Answered(outcome),
+                Err(_) => Forwarded::NoResponse,
+            },
+        }
+    };
+    let id = admission.decision.decision_id;
+    match admission.hold(gate, bounded).await {
+        Some(Forwarded::Answered(outcome)) => Ok(outcome),
+        Some(Forwarded::DeadlinePassed) => {
+            mark(span, Code::DeadlineExceeded, &"deadline exceeded");
+            Err(rescue::deadline_exceeded(id))
+        }
+        Some(Forwarded::NoResponse) => {
+            mark(span, Code::DeadlineExceeded, &"no upstream response");
+            Err(rescue::no_response(response_timeout, id))
+        }
+        None => {
+            mark(span, Code::PermissionDenied, &"audit unavailable");
+            Err(rescue::refused(admission))
+        }
     }
 }
 
