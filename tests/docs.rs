@@ -258,6 +258,9 @@ fn metric_families() -> Vec<(String, String, String)> {
     let (audit, _writer, _) =
         pdgate::audit::AuditLog::open(pdgate::audit::AuditSettings::new(dir.path())).unwrap();
     let metrics = pdgate::telemetry::metrics::Metrics::new(Default::default(), audit);
+    // The families a serving sidecar adds: its call slots, and a subject registry's reads.
+    metrics.watch_call_slots(std::sync::Arc::new(tokio::sync::Semaphore::new(8)), 8);
+    metrics.report_registry_reads(std::sync::Arc::default());
     let text = metrics.render_prometheus();
     let mut families = Vec::new();
     let mut help = std::collections::HashMap::new();
@@ -303,7 +306,7 @@ fn every_metric_is_explained_in_the_operations_page() {
     // The names in backticks in the first cell of the table's rows.
     let explained: BTreeSet<String> = page
         .lines()
-        .filter(|l| l.starts_with("| `pdgate_"))
+        .filter(|l| l.starts_with("| `pdgate_") || l.starts_with("| `process_"))
         .flat_map(|l| {
             let cell = l.split('|').nth(1).unwrap_or("");
             cell.split('`')
