@@ -425,6 +425,7 @@ pub struct LimitsSection {
     pub handshake_timeout_seconds: Option<u64>,
     pub max_connections: Option<usize>,
     pub max_header_bytes: Option<u32>,
+    pub inspect_message_bytes: Option<usize>,
     pub check_callers: Option<Vec<String>>,
     pub check_max_categories: Option<usize>,
     pub check_max_subjects: Option<usize>,
@@ -532,6 +533,13 @@ fn resolve_limits(
             .map_or(Ok(defaults.max_header_bytes), |v| {
                 in_range("limits.max_header_bytes", u64::from(v), 1024, 1 << 24, err).map(|_| v)
             })?,
+        inspect_message_bytes: section.inspect_message_bytes.map_or(
+            Ok(defaults.inspect_message_bytes),
+            |v| {
+                let bytes = u64::try_from(v).unwrap_or(u64::MAX);
+                in_range("limits.inspect_message_bytes", bytes, 1024, 1 << 26, err).map(|_| v)
+            },
+        )?,
         check_callers,
         check_max_categories: count(
             "check_max_categories",

@@ -447,6 +447,57 @@ async fn a_gzip_compressed_request_is_read_like_any_other() {
     assert_eq!(h.service.calls(), 1);
 }
 
+#[tokio::test]
+async fn a_message_over_the_configured_inspection_limit_is_resource_exhausted() {
+    // `[limits] inspect_message_bytes`: plain or decompressed, a larger message is not read.
+    let h = Harness::with(common::Options {
+        limits: pdgate::config::Limits {
+            inspect_message_bytes: 1024,
+            ..pdgate::config::Limits::default()
+        },
+        ..common::Options::default()
+    })
+    .await;
+    let update = || UpdateContactRequest {
+        customer_id: "cust-1".into(),
+        address: "x".repeat(2048),
+        ..UpdateContactRequest::default()
+    };
+    let plain = h.client().await;
+    let zipped = h
+        .client()
+        .await
+        .send_compressed(tonic::codec::CompressionEncoding::Gzip);
+    for mut client in [plain, zipped] {
+        let status = client
+            .update_contact(call(
+                update(),
+                "provisioning-service",
+                "service.provision",
+                &[],
+            ))
+            .await
+            .unwrap_err();
+        assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
+    }
+    assert_eq!(h.service.calls(), 0);
+    // Under the limit, the same call goes through.
+    let mut client = h.client().await;
+    client
+        .update_contact(call(
+            UpdateContactRequest {
+                address: "4-5-6 Minato, Tokyo".into(),
+                ..update()
+            },
+            "provisioning-service",
+            "service.provision",
+            &[],
+        ))
+        .await
+        .unwrap();
+    assert_eq!(h.service.calls(), 1);
+}
+
 /// Envoy's `ext_authz` check of a call to `path` with `headers` (no body): the gRPC code
 /// Envoy is told, and the one audit record it made.
 async fn envoy_check(path: &str, headers: &[(&str, &str)]) -> (i32, pdgate::audit::AuditRecord) {

@@ -13,13 +13,31 @@ pub enum FrameError {
     TooLarge { len: usize, limit: usize },
 }
 
-/// Messages out of body chunks, as they arrive.
-#[derive(Default)]
+/// Messages out of body chunks, as they arrive, each at most `limit` bytes.
 pub struct Frames {
     buf: BytesMut,
+    limit: usize,
+}
+
+impl Default for Frames {
+    fn default() -> Self {
+        Self::with_limit(MAX_MESSAGE_BYTES)
+    }
 }
 
 impl Frames {
+    /// Frames of messages of at most `limit` bytes (`[limits] inspect_message_bytes`).
+    pub fn with_limit(limit: usize) -> Self {
+        Self {
+            buf: BytesMut::new(),
+            limit,
+        }
+    }
+
+    pub fn limit(&self) -> usize {
+        self.limit
+    }
+
     pub fn push(&mut self, data: &Bytes) {
         self.buf.extend_from_slice(data);
     }
@@ -36,10 +54,10 @@ impl Frames {
         let compressed = self.buf[0] != 0;
         let len = u32::from_be_bytes([self.buf[1], self.buf[2], self.buf[3], self.buf[4]]);
         let len = usize::try_from(len).unwrap_or(usize::MAX);
-        if len > MAX_MESSAGE_BYTES {
+        if len > self.limit {
             return Err(FrameError::TooLarge {
                 len,
-                limit: MAX_MESSAGE_BYTES,
+                limit: self.limit,
             });
         }
         if self.buf.len() - 5 < len {

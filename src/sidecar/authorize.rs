@@ -33,6 +33,8 @@ pub struct AuthorizeLayer {
     slots: Arc<CallSlots>,
     /// How long the upstream may take to answer a call without a deadline.
     response_timeout: std::time::Duration,
+    /// The largest message read on a route that reads messages.
+    inspect_bytes: usize,
 }
 
 impl AuthorizeLayer {
@@ -45,6 +47,7 @@ impl AuthorizeLayer {
             gate,
             slots,
             response_timeout: limits.response_timeout,
+            inspect_bytes: limits.inspect_message_bytes,
         }
     }
 }
@@ -58,6 +61,7 @@ impl<S> Layer<S> for AuthorizeLayer {
             gate: self.gate.clone(),
             slots: self.slots.clone(),
             response_timeout: self.response_timeout,
+            inspect_bytes: self.inspect_bytes,
         }
     }
 }
@@ -68,6 +72,7 @@ pub struct Authorize<S> {
     gate: Arc<Gate>,
     slots: Arc<CallSlots>,
     response_timeout: std::time::Duration,
+    inspect_bytes: usize,
 }
 
 impl<S> Service<http::Request<Body>> for Authorize<S>
@@ -92,6 +97,7 @@ where
         let gate = self.gate.clone();
         let slots = self.slots.clone();
         let response_timeout = self.response_timeout;
+        let inspect_bytes = self.inspect_bytes;
         let inner = self.inner.clone();
         let deadline = request.extensions().get::<Deadline>().map(|d| d.0);
         Box::pin(async move {
@@ -123,7 +129,7 @@ where
             if unreadable.is_some() {
                 // Refused whatever the route: its body is not read.
             } else if let Some(reading) = inspection.as_ref().filter(|i| i.reads_requests()) {
-                let mut frames = Frames::default();
+                let mut frames = Frames::with_limit(inspect_bytes);
                 let read = tokio::time::timeout(
                     FIRST_MESSAGE_WAIT,
                     first_message(request.body_mut(), &mut frames),
@@ -135,7 +141,7 @@ where
                 match read.and_then(|message| {
                     let facts = match &message.message {
                         Some((compressed, m)) => {
-                            request_facts((*compressed, m), &encoding, reading)?
+                            request_facts((*compressed, m), &encoding, reading, inspect_bytes)?
                         }
                         None => (Vec::new(), 0),
                     };
@@ -279,7 +285,8 @@ where
                                     verdict,
                                     gate.telemetry().metrics().clone(),
                                 )
-                                .encoded(response_encoding);
+                                .encoded(response_encoding)
+                                .limited(inspect_bytes);
                                 Body::new(match records {
                                     Some(records) => inspected.with_records(records),
                                     None => inspected,

@@ -10,7 +10,7 @@
 use crate::decision::DecisionId;
 use crate::gate::{Admission, Ask, Call, Door, Gate, Peer, Policy};
 use crate::message::compression::{self, CompressionError, Encoding};
-use crate::message::frames::{FrameError, Frames, MAX_MESSAGE_BYTES, frame, framed};
+use crate::message::frames::{FrameError, Frames, frame, framed};
 use crate::message::{self, CategorySet, SubjectPath, wire::WireError};
 use crate::policy::inspect::Inspection;
 use crate::telemetry::metrics::Metrics;
@@ -142,8 +142,12 @@ pub struct StreamCall {
 
 impl StreamCall {
     /// A message's subjects and the `minimize` categories it writes.
-    fn read(&self, message: (bool, &[u8])) -> Result<(Vec<String>, CategorySet), MessageError> {
-        request_facts(message, &self.encoding, &self.inspection)
+    fn read(
+        &self,
+        message: (bool, &[u8]),
+        limit: usize,
+    ) -> Result<(Vec<String>, CategorySet), MessageError> {
+        request_facts(message, &self.encoding, &self.inspection, limit)
     }
 
     /// Whether a message about `subjects` writing `writes` is covered by what the call was
@@ -163,8 +167,9 @@ pub fn request_facts(
     (compressed, message): (bool, &[u8]),
     encoding: &Encoding,
     inspection: &Inspection,
+    limit: usize,
 ) -> Result<(Vec<String>, CategorySet), MessageError> {
-    let message = &*compression::readable(compressed, encoding, message, MAX_MESSAGE_BYTES)?;
+    let message = &*compression::readable(compressed, encoding, message, limit)?;
     let subjects = match &inspection.request_subjects {
         Some(path) => subjects_of(message, path)?,
         None => Vec::new(),
@@ -248,7 +253,8 @@ impl http_body::Body for InspectedRequest {
             match this.frames.next_message() {
                 Err(e) => return this.fail(message_status(&e.into())),
                 Ok(Some((compressed, message))) => {
-                    let (subjects, writes) = match this.call.read((compressed, &message)) {
+                    let limit = this.frames.limit();
+                    let (subjects, writes) = match this.call.read((compressed, &message), limit) {
                         Ok(facts) => facts,
                         Err(e) => return this.fail(message_status(&e)),
                     };
@@ -458,6 +464,13 @@ impl InspectedResponse {
         }
     }
 
+    /// Reads messages of at most `limit` bytes (`[limits] inspect_message_bytes`).
+    #[must_use]
+    pub fn limited(mut self, limit: usize) -> Self {
+        self.frames = Frames::with_limit(limit);
+        self
+    }
+
     /// Reads the messages in the response's encoding (`grpc-encoding`).
     #[must_use]
     pub fn encoded(mut self, encoding: Encoding) -> Self {
@@ -557,7 +570,7 @@ impl http_body::Body for InspectedResponse {
                         compressed,
                         &this.encoding,
                         &message,
-                        MAX_MESSAGE_BYTES,
+                        this.frames.limit(),
                     ) {
                         Ok(readable) => Bytes::from(readable.into_owned()),
                         Err(e) => {

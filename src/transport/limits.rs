@@ -38,6 +38,10 @@ pub struct Limits {
     pub max_connections: usize,
     /// `max_header_bytes` (16384): the request header block (HTTP/2 `MAX_HEADER_LIST_SIZE`).
     pub max_header_bytes: u32,
+    /// `inspect_message_bytes` (4 MiB): the largest message pdgate reads on a route that reads
+    /// messages, decompressed; a larger one is `RESOURCE_EXHAUSTED`. (Envoy's door keeps the
+    /// 4 MiB default: Envoy's own `max_request_bytes` bounds what it sends.)
+    pub inspect_message_bytes: usize,
     /// `check_callers` (absent: every identified caller): who may call `AccessControl`
     /// Check/BatchCheck. Its answers reveal subjects' consent state.
     pub check_callers: Option<Vec<String>>,
@@ -64,6 +68,7 @@ impl Default for Limits {
             handshake_timeout: Duration::from_secs(10),
             max_connections: 1024,
             max_header_bytes: 16 * 1024,
+            inspect_message_bytes: crate::message::frames::MAX_MESSAGE_BYTES,
             check_callers: None,
             check_max_categories: 32,
             check_max_subjects: 64,
