@@ -656,6 +656,14 @@ async fn an_export_of_every_customer_leaves_out_each_one_the_purpose_may_not_rea
             ("cust-4", "PROVISION_SUSPENDED")
         ]
     );
+    // Counted, too.
+    let metrics = common::scrape(&h).await;
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l == "pdgate_response_records_dropped_total 2"),
+        "{metrics}"
+    );
 }
 
 #[tokio::test]

@@ -553,7 +553,10 @@ impl http_body::Body for InspectedResponse {
                 };
                 match records.settle(subjects, &admission) {
                     Ok(true) => return this.deliver(&record),
-                    Ok(false) => continue,
+                    Ok(false) => {
+                        this.metrics.record_dropped_record();
+                        continue;
+                    }
                     Err(status) => return this.end_with(&status),
                 }
             }
@@ -584,7 +587,10 @@ impl http_body::Body for InspectedResponse {
                     };
                     match records.fate(&message) {
                         Ok(RecordFate::Pass) => return this.deliver(&message),
-                        Ok(RecordFate::Drop) => records.dropped += 1,
+                        Ok(RecordFate::Drop) => {
+                            records.dropped += 1;
+                            this.metrics.record_dropped_record();
+                        }
                         Ok(RecordFate::Decide(subjects)) => {
                             let decision = records.decide(subjects.clone());
                             records.waiting = Some((message, subjects, decision));

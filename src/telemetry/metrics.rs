@@ -29,6 +29,7 @@
 //! | `pdgate_upstream_responses_total{code}` | calls forwarded upstream, by the gRPC status they ended with (`UNAVAILABLE`: the upstream could not be reached; `CANCELLED`: the call ended — deadline, caller gone — before the upstream's status) |
 //! | `pdgate_calls_in_flight`, `pdgate_calls_in_flight_limit` | data-plane calls holding a slot, and `max_concurrent_calls` |
 //! | `pdgate_calls_shed_total` | data-plane calls refused `RESOURCE_EXHAUSTED` because every slot was taken |
+//! | `pdgate_response_records_dropped_total` | records of a response stream left out because their subject was denied (`records` routes) |
 //! | `pdgate_audit_write_seconds`, `pdgate_audit_sync_seconds` (histograms) | one audit batch's write, one sync of the segment |
 //! | `pdgate_registry_reads_total`, `pdgate_registry_read_failures_total` | subject-registry reads on the decision path, and those that failed or timed out (their calls denied `SUBJECT_STATE_UNAVAILABLE`) |
 //! | `pdgate_tls_reloads_total`, `pdgate_tls_reload_failures_total` | certificate/key/client-CA changes taken, and changed files refused (the previous ones kept) |
@@ -117,6 +118,7 @@ pub struct Metrics {
     /// One counter per gRPC code, indexed as [`GRPC_CODES`].
     upstream: [Counter; 17],
     shed: Counter,
+    records_dropped: Counter,
     tls_reloads: Counter,
     tls_reload_failures: Counter,
 }
@@ -195,6 +197,10 @@ impl Metrics {
             "pdgate_response_fields_unknown",
             "Response fields dropped because the service's descriptors do not know them.",
         );
+        let records_dropped = counter(
+            "pdgate_response_records_dropped",
+            "Records of a response stream left out because the decision for their subject was a deny.",
+        );
         let shed = counter(
             "pdgate_calls_shed",
             "Data-plane calls refused RESOURCE_EXHAUSTED because max_concurrent_calls were in flight.",
@@ -257,6 +263,7 @@ impl Metrics {
             fields_unknown,
             upstream,
             shed,
+            records_dropped,
             tls_reloads,
             tls_reload_failures,
         }
@@ -355,6 +362,11 @@ impl Metrics {
         if let Some(counter) = self.upstream.get(index) {
             counter.inc();
         }
+    }
+
+    /// Counts a record of a response stream left out (its subject's decision was a deny).
+    pub fn record_dropped_record(&self) {
+        self.records_dropped.inc();
     }
 
     /// Counts a data-plane call shed because every call slot was taken.
