@@ -119,7 +119,7 @@ pub async fn serve_api(
         Some(tls) => {
             router
                 .serve_with_incoming_shutdown(
-                    crate::transport::tls::handshaken(accepted, tls),
+                    crate::transport::tls::handshaken(accepted, tls, limits.handshake_timeout),
                     shutdown,
                 )
                 .await

@@ -19,6 +19,7 @@ use bytes::Bytes;
 use futures_util::future::BoxFuture;
 use http::HeaderMap;
 use http_body::Frame;
+use std::borrow::Cow;
 use std::collections::BTreeSet;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex, PoisonError};
@@ -575,7 +576,9 @@ impl http_body::Body for InspectedResponse {
                         &message,
                         this.frames.limit(),
                     ) {
-                        Ok(readable) => Bytes::from(readable.into_owned()),
+                        // Not compressed: the message itself, not a copy.
+                        Ok(Cow::Borrowed(_)) => message,
+                        Ok(Cow::Owned(decompressed)) => Bytes::from(decompressed),
                         Err(e) => {
                             return this.end_with(&Status::internal(format!(
                                 "the service's response cannot be inspected: {e}"

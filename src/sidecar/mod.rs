@@ -79,7 +79,8 @@ pub async fn serve_data_plane(
                 .await
         }
         Some(tls) => {
-            let handshaken = crate::transport::tls::handshaken(accepted, tls);
+            let handshaken =
+                crate::transport::tls::handshaken(accepted, tls, limits.handshake_timeout);
             server
                 .serve_with_incoming_shutdown(service, handshaken, shutdown)
                 .await

@@ -86,8 +86,6 @@ impl std::fmt::Debug for ServerTls {
     }
 }
 
-/// How long a new connection may take to finish its handshake.
-const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Handshakes in progress at once per listener; a connection beyond waits to be accepted.
 const MAX_HANDSHAKES: usize = 128;
 
@@ -225,10 +223,12 @@ impl ServerTls {
 /// The TLS connections of `accepted` (a listener's connections, [`super::incoming`] or
 /// [`super::connections::Connections::incoming`]): each handshaken with the configuration
 /// current when it arrived, several at once (a slow client does not hold back the others). A
-/// failed or timed-out handshake is logged and skipped. Ends when `accepted` does.
+/// failed handshake, or one that takes longer than `timeout` (`[limits]
+/// handshake_timeout_seconds`), is logged and skipped. Ends when `accepted` does.
 pub fn handshaken<IO>(
     accepted: impl Stream<Item = std::io::Result<IO>>,
     tls: Arc<ServerTls>,
+    timeout: Duration,
 ) -> impl Stream<Item = std::io::Result<TlsStream<IO>>>
 where
     IO: AsyncRead + AsyncWrite + Unpin + Connected<ConnectInfo = TcpConnectInfo>,
@@ -241,7 +241,7 @@ where
                 Err(e) => return Some(Err(e)),
             };
             let peer = io.connect_info().remote_addr();
-            match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(io)).await {
+            match tokio::time::timeout(timeout, acceptor.accept(io)).await {
                 Ok(Ok(stream)) => Some(Ok(stream)),
                 Ok(Err(e)) => {
                     tracing::debug!(?peer, error = %e, "TLS handshake failed");
