@@ -793,3 +793,212 @@ async fn a_route_that_reads_messages_needs_the_descriptors() {
     );
     assert!(problems.iter().all(|p| p.file == "routes.yaml"));
 }
+
+#[tokio::test]
+async fn validation_refuses_a_route_whose_messages_carry_a_category_it_was_not_decided_for() {
+    // Without `minimize`, GetProfile would forward the e-mail address, postal address and
+    // phone number of a call decided for the name only.
+    let problems = validate_with(
+        |t| {
+            t.replacen(
+                "    minimize: [customer.contact.email, customer.contact.address, customer.contact.phone]\n",
+                "",
+                1,
+            )
+        },
+        true,
+    )
+    .await;
+    let on_profile: Vec<_> = problems
+        .iter()
+        .filter(|p| p.line == Some(line_of("CustomerData/GetProfile:")))
+        .collect();
+    for field in ["email", "address", "phone"] {
+        assert!(
+            on_profile.iter().any(|p| p
+                .message
+                .contains(&format!("`demo.customer.v1.Profile.{field}`"))),
+            "{field}: {problems:?}"
+        );
+    }
+    assert_eq!(on_profile.len(), 3, "{problems:?}");
+}
+
+#[tokio::test]
+async fn validation_warns_of_an_annotated_method_that_has_no_route() {
+    let dir = common::policy_copy();
+    let routes = dir.path().join("routes.yaml");
+    let text = std::fs::read_to_string(&routes).unwrap();
+    let at = text
+        .find("  /demo.customer.v1.CustomerData/SupportSession:")
+        .unwrap();
+    std::fs::write(&routes, &text[..at]).unwrap();
+    let snapshot = pdgate::policy::load_dir(dir.path()).await.unwrap();
+    let warnings: Vec<String> = snapshot
+        .warnings()
+        .iter()
+        .map(|w| w.message.clone())
+        .collect();
+    assert!(
+        warnings.iter().any(
+            |w| w.contains("/demo.customer.v1.CustomerData/SupportSession")
+                && w.contains("ROUTE_UNKNOWN")
+        ),
+        "{warnings:?}"
+    );
+    // The repository's policy routes every annotated method.
+    let full = pdgate::policy::load_dir(&common::policy_dir())
+        .await
+        .unwrap();
+    assert!(
+        !full
+            .warnings()
+            .iter()
+            .any(|w| w.message.contains("has no route")),
+        "{:?}",
+        full.warnings()
+    );
+}
+
+/// `pdgate routes generate` over the demo's annotated protos.
+fn generate(args: &[&str]) -> std::process::Output {
+    let policy = common::policy_dir();
+    let mut all = vec![
+        "routes".to_owned(),
+        "generate".to_owned(),
+        policy.display().to_string(),
+    ];
+    all.extend(args.iter().map(|a| (*a).to_owned()));
+    common::bin::Pdgate::new(all).output()
+}
+
+#[tokio::test]
+async fn routes_are_generated_from_the_annotated_protos_and_validate() {
+    let out = tokio::task::spawn_blocking(|| generate(&[])).await.unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let text = String::from_utf8(out.stdout).unwrap();
+    let stderr = String::from_utf8(out.stderr).unwrap();
+    let file: serde_yaml::Value = serde_yaml::from_str(&text).unwrap();
+    let route =
+        |method: &str| file["routes"][format!("/demo.customer.v1.CustomerData/{method}")].clone();
+    let strings = |v: &serde_yaml::Value| -> Vec<String> {
+        v.as_sequence()
+            .unwrap()
+            .iter()
+            .map(|s| s.as_str().unwrap().to_owned())
+            .collect()
+    };
+
+    // A read: every category the response carries is needed, the subject from the request.
+    let profile = route("GetProfile");
+    assert_eq!(profile["action"], "read");
+    assert_eq!(
+        strings(&profile["categories"]),
+        [
+            "customer.name",
+            "customer.contact.email",
+            "customer.contact.address",
+            "customer.contact.phone"
+        ]
+    );
+    assert_eq!(profile["subjects"], "customer_id");
+    // A write: what the request sets and what the response gives back.
+    let update = route("UpdateContact");
+    assert_eq!(update["action"], "write");
+    assert_eq!(strings(&update["categories"]).len(), 4, "{update:?}");
+    // A server stream whose request names no one: each record is about its own subject.
+    let export = route("ExportForInterconnect");
+    assert_eq!(export["records"], "customer_id");
+    assert!(export.get("subjects").is_none(), "{export:?}");
+    // Nested messages: the disclosure carries the profile, statements, usage and calls.
+    let disclosure = strings(&route("DiscloseHeldData")["categories"]);
+    assert!(
+        disclosure.contains(&"communications.call_history".to_owned()),
+        "{disclosure:?}"
+    );
+    assert!(
+        disclosure.contains(&"customer.billing".to_owned()),
+        "{disclosure:?}"
+    );
+    // No subject field: the route says it trusts the metadata, and the note says so.
+    assert_eq!(route("GetUsageStatistics")["subjects"], "metadata");
+    // A method whose messages carry no category is left out (denied), with a note saying why.
+    assert!(route("SupportSession").is_null(), "{text}");
+    assert!(stderr.contains("SupportSession"), "{stderr}");
+    assert!(
+        text.contains("# /demo.customer.v1.CustomerData/SupportSession:"),
+        "{text}"
+    );
+
+    // The generated file is a valid routes.yaml of the policy.
+    let dir = common::policy_copy();
+    std::fs::write(dir.path().join("routes.yaml"), &text).unwrap();
+    let snapshot = pdgate::policy::load_dir(dir.path()).await.unwrap();
+    let generated_route = |m: &str| {
+        snapshot
+            .route(&format!("/demo.customer.v1.CustomerData/{m}"))
+            .unwrap()
+            .clone()
+    };
+    assert!(generated_route("GetProfile").reads_messages());
+    assert!(
+        generated_route("ExportForInterconnect")
+            .inspection
+            .unwrap()
+            .records
+            .is_some()
+    );
+}
+
+#[tokio::test]
+async fn routes_generate_never_overwrites_a_file_unless_told() {
+    let dir = tempfile::tempdir().unwrap();
+    let target = dir.path().join("routes.yaml");
+    std::fs::write(&target, "# hand-written\n").unwrap();
+    let path = target.display().to_string();
+    let refused = {
+        let path = path.clone();
+        tokio::task::spawn_blocking(move || generate(&["--output", &path]))
+            .await
+            .unwrap()
+    };
+    assert_eq!(refused.status.code(), Some(2), "{refused:?}");
+    assert_eq!(
+        std::fs::read_to_string(&target).unwrap(),
+        "# hand-written\n"
+    );
+    let forced = tokio::task::spawn_blocking(move || generate(&["--output", &path, "--force"]))
+        .await
+        .unwrap();
+    assert!(forced.status.success(), "{forced:?}");
+    assert!(
+        std::fs::read_to_string(&target)
+            .unwrap()
+            .contains("/demo.customer.v1.CustomerData/GetProfile:")
+    );
+}
+
+#[tokio::test]
+async fn routes_generate_names_a_category_the_taxonomy_does_not_define() {
+    let dir = common::policy_copy();
+    let proto = dir.path().join("descriptors/customer.proto");
+    let text = std::fs::read_to_string(&proto).unwrap();
+    std::fs::write(
+        &proto,
+        text.replacen("\"customer.billing\"", "\"customer.bank_account\"", 1),
+    )
+    .unwrap();
+    let policy = dir.path().display().to_string();
+    let out = tokio::task::spawn_blocking(move || {
+        common::bin::Pdgate::new(["routes", "generate", &policy]).output()
+    })
+    .await
+    .unwrap();
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    let stderr = String::from_utf8(out.stderr).unwrap();
+    assert!(
+        stderr.contains("customer.bank_account") && stderr.contains("BillingStatement.month"),
+        "{stderr}"
+    );
+    assert!(out.stdout.is_empty());
+}

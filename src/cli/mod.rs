@@ -26,6 +26,7 @@ mod policy_cmd;
 mod policy_diff;
 mod policy_test;
 mod report;
+mod routes_cmd;
 mod serve;
 mod subjects;
 
@@ -78,6 +79,9 @@ enum Command {
     /// Validate and test policy directories.
     #[command(subcommand)]
     Policy(PolicyCommand),
+    /// Write routes.yaml from the protected service's annotated protos.
+    #[command(subcommand)]
+    Routes(RoutesCommand),
     /// Inspect the audit trail: verify, query, tail, disclosure report.
     #[command(subcommand)]
     Audit(audit::AuditCommand),
@@ -103,6 +107,14 @@ struct ManArgs {
     /// Write pdgate.1 and a page per subcommand into DIR instead of printing pdgate.1.
     #[arg(long, value_name = "DIR")]
     dir: Option<PathBuf>,
+}
+
+#[derive(Debug, Subcommand)]
+enum RoutesCommand {
+    /// Generate routes.yaml from the `(pdgate.v1.action)`, `(pdgate.v1.category)` and
+    /// `(pdgate.v1.subject)` annotations of the service's protos: one route per annotated
+    /// method, every category its messages carry needed.
+    Generate(routes_cmd::RoutesGenerateArgs),
 }
 
 #[derive(Debug, Subcommand)]
@@ -217,6 +229,7 @@ pub fn main() -> ExitCode {
             Command::Serve(args) => serve::serve(args).await,
             Command::Demo(args) => serve::demo(args).await,
             Command::Audit(command) => audit::run(command).await,
+            Command::Routes(RoutesCommand::Generate(args)) => routes_cmd::generate(args),
             Command::Subjects(command) => subjects::run(command).await,
             Command::Completions(args) => completions(args.shell),
             Command::Man(args) => man(args.dir.as_deref()),

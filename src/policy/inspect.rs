@@ -86,6 +86,9 @@ pub(crate) fn inspect_routes(
 ) {
     let pool = pool(descriptors, problems);
     let options = pool.as_ref().map(Options::of);
+    if let (Some(pool), Some(options)) = (&pool, &options) {
+        warn_unrouted(pool, options, routes, warnings);
+    }
     for (path, route) in routes.iter_mut() {
         let at = |message: String| Problem::at(ROUTES_FILE, route.line, message);
         let method = pool.as_ref().and_then(|p| find_method(p, path));
@@ -124,6 +127,20 @@ pub(crate) fn inspect_routes(
             warn_trusts_metadata(path, route, categories, warnings);
         }
         let (response, request) = if route.minimize.is_empty() {
+            // Nothing is cleared: every category the messages carry must be one the call is
+            // decided for, or the call hands out (or writes) data no decision covered.
+            let mut undecided = Undecided {
+                path,
+                route,
+                options,
+                categories,
+                seen: Vec::new(),
+                problems,
+            };
+            undecided.check(&method.output(), "response");
+            if route.action != Action::Read {
+                undecided.check(&method.input(), "request");
+            }
             (None, None)
         } else {
             let mut planner = Planner {
@@ -165,6 +182,30 @@ pub(crate) fn inspect_routes(
     }
 }
 
+/// A method its service annotates with an action but `routes.yaml` does not route: every call
+/// of it is denied (`ROUTE_UNKNOWN`), which the service team most likely did not mean.
+fn warn_unrouted(
+    pool: &DescriptorPool,
+    options: &Options,
+    routes: &BTreeMap<String, Route>,
+    warnings: &mut Vec<Problem>,
+) {
+    for service in pool.services() {
+        for method in service.methods() {
+            let path = format!("/{}/{}", service.full_name(), method.name());
+            if let (Some(action), false) = (options.action(&method), routes.contains_key(&path)) {
+                warnings.push(Problem::in_file(
+                    ROUTES_FILE,
+                    format!(
+                        "method `{path}` is annotated `({ACTION_OPTION}) = \"{action}\"` in `{DESCRIPTORS_DIR}/{}` but has no route: every call of it is denied (`ROUTE_UNKNOWN`); `pdgate routes generate` writes one",
+                        method.parent_file().name()
+                    ),
+                ));
+            }
+        }
+    }
+}
+
 /// A route on identified data whose subjects come from the caller's metadata: a warning (on
 /// de-identified data no subject's state applies, so there is nothing to trust).
 fn warn_trusts_metadata(
@@ -197,7 +238,10 @@ fn warn_trusts_metadata(
 
 /// The descriptors as one pool: `.proto` files compiled together (they may import each
 /// other, `google/protobuf/*` and the pdgate annotations), and FileDescriptorSets added.
-fn pool(files: &[DescriptorFile], problems: &mut Vec<Problem>) -> Option<DescriptorPool> {
+pub(crate) fn pool(
+    files: &[DescriptorFile],
+    problems: &mut Vec<Problem>,
+) -> Option<DescriptorPool> {
     if files.is_empty() {
         return None;
     }
@@ -277,14 +321,14 @@ fn find_method(pool: &DescriptorPool, path: &str) -> Option<MethodDescriptor> {
 }
 
 /// The pdgate annotations, as the pool defines them (absent when no file imports them).
-struct Options {
+pub(crate) struct Options {
     category: Option<ExtensionDescriptor>,
     subject: Option<ExtensionDescriptor>,
     action: Option<ExtensionDescriptor>,
 }
 
 impl Options {
-    fn of(pool: &DescriptorPool) -> Self {
+    pub(crate) fn of(pool: &DescriptorPool) -> Self {
         Self {
             category: pool.get_extension_by_name(CATEGORY_OPTION),
             subject: pool.get_extension_by_name(SUBJECT_OPTION),
@@ -292,7 +336,7 @@ impl Options {
         }
     }
 
-    fn category(&self, field: &FieldDescriptor) -> Option<String> {
+    pub(crate) fn category(&self, field: &FieldDescriptor) -> Option<String> {
         let ext = self.category.as_ref()?;
         let options = field.options();
         if !options.has_extension(ext) {
@@ -304,7 +348,7 @@ impl Options {
         }
     }
 
-    fn is_subject(&self, field: &FieldDescriptor) -> bool {
+    pub(crate) fn is_subject(&self, field: &FieldDescriptor) -> bool {
         self.subject.as_ref().is_some_and(|ext| {
             let options = field.options();
             options.has_extension(ext)
@@ -312,7 +356,7 @@ impl Options {
         })
     }
 
-    fn action(&self, method: &MethodDescriptor) -> Option<String> {
+    pub(crate) fn action(&self, method: &MethodDescriptor) -> Option<String> {
         let ext = self.action.as_ref()?;
         let options = method.options();
         if !options.has_extension(ext) {
@@ -628,5 +672,63 @@ impl Planner<'_> {
             ),
         ));
         FieldPlan::Keep
+    }
+}
+
+/// Checks, on a route that minimizes nothing, that every annotated field of a message carries
+/// a category the route needs (`categories`): pdgate forwards such messages untouched, so a
+/// field of any other category would pass without a decision for it.
+struct Undecided<'a> {
+    path: &'a str,
+    route: &'a Route,
+    options: &'a Options,
+    categories: &'a Tree<CategoryInfo>,
+    /// Message types already walked (a type may contain itself).
+    seen: Vec<String>,
+    problems: &'a mut Vec<Problem>,
+}
+
+impl Undecided<'_> {
+    fn check(&mut self, message: &MessageDescriptor, side: &str) {
+        if self.seen.iter().any(|s| s == message.full_name()) {
+            return;
+        }
+        self.seen.push(message.full_name().to_owned());
+        for field in message.fields() {
+            if let Some(category) = self.options.category(&field) {
+                self.field(&field, &category, side);
+            } else if let Kind::Message(inner) = field.kind() {
+                self.check(&inner, side);
+            }
+        }
+    }
+
+    fn field(&mut self, field: &FieldDescriptor, category: &str, side: &str) {
+        let at = |message: String| Problem::at(ROUTES_FILE, self.route.line, message);
+        let Some(id) = self.categories.id(category) else {
+            self.problems.push(at(format!(
+                "route `{}`: field `{}` has the category `{category}`, which taxonomy.toml does not define",
+                self.path,
+                field.full_name()
+            )));
+            return;
+        };
+        let needed = self.route.categories.iter().any(|n| {
+            self.categories
+                .id(n)
+                .is_some_and(|outer| self.categories.is_within(id, outer))
+        });
+        if !needed {
+            let verb = if side == "request" {
+                "write"
+            } else {
+                "hand out"
+            };
+            self.problems.push(at(format!(
+                "route `{}`: {side} field `{}` carries `{category}`, which the route does not name: the call would {verb} it without a decision for it; add it to `categories` (needed), or to `minimize` (cleared when the purpose may not have it)",
+                self.path,
+                field.full_name()
+            )));
+        }
     }
 }

@@ -5,6 +5,7 @@
 //! tests are run by [`crate::decision::fixtures`].
 
 mod compile;
+pub mod generate;
 pub mod inspect;
 mod model;
 mod problem;
@@ -25,7 +26,7 @@ pub use snapshot::{
     CallerInfo, CategoryInfo, GrantCell, GrantKey, Limits, MatchedRule, MatchingRows, NodeId,
     PolicyVersion, PurposeInfo, SecrecyUse, Snapshot, Tree,
 };
-pub use source::{DESCRIPTORS_DIR, DescriptorFile, MODEL_FILE, PolicySource};
+pub use source::{DESCRIPTORS_DIR, DescriptorFile, MODEL_FILE, PolicySource, descriptor_files};
 pub use taxonomy::schema as taxonomy_schema;
 pub use taxonomy::{CallerKind, TAXONOMY_FILE};
 

@@ -126,6 +126,24 @@ impl PolicySource {
     }
 }
 
+/// The descriptor files below `dir` (`.proto` files and FileDescriptorSets), sorted by name,
+/// with their names relative to `dir`: what a policy's `descriptors/` holds.
+pub fn descriptor_files(dir: &Path) -> Result<Vec<DescriptorFile>, Vec<Problem>> {
+    if !dir.is_dir() {
+        return Err(vec![Problem::in_file(
+            &dir.display().to_string(),
+            "is not a directory",
+        )]);
+    }
+    let mut problems = Vec::new();
+    let files = read_descriptors(dir, &mut problems);
+    if problems.is_empty() {
+        Ok(files)
+    } else {
+        Err(problems)
+    }
+}
+
 /// The files below `dir` (none when it does not exist), sorted by name. Hidden files and
 /// directories (a Kubernetes ConfigMap's `..data`) are skipped.
 fn read_descriptors(dir: &Path, problems: &mut Vec<Problem>) -> Vec<DescriptorFile> {
