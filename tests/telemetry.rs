@@ -825,3 +825,106 @@ async fn a_collector_that_never_answers_never_holds_up_calls() {
     calls_are_not_held_up_by("never answering", silent.local_addr().unwrap()).await;
     drop(silent);
 }
+
+fn attr_int(span: &Span, key: &str) -> i64 {
+    match attribute(span, key) {
+        AnyValue::IntValue(i) => *i,
+        other => panic!("`{key}` is not an integer: {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn spans_say_what_a_response_left_out() {
+    let (collector, addr) = Collector::start().await;
+    let mut h = Harness::with(Options {
+        telemetry: Collector::settings(addr),
+        ..Options::default()
+    })
+    .await;
+    let mut client = h.client().await;
+
+    // §1(1) shipping: the profile comes without the contact fields logistics may not have.
+    let profile = || GetProfileRequest {
+        customer_id: "cust-1".into(),
+    };
+    let response = client
+        .get_profile(call(
+            profile(),
+            "logistics-service",
+            "service.shipping",
+            &[],
+        ))
+        .await
+        .unwrap();
+    let read_id = decision_id(response.metadata()).unwrap();
+    let direct = h
+        .direct_client()
+        .await
+        .get_profile(profile())
+        .await
+        .unwrap()
+        .into_inner();
+
+    // §3, §7: an export to NTT East leaves out cust-4, who stopped third-party provision.
+    let response = client
+        .export_for_interconnect(call(
+            pdgate::proto::demo::ExportRequest {
+                recipient: "ntt-east".into(),
+                delay_ms: 0,
+            },
+            "ntt-east",
+            "third_party.interconnect",
+            &["cust-1", "cust-4"],
+        ))
+        .await
+        .unwrap();
+    let export_id = decision_id(response.metadata()).unwrap();
+    let mut stream = response.into_inner();
+    let mut streamed = 0;
+    while stream.message().await.unwrap().is_some() {
+        streamed += 1;
+    }
+    assert_eq!(streamed, 1);
+
+    let records = h.audit_records();
+    h.shutdown().await.unwrap();
+
+    let minimized = records
+        .iter()
+        .find(|r| r.body.decision_id == read_id)
+        .unwrap()
+        .body
+        .minimized
+        .clone();
+    assert!(
+        minimized.contains(&"customer.contact.email".to_owned()),
+        "{minimized:?}"
+    );
+    let read = collector.span(&read_id);
+    assert_eq!(attr_strings(&read, "pdgate.minimized"), minimized);
+    // One field per minimized category, cleared where the service had set it.
+    let set = |category: &str| match category {
+        "customer.contact.email" => !direct.email.is_empty(),
+        "customer.contact.address" => !direct.address.is_empty(),
+        "customer.contact.phone" => !direct.phone.is_empty(),
+        other => panic!("GetProfile minimizes no `{other}`"),
+    };
+    let cleared = minimized.iter().filter(|c| set(c)).count();
+    assert!(cleared >= 1);
+    assert_eq!(
+        attr_int(&read, "pdgate.fields_cleared"),
+        i64::try_from(cleared).unwrap()
+    );
+    assert_eq!(attr_int(&read, "pdgate.unknown_fields"), 0);
+
+    let export = collector.span(&export_id);
+    assert_eq!(attr_int(&export, "pdgate.records_dropped"), 1);
+    assert!(
+        export
+            .attributes
+            .iter()
+            .all(|kv| kv.key != "pdgate.minimized"),
+        "the export minimizes nothing: {:?}",
+        export.attributes
+    );
+}

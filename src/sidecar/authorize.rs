@@ -286,7 +286,8 @@ where
                                     gate.telemetry().metrics().clone(),
                                 )
                                 .encoded(response_encoding)
-                                .limited(inspect_bytes);
+                                .limited(inspect_bytes)
+                                .spanned(span.take());
                                 Body::new(match records {
                                     Some(records) => inspected.with_records(records),
                                     None => inspected,

@@ -13,6 +13,7 @@ use crate::message::compression::{self, CompressionError, Encoding};
 use crate::message::frames::{FrameError, Frames, frame, framed};
 use crate::message::{self, CategorySet, SubjectPath, wire::WireError};
 use crate::policy::inspect::Inspection;
+use crate::telemetry::CallSpan;
 use crate::telemetry::metrics::Metrics;
 use crate::transport::rescue;
 use bytes::Bytes;
@@ -443,6 +444,11 @@ pub struct InspectedResponse {
     verdict: Verdict,
     /// Where the fields cleared and dropped are counted.
     metrics: Arc<Metrics>,
+    /// The call's span, ended with the response (when it is dropped), and what was left out
+    /// of the response until then, recorded on it.
+    span: Option<CallSpan>,
+    fields_cleared: u64,
+    unknown_fields: u64,
 }
 
 impl InspectedResponse {
@@ -462,7 +468,19 @@ impl InspectedResponse {
             encoding: Encoding::Identity,
             verdict,
             metrics,
+            span: None,
+            fields_cleared: 0,
+            unknown_fields: 0,
         }
+    }
+
+    /// Ends the call's span with the response, recording on it how many fields were cleared
+    /// (`pdgate.fields_cleared`), how many unknown fields dropped (`pdgate.unknown_fields`)
+    /// and how many records left out (`pdgate.records_dropped`).
+    #[must_use]
+    pub fn spanned(mut self, span: Option<CallSpan>) -> Self {
+        self.span = span;
+        self
     }
 
     /// Reads messages of at most `limit` bytes (`[limits] inspect_message_bytes`).
@@ -517,6 +535,8 @@ impl InspectedResponse {
         match message::minimize(message, plans, Inspection::RESPONSE, self.clear) {
             Ok((out, done)) => {
                 self.metrics.record_minimized(done.cleared, done.unknown);
+                self.fields_cleared += u64::from(done.cleared);
+                self.unknown_fields += u64::from(done.unknown);
                 Poll::Ready(Some(Ok(Frame::data(frame(&out)))))
             }
             Err(e) => {
@@ -526,6 +546,15 @@ impl InspectedResponse {
                 ));
                 self.end_with(&status)
             }
+        }
+    }
+}
+
+impl Drop for InspectedResponse {
+    fn drop(&mut self) {
+        if let Some(span) = &mut self.span {
+            let dropped = self.records.as_ref().map(|r| r.dropped);
+            span.record_response(self.fields_cleared, self.unknown_fields, dropped);
         }
     }
 }

@@ -220,7 +220,8 @@ impl CallSpan {
     /// Records the decision as attributes: `pdgate.decision` (`allow`/`deny`),
     /// `pdgate.reasons`, `pdgate.caller`, `pdgate.purpose`, `pdgate.action`,
     /// `pdgate.categories`, `pdgate.policy_version`, `pdgate.decision_id`, `pdgate.cache_hit`
-    /// and, when the decision is about a method of the protected service, `pdgate.method`.
+    /// and, when the decision is about a method of the protected service, `pdgate.method`; an
+    /// allow that minimizes adds `pdgate.minimized` (the categories cleared from responses).
     /// A denial sets `rpc.grpc.status_code` 7 (`PERMISSION_DENIED`).
     pub fn record_decision(
         &mut self,
@@ -262,11 +263,41 @@ impl CallSpan {
         if let Some(method) = method {
             attributes.push(KeyValue::new("pdgate.method", method.to_owned()));
         }
+        if !decision.minimized.is_empty() {
+            attributes.push(KeyValue::new(
+                "pdgate.minimized",
+                strings(&mut decision.minimized.iter().cloned()),
+            ));
+        }
         if !decision.allowed {
             attributes.push(KeyValue::new(
                 "rpc.grpc.status_code",
                 i64::from(tonic::Code::PermissionDenied as i32),
             ));
+        }
+        self.span.set_attributes(attributes);
+    }
+
+    /// Records what a response left out, once it has ended: `pdgate.fields_cleared` (fields of
+    /// minimized categories), `pdgate.unknown_fields` (fields the descriptors do not know,
+    /// dropped) and, on a stream of records, `pdgate.records_dropped`.
+    pub fn record_response(
+        &mut self,
+        fields_cleared: u64,
+        unknown_fields: u64,
+        records_dropped: Option<u64>,
+    ) {
+        use opentelemetry::trace::Span as _;
+        if !self.span.is_recording() {
+            return;
+        }
+        let count = |n: u64| i64::try_from(n).unwrap_or(i64::MAX);
+        let mut attributes = vec![
+            KeyValue::new("pdgate.fields_cleared", count(fields_cleared)),
+            KeyValue::new("pdgate.unknown_fields", count(unknown_fields)),
+        ];
+        if let Some(dropped) = records_dropped {
+            attributes.push(KeyValue::new("pdgate.records_dropped", count(dropped)));
         }
         self.span.set_attributes(attributes);
     }
