@@ -1,8 +1,9 @@
 //! The client helpers against the real demo behind a real sidecar (docs/clients.md):
 //! `pdgate::client` in Rust — the layer writes each call's declaration, the denial details
 //! decode to the reason codes, clauses and the decision id the audit log holds — and the
-//! page's Python example, run as written when python3 has grpcio, grpcio-tools and
-//! grpcio-status (skipped with a message otherwise).
+//! page's Python and Node examples, run as written when python3 has grpcio, grpcio-tools and
+//! grpcio-status, and when node has the packages of examples/clients/node (each skipped with a
+//! message otherwise).
 
 #![allow(
     clippy::unwrap_used,
@@ -204,7 +205,7 @@ async fn run(cmd: &mut tokio::process::Command) -> std::process::Output {
     cmd.kill_on_drop(true);
     tokio::time::timeout(Duration::from_secs(120), cmd.output())
         .await
-        .expect("python finished within 120 s")
+        .expect("the example finished within 120 s")
         .unwrap()
 }
 
@@ -245,10 +246,17 @@ async fn the_python_example_runs_against_the_demo() {
         .arg(h.data_addr.to_string())
         .env("PYTHONPATH", &gen_dir))
     .await;
+    check_example_run(&h, "Python", &out);
+}
+
+/// What the Python and the Node example print: an allowed billing read and a refused
+/// marketing read, each with its decision id, which must be the audit records of those calls;
+/// the refused call never reached the service.
+fn check_example_run(h: &Harness, language: &str, out: &std::process::Output) {
     let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
     assert!(
         out.status.success(),
-        "the Python example failed:\n{stdout}\n{}",
+        "the {language} example failed:\n{stdout}\n{}",
         String::from_utf8_lossy(&out.stderr)
     );
     let lines: Vec<&str> = stdout.lines().collect();
@@ -275,5 +283,63 @@ async fn the_python_example_runs_against_the_demo() {
         .unwrap();
     assert_eq!(denied.body.caller, "marketing-service");
     assert_eq!(h.service.calls(), 1, "the denied call reached the service");
-    println!("python example:\n{stdout}");
+    println!("{language} example:\n{stdout}");
+}
+
+// ---------------------------------------------------------------------------------------------
+// Node
+
+/// The packages of the Node example, installed by `npm ci` in examples/clients/node, or why
+/// they are not there.
+fn node_modules() -> Result<PathBuf, String> {
+    let modules =
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("examples/clients/node/node_modules");
+    let node = std::process::Command::new("node")
+        .arg("--version")
+        .output()
+        .map_err(|e| format!("no node: {e}"))?;
+    if !node.status.success() {
+        return Err("`node --version` failed".into());
+    }
+    if !modules.join("@grpc/grpc-js").is_dir() || !modules.join("@grpc/proto-loader").is_dir() {
+        return Err(format!(
+            "{} lacks @grpc/grpc-js or @grpc/proto-loader",
+            modules.display()
+        ));
+    }
+    Ok(modules)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_node_example_runs_against_the_demo() {
+    let modules = match node_modules() {
+        Ok(modules) => modules,
+        Err(why) => {
+            println!(
+                "skipped: the Node example of docs/clients.md needs node and its packages ({why}); \
+                 `cd examples/clients/node && npm ci`"
+            );
+            return;
+        }
+    };
+    let example = clients_page()
+        .split("<!-- clients:node -->\n```js\n")
+        .nth(1)
+        .and_then(|b| b.split("\n```").next())
+        .expect("docs/clients.md marks its Node example")
+        .to_owned();
+    let h = Harness::start().await;
+    let work = tempfile::tempdir().unwrap();
+    let script = work.path().join("client.js");
+    std::fs::write(&script, example).unwrap();
+    let out = run(tokio::process::Command::new("node")
+        .arg(&script)
+        .arg(h.data_addr.to_string())
+        .env("NODE_PATH", &modules)
+        .env(
+            "PROTO_DIR",
+            PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("proto"),
+        ))
+    .await;
+    check_example_run(&h, "Node", &out);
 }
