@@ -247,6 +247,27 @@ async fn the_japanese_report_is_the_default() {
     assert!(md.contains("共同利用者への提供（第2項）"), "{md}");
     assert!(md.contains("利用停止"), "{md}");
     assert!(md.contains("2025-11-25 01:00 JST"), "{md}");
+    // Purposes, data and companies in Japanese, from taxonomy.toml's `description_ja`.
+    for name in [
+        "取引に係る料金計算および請求書の発行",
+        "ご請求金額・請求書・お支払い状況",
+        "ソフトバンク株式会社（共同利用者）",
+        "東日本電信電話株式会社（NTT東日本）",
+        "（料金の計算および請求書の発行）",
+    ] {
+        assert!(md.contains(name), "`{name}` missing:\n{md}");
+    }
+    for english in [
+        "Billing calculations",
+        "SoftBank Corporation",
+        "Nippon Telegraph",
+        "Calculates charges",
+    ] {
+        assert!(
+            !md.contains(english),
+            "`{english}` in the Japanese report:\n{md}"
+        );
+    }
 }
 
 #[tokio::test]

@@ -197,6 +197,7 @@ fn build(
             PurposeInfo {
                 clause: entry.clause.as_str().into(),
                 description: entry.description.as_str().into(),
+                description_ja: entry.description_ja.as_str().into(),
                 consent_clause,
                 recipient,
                 secrecy,
@@ -216,6 +217,7 @@ fn build(
         .map(|(i, entry)| CategoryInfo {
             clause: entry.clause.as_str().into(),
             description: entry.description.as_str().into(),
+            description_ja: entry.description_ja.as_str().into(),
             // A parent of communications data (a root above both trees, say) holds it too.
             secrecy: within_any(&category_tree, i as NodeId, &sec_categories)
                 || sec_categories
@@ -295,6 +297,7 @@ fn build(
             role: c.role.get_ref().as_str().into(),
             clause: c.clause.as_str().into(),
             description: c.description.as_str().into(),
+            description_ja: c.description_ja.as_str().into(),
             roles: closure,
             registered,
         });

@@ -126,6 +126,8 @@ pub enum SecrecyUse {
 pub struct PurposeInfo {
     pub clause: Arc<str>,
     pub description: Arc<str>,
+    /// The description in Japanese; empty where the taxonomy gives none.
+    pub description_ja: Arc<str>,
     /// The clause that makes consent necessary, from this purpose or its nearest ancestor.
     pub consent_clause: Option<Arc<str>>,
     /// Whom the data goes to, from this purpose or its nearest ancestor (with its clause).
@@ -150,6 +152,8 @@ pub struct PurposeInfo {
 pub struct CategoryInfo {
     pub clause: Arc<str>,
     pub description: Arc<str>,
+    /// The description in Japanese; empty where the taxonomy gives none.
+    pub description_ja: Arc<str>,
     /// It is, or contains, communications data (§5).
     pub secrecy: bool,
     pub deidentified: bool,
@@ -163,6 +167,8 @@ pub struct CallerInfo {
     pub role: Arc<str>,
     pub clause: Arc<str>,
     pub description: Arc<str>,
+    /// The description in Japanese; empty where the taxonomy gives none.
+    pub description_ja: Arc<str>,
     /// The caller's role and every role it inherits (`g` rows), as role ids.
     pub roles: SmallVec<[u32; 2]>,
     /// The purposes it may declare; a purpose is registered when one of its ancestors is here.

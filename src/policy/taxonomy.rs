@@ -32,6 +32,10 @@ pub struct PurposeEntry {
     pub clause: String,
     #[serde(default)]
     pub description: String,
+    /// The description in Japanese, for the data subject's disclosure report (`--lang ja`);
+    /// the report falls back to `description` without it.
+    #[serde(default)]
+    pub description_ja: String,
     /// The data subject's consent is needed for this purpose and its children.
     #[serde(default)]
     pub consent: bool,
@@ -65,6 +69,10 @@ pub struct CategoryEntry {
     pub clause: String,
     #[serde(default)]
     pub description: String,
+    /// The description in Japanese, for the data subject's disclosure report (`--lang ja`);
+    /// the report falls back to `description` without it.
+    #[serde(default)]
+    pub description_ja: String,
 }
 
 #[derive(Debug, Clone, Deserialize, schemars::JsonSchema)]
@@ -80,6 +88,10 @@ pub struct CallerEntry {
     pub clause: String,
     #[serde(default)]
     pub description: String,
+    /// The description in Japanese, for the data subject's disclosure report (`--lang ja`);
+    /// the report falls back to `description` without it.
+    #[serde(default)]
+    pub description_ja: String,
 }
 
 /// Where a caller sits relative to the company that holds the data.
