@@ -232,7 +232,8 @@ fn request_of(record: &AuditRecord, candidate: &Snapshot) -> Option<Replayed> {
         categories: b.categories.clone(),
         subjects: b.subjects.clone(),
         recipient: b.recipient.clone(),
-        minimizable: Vec::new(),
+        // A Check's own `minimizable` (a data-plane call takes its route's, below).
+        minimizable: b.minimizable.clone(),
     };
     if let (Some(RecordKind::Access), Some(method)) = (b.kind, &b.method) {
         let Some(route) = candidate.route(method) else {

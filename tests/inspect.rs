@@ -171,6 +171,32 @@ async fn a_shipping_read_of_a_profile_comes_without_the_email_address() {
         direct.phone.clone()
     };
     assert_eq!(got.phone, expected_phone);
+    // The record says what the read handed out: the name it needed, and the address it could
+    // have gone without but was not told to; an auditor asking who read addresses finds it.
+    assert_eq!(
+        record.body.minimizable,
+        [
+            "customer.contact.email",
+            "customer.contact.address",
+            "customer.contact.phone"
+        ]
+    );
+    let touched: Vec<&String> = record.body.touched().collect();
+    assert!(
+        touched.iter().any(|c| *c == "customer.contact.address"),
+        "{touched:?}"
+    );
+    assert!(
+        !touched.iter().any(|c| *c == "customer.contact.email"),
+        "{touched:?}"
+    );
+    let wants = |category: &str| pdgate::audit::read::Filter {
+        category: Some(category.into()),
+        ..Default::default()
+    };
+    assert!(wants("customer.contact.address").matches(&record));
+    assert!(wants("customer.contact").matches(&record));
+    assert!(!wants("customer.contact.email").matches(&record));
     // Counted: the fields cleared (one or two), none unknown.
     let metrics = common::scrape(&h).await;
     let cleared = 1 + usize::from(!expected_phone.eq(&direct.phone));

@@ -297,6 +297,7 @@ pub fn body_of(
         detail: None,
         shadow_decision: None,
         minimized: decision.minimized.clone(),
+        minimizable: request.minimizable.clone(),
     }
 }
 

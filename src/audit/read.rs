@@ -317,7 +317,7 @@ impl Filter {
             && self
                 .category
                 .as_deref()
-                .is_none_or(|c| b.categories.iter().any(|x| within(x, c) || within(c, x)))
+                .is_none_or(|c| b.touched().any(|x| within(x, c) || within(c, x)))
             && eq(&self.decision, &b.decision)
             && self
                 .reason

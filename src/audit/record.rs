@@ -67,6 +67,26 @@ pub struct RecordBody {
     /// cleared; for a Check, to be left out by the service).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub minimized: Vec<String>,
+    /// The categories the call could go without (a route's `minimize`, a Check's
+    /// `minimizable`): on an allowed call, those not `minimized` were handed out as well as
+    /// `categories` ([`RecordBody::touched`]). Records written before this field existed have
+    /// none.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub minimizable: Vec<String>,
+}
+
+impl RecordBody {
+    /// The categories of personal data the call handed out (or wrote), as far as the decision
+    /// goes: `categories`, and on an allowed call the `minimizable` ones it was not told to go
+    /// without. A denied call touched nothing; its `categories` are what it asked for.
+    pub fn touched(&self) -> impl Iterator<Item = &String> {
+        let allowed = self.decision == "allow";
+        self.categories.iter().chain(
+            self.minimizable
+                .iter()
+                .filter(move |c| allowed && !self.minimized.contains(c)),
+        )
+    }
 }
 
 /// A record as stored: its place in the chain, the body, and the hashes.

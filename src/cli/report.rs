@@ -202,19 +202,34 @@ pub fn run(req: &Request<'_>) -> u8 {
 pub fn build(req: &Request<'_>, records: &[AuditRecord]) -> Report {
     let p = req.policy;
     let when = |us: u64| local_time(us, req.timezone);
+    // The taxonomy's description in the report's language (the English one where the taxonomy
+    // has no Japanese one).
+    let described = |en: &str, ja: &str| {
+        if req.lang == Lang::Ja && !ja.is_empty() {
+            ja.to_owned()
+        } else {
+            en.to_owned()
+        }
+    };
     let purpose_name = |id: &str| {
         p.purposes()
             .id(id)
             .map(|n| p.purposes().info(n))
             .map_or_else(
                 || (id.to_owned(), String::new()),
-                |i| (i.description.to_string(), i.clause.to_string()),
+                |i| {
+                    (
+                        described(&i.description, &i.description_ja),
+                        i.clause.to_string(),
+                    )
+                },
             )
     };
     let category_name = |id: &str| {
         p.categories()
             .id(id)
-            .map(|n| p.categories().info(n).description.to_string())
+            .map(|n| p.categories().info(n))
+            .map(|i| described(&i.description, &i.description_ja))
             .filter(|d| !d.is_empty())
             .unwrap_or_else(|| id.to_owned())
     };
@@ -226,9 +241,13 @@ pub fn build(req: &Request<'_>, records: &[AuditRecord]) -> Report {
         .unwrap_or_default();
     let caller_name = |id: &str| match p.caller(id) {
         Some(c) if c.kind == CallerKind::Internal && !c.description.is_empty() => {
-            format!("{our_company} ({})", c.description)
+            let what = described(&c.description, &c.description_ja);
+            match req.lang {
+                Lang::Ja => format!("{our_company}（{what}）"),
+                Lang::En => format!("{our_company} ({what})"),
+            }
         }
-        Some(c) if !c.description.is_empty() => c.description.to_string(),
+        Some(c) if !c.description.is_empty() => described(&c.description, &c.description_ja),
         _ => id.to_owned(),
     };
     let kind_of = |id: &str| p.caller(id).map(|c| c.kind);
@@ -240,7 +259,7 @@ pub fn build(req: &Request<'_>, records: &[AuditRecord]) -> Report {
         caller: r.body.caller.clone(),
         purpose: r.body.purpose.clone(),
         action: r.body.action.clone(),
-        categories: r.body.categories.clone(),
+        categories: r.body.touched().cloned().collect(),
         reasons: r.body.reasons.iter().map(|x| x.code.clone()).collect(),
         seq: r.seq,
     };
@@ -292,7 +311,9 @@ pub fn build(req: &Request<'_>, records: &[AuditRecord]) -> Report {
             continue;
         }
         times.push(b.time_us);
-        let categories: Vec<String> = b.categories.iter().map(|c| category_name(c)).collect();
+        // What the call handed out: what it needed, and what it could go without but was not
+        // told to (a shipping read of a profile gets the address as well as the name).
+        let categories: Vec<String> = b.touched().map(|c| category_name(c)).collect();
         // Who received the data: a named recipient, or the caller itself.
         let to = b.recipient.clone().unwrap_or_else(|| b.caller.clone());
         let (order, kind_to) = match kind_of(&to) {
