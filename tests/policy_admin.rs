@@ -660,23 +660,17 @@ async fn health_follows_the_policy_after_an_apply() {
     h.shutdown().await.unwrap();
 }
 
-/// Runs the `pdgate` binary against the harness's API port.
+/// Runs the `pdgate` binary against the harness's API port, through the one runner (off the
+/// runtime's threads: the sidecar it talks to runs on this test's runtime).
 async fn pdgate(h: &Harness, args: &[&str]) -> (i32, String, String) {
     let admin = h.api_addr.to_string();
-    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_pdgate"))
-        .args(args)
-        .args(["--admin", admin.as_str()])
-        .env_remove("PDGATE_ADMIN_AS")
-        .env_remove("PDGATE_ADMIN")
-        .output()
-        .await
-        .unwrap();
-    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
-    assert!(!stderr.contains("panicked"), "pdgate panicked: {stderr}");
+    let mut all: Vec<&str> = args.to_vec();
+    all.extend(["--admin", admin.as_str()]);
+    let out = common::bin::Pdgate::new(all).output_async().await;
     (
         out.status.code().unwrap(),
         String::from_utf8_lossy(&out.stdout).into_owned(),
-        stderr,
+        String::from_utf8_lossy(&out.stderr).into_owned(),
     )
 }
 
@@ -696,9 +690,14 @@ async fn the_cli_pushes_reports_rolls_back_explains_and_shadows() {
     let cand = candidate.path().to_str().unwrap();
 
     // Wrong role: refused, exit 1.
-    let (code, _, err) = pdgate(&h, &["policy", "push", cand, "--as", "sre"]).await;
-    assert_eq!(code, 1, "{err}");
-    assert!(err.contains("PermissionDenied"), "{err}");
+    let (code, refused) = cli_json(&h, &["policy", "push", cand], "sre").await;
+    assert_eq!(code, 1, "{refused}");
+    assert_eq!(refused["code"], "PermissionDenied", "{refused}");
+    assert_eq!(refused["reason"], "ADMIN_ROLE_REQUIRED", "{refused}");
+    assert!(
+        check(&h, billing_reads_name()).await.allowed,
+        "a refused push changes nothing"
+    );
 
     let (code, out, err) = pdgate(
         &h,
