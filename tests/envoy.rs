@@ -254,11 +254,7 @@ async fn an_allowed_call_gets_the_caller_and_the_decision_id_and_is_audited() {
     // insecure-header mode: the service may read x-caller, as through the data plane.
     assert!(answer.headers_to_remove.is_empty());
 
-    let records = h.audit_records();
-    let record = records
-        .iter()
-        .find(|r| r.body.decision_id == id)
-        .unwrap_or_else(|| panic!("no audit record for {id}"));
+    let record = h.audit_record(&id);
     assert_eq!(record.body.decision, "allow");
     assert_eq!(record.body.method.as_deref(), Some(BILLING));
     assert_eq!(record.body.caller, "billing-service");
@@ -334,8 +330,7 @@ async fn a_denied_call_carries_the_reasons_as_the_data_plane_would() {
         Some(id)
     );
 
-    let records = h.audit_records();
-    let record = records.iter().find(|r| r.body.decision_id == id).unwrap();
+    let record = h.audit_record(id);
     assert_eq!(record.body.decision, "deny");
     assert_eq!(record.body.reasons[0].code, "CONSENT_REQUIRED");
     h.shutdown().await.unwrap();

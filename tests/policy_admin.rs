@@ -553,14 +553,7 @@ async fn a_shadow_policy_is_decided_never_enforced_and_its_differences_recorded(
     let checked = check(&h, billing_reads_name()).await;
     assert!(checked.allowed);
 
-    let records = h.audit_records();
-    let by_id = |id: &str| {
-        records
-            .iter()
-            .find(|r| r.body.decision_id == id)
-            .unwrap()
-            .clone()
-    };
+    let by_id = |id: &str| h.audit_record(id);
     assert_eq!(by_id(&differing).body.decision, "allow");
     assert_eq!(
         by_id(&differing).body.shadow_decision.as_deref(),
@@ -594,11 +587,7 @@ async fn a_shadow_policy_is_decided_never_enforced_and_its_differences_recorded(
     assert_eq!(cleared.version, shadow.version);
     assert_eq!(cleared.differences, 2);
     let after = check(&h, billing_reads_name()).await;
-    let record = h
-        .audit_records()
-        .into_iter()
-        .find(|r| r.body.decision_id == after.decision_id)
-        .unwrap();
+    let record = h.audit_record(&after.decision_id);
     assert_eq!(record.body.shadow_decision, None);
     assert_eq!(
         admin_records(&h, "ClearShadow")[0].body.caller,

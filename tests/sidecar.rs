@@ -277,11 +277,7 @@ async fn malformed_metadata_is_invalid_argument() {
     assert_eq!(status.code(), Code::InvalidArgument);
     // Refused and recorded as such: the record of the answer's decision id says why.
     let id = decision_id(status.metadata()).expect("a recorded refusal carries its id");
-    let records = h.audit_records();
-    let record = records
-        .iter()
-        .find(|r| r.body.decision_id == id)
-        .unwrap_or_else(|| panic!("no record of decision {id}"));
+    let record = h.audit_record(&id);
     assert_eq!(record.body.decision, "deny");
     let codes: Vec<&str> = record
         .body
