@@ -469,16 +469,6 @@ async fn api_only() -> ApiOnly {
     }
 }
 
-async fn until(what: &str, mut done: impl FnMut() -> bool) {
-    for _ in 0..500 {
-        if done() {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    panic!("{what}: not within 5 s");
-}
-
 #[tokio::test]
 async fn a_tail_ends_when_its_client_goes_away_and_when_the_server_shuts_down() {
     let api = api_only().await;
@@ -497,7 +487,7 @@ async fn a_tail_ends_when_its_client_goes_away_and_when_the_server_shuts_down() 
     assert_eq!(api.audit.subscribers(), 1);
     // The client goes away (the connection stays): the tail ends, nothing is left behind.
     drop(stream);
-    until("the tail ended after its client left", || {
+    common::wait::until("the tail ended after its client left", || {
         api.audit.subscribers() == 0
     })
     .await;
@@ -541,7 +531,7 @@ async fn verify_over_the_api_after_retention_reports_where_the_log_starts() {
     }
     let mut client = audit_client(&h).await;
     // Retention runs beside the writer: wait until it has deleted something.
-    until("retention deleted the first segment", || {
+    common::wait::until("retention deleted the first segment", || {
         !dir.path().join("segment-00000001.jsonl").exists()
     })
     .await;

@@ -8,33 +8,21 @@
     reason = "test code: a failed setup aborts the test"
 )]
 
+mod common;
+
+use common::bin::Pdgate;
+use common::policy_dir;
 use serde_json::Value;
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::Output;
 
-fn policy_dir() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("policy")
-}
-
+/// `pdgate args` through the one runner (scrubbed environment, time limit, panic detection).
 fn pdgate(args: &[&str]) -> Output {
-    let out = Command::new(env!("CARGO_BIN_EXE_pdgate"))
-        .args(args)
-        .env_remove("PDGATE_POLICY")
+    Pdgate::new(args)
         // `check` reads the subject registry when no inline state is given: point it at a file
-        // that never exists (read as nothing recorded), not at whatever `subjects.db` or
-        // database the environment holds.
+        // that never exists (read as nothing recorded), not at whatever `subjects.db` the
+        // working directory holds.
         .env("PDGATE_SUBJECTS", "target/cli-tests-no-such-subjects.db")
-        .env_remove("PDGATE_DATABASE_URL")
-        .current_dir(env!("CARGO_MANIFEST_DIR"))
         .output()
-        .expect("run pdgate");
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(!stderr.contains("panicked"), "pdgate panicked: {stderr}");
-    assert!(
-        !stderr.contains("RUST_BACKTRACE"),
-        "pdgate panicked: {stderr}"
-    );
-    out
 }
 
 fn code(out: &Output) -> i32 {
@@ -221,12 +209,10 @@ fn missing_policy_directory_exits_2_naming_it() {
 
 #[test]
 fn policy_directory_from_the_environment() {
-    let out = Command::new(env!("CARGO_BIN_EXE_pdgate"))
-        .args(["policy", "validate", "--json"])
+    let out = Pdgate::new(["policy", "validate", "--json"])
         .env("PDGATE_POLICY", policy_dir())
         .current_dir("/")
-        .output()
-        .expect("run pdgate");
+        .output();
     assert_eq!(out.status.code(), Some(0));
     assert_eq!(json(&out)["valid"], true);
 }

@@ -49,16 +49,7 @@ fn into_closed_pipe(args: &[&str]) -> Output {
         .expect("run `true`");
     let write_end = reader.stdin.take().expect("the pipe's write end");
     assert!(reader.wait().expect("`true` ends").success());
-    let out = Command::new(env!("CARGO_BIN_EXE_pdgate"))
-        .args(args)
-        .env_remove("PDGATE_POLICY")
-        .env_remove("PDGATE_SUBJECTS")
-        .env_remove("PDGATE_DATABASE_URL")
-        .current_dir(env!("CARGO_MANIFEST_DIR"))
-        .stdout(Stdio::from(write_end))
-        .stderr(Stdio::piped())
-        .output()
-        .expect("run pdgate");
+    let out = Pdgate::new(args).stdout(write_end).output();
     assert_quiet(&out);
     out
 }
@@ -118,21 +109,20 @@ async fn log_of(n: u64) -> tempfile::TempDir {
 
 /// `pdgate args | head -n 1`, two real processes joined by a pipe.
 fn into_head(args: &[&str], dir: &Path) -> (Output, String) {
-    let mut pdgate = Command::new(env!("CARGO_BIN_EXE_pdgate"))
-        .args(args)
-        .env_remove("PDGATE_AUDIT")
-        .current_dir(dir)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("run pdgate");
-    let head = Command::new("head")
+    let mut head = Command::new("head")
         .args(["-n", "1"])
-        .stdin(Stdio::from(pdgate.stdout.take().unwrap()))
-        .output()
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
         .expect("run head");
-    let out = pdgate.wait_with_output().expect("pdgate ends");
+    let into_head = head.stdin.take().expect("head's stdin");
+    let out = Pdgate::new(args)
+        .current_dir(dir)
+        .stdout(into_head)
+        .output();
     assert_quiet(&out);
+    // `head` has printed its line and exited by the time pdgate met the closed pipe.
+    let head = head.wait_with_output().expect("head ends");
     (out, String::from_utf8(head.stdout).unwrap())
 }
 

@@ -10,13 +10,17 @@
     reason = "test code: a failed setup aborts the test"
 )]
 
+mod common;
+
+use common::bin::Pdgate;
+use common::policy_dir;
+use common::ports::ClosedPort;
 use pdgate::config::{Config, ConfigError, DEFAULT_API_LISTEN, DEFAULT_URI_PREFIX, FileConfig};
 use pdgate::identity::IdentityMode;
 use std::collections::BTreeSet;
-use std::io::Read;
-use std::net::{SocketAddr, TcpListener};
+use std::net::TcpListener;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::Output;
 use std::time::{Duration, Instant};
 use tonic_health::pb::HealthCheckRequest;
 use tonic_health::pb::health_check_response::ServingStatus;
@@ -26,26 +30,13 @@ fn repo() -> &'static Path {
     Path::new(env!("CARGO_MANIFEST_DIR"))
 }
 
-fn policy_dir() -> PathBuf {
-    repo().join("policy")
-}
-
 /// `resolve` only reads the TLS files and checks that they are PEM; the handshake is not part
 /// of configuration, so a placeholder PEM block is enough for these tests.
 const PLACEHOLDER_PEM: &str = "-----BEGIN CERTIFICATE-----\nAA==\n-----END CERTIFICATE-----\n";
 
 /// A CA, and a server certificate and key it signed: (cert, key, CA) as PEM.
 fn real_tls_files() -> (String, String, String) {
-    use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, IsCa, KeyPair};
-    let mut ca = CertificateParams::new(Vec::<String>::new()).unwrap();
-    ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    let ca = CertifiedIssuer::self_signed(ca, KeyPair::generate().unwrap()).unwrap();
-    let key = KeyPair::generate().unwrap();
-    let cert = CertificateParams::new(vec!["localhost".to_owned()])
-        .unwrap()
-        .signed_by(&key, &ca)
-        .unwrap();
-    (cert.pem(), key.serialize_pem(), ca.pem())
+    common::tls::Ca::new().server_pems("localhost")
 }
 
 fn example() -> PathBuf {
@@ -706,95 +697,10 @@ fn an_upstream_that_is_no_uri_is_a_config_error() {
 // ---------------------------------------------------------------------------------------------
 // The binary
 
-/// A port that was free a moment ago.
-fn free_port() -> SocketAddr {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-}
-
-fn pdgate() -> Command {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_pdgate"));
-    cmd.current_dir(repo())
-        .env_remove("PDGATE_CONFIG")
-        .env_remove("PDGATE_POLICY")
-        .env_remove("PDGATE_LOG")
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
-    cmd
-}
-
-/// Kills the child if the test ends before it exits (the child is ours, killed by its pid).
-struct Running(Child);
-
-impl Drop for Running {
-    fn drop(&mut self) {
-        if matches!(self.0.try_wait(), Ok(None)) {
-            let _ = self.0.kill();
-            let _ = self.0.wait();
-        }
-    }
-}
-
-impl Running {
-    /// The output, if the child has exited.
-    fn exited(&mut self) -> Option<Output> {
-        let status = self.0.try_wait().unwrap()?;
-        let mut stdout = Vec::new();
-        let mut stderr = Vec::new();
-        if let Some(mut s) = self.0.stdout.take() {
-            s.read_to_end(&mut stdout).unwrap();
-        }
-        if let Some(mut s) = self.0.stderr.take() {
-            s.read_to_end(&mut stderr).unwrap();
-        }
-        Some(Output {
-            status,
-            stdout,
-            stderr,
-        })
-    }
-
-    /// Waits up to `limit` for the child to exit.
-    fn wait_for_exit(&mut self, limit: Duration) -> Option<Output> {
-        let deadline = Instant::now() + limit;
-        loop {
-            if let Some(out) = self.exited() {
-                return Some(out);
-            }
-            if Instant::now() >= deadline {
-                return None;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-
-    /// [`wait_for_exit`](Self::wait_for_exit) without blocking the test's runtime.
-    async fn exit_within(&mut self, limit: Duration) -> Option<Output> {
-        let deadline = Instant::now() + limit;
-        loop {
-            if let Some(out) = self.exited() {
-                return Some(out);
-            }
-            if Instant::now() >= deadline {
-                return None;
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    }
-}
-
-/// Runs `pdgate args` and returns its output; fails the test if it runs longer than 5 s.
+/// Runs `pdgate args` to the end through the one runner (scrubbed environment, time limit,
+/// panic detection).
 fn run(args: &[&str]) -> Output {
-    let mut child = Running(pdgate().args(args).spawn().expect("run pdgate"));
-    let out = child
-        .wait_for_exit(Duration::from_secs(5))
-        .unwrap_or_else(|| panic!("`pdgate {}` still running after 5 s", args.join(" ")));
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(!stderr.contains("panicked"), "pdgate panicked: {stderr}");
-    out
+    Pdgate::new(args).output()
 }
 
 #[test]
@@ -802,9 +708,9 @@ fn serve_checks_the_whole_config_before_binding() {
     // pdgate cannot bind this port while we hold it: a bind attempt exits 1.
     let held = TcpListener::bind("127.0.0.1:0").unwrap();
     let listen = held.local_addr().unwrap().to_string();
-    let api = free_port().to_string();
     let policy = policy_dir().display().to_string();
-    let closed = free_port().to_string();
+    // Reserved (bound, not listening) for the whole test: no one else gets it meanwhile.
+    let closed = ClosedPort::new().addr.to_string();
     let audit = tempfile::tempdir().unwrap();
     let audit_dir = audit.path().display().to_string();
     // The subject registry too goes to a temporary directory, never the repository.
@@ -815,10 +721,10 @@ fn serve_checks_the_whole_config_before_binding() {
             "--listen",
             &listen,
             "--api-listen",
-            &api,
+            "127.0.0.1:0",
             "--policy",
             &policy,
-            "--audit-dir",
+            "--audit",
             &audit_dir,
             "--subjects-store",
             &subjects,
@@ -830,6 +736,10 @@ fn serve_checks_the_whole_config_before_binding() {
     // Control: a good configuration reaches the bind and fails there, with exit 1.
     let out = serve(&["--upstream", &closed]);
     assert_eq!(out.status.code(), Some(1), "{out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains(&listen),
+        "the failed bind names the address: {out:?}"
+    );
 
     // A bad flag: exit 2, so the config was rejected before the held port was tried.
     let out = serve(&["--upstream", "nope"]);
@@ -884,51 +794,32 @@ fn serve_help_points_to_the_example() {
 
 #[tokio::test]
 async fn serve_reports_serving_and_exits_0_on_sigterm() {
-    let listen = free_port().to_string();
-    let api = free_port();
-    let closed = free_port().to_string();
-    let policy = policy_dir().display().to_string();
-    let grace = Duration::from_secs(2);
-    let audit = tempfile::tempdir().unwrap();
-    let audit_dir = audit.path().display().to_string();
-    let subjects = audit.path().join("subjects.db").display().to_string();
-    let mut child = Running(
-        pdgate()
-            .args([
-                "serve",
-                "--config",
-                "deploy/pdgate.toml",
-                "--listen",
-                &listen,
-                "--api-listen",
-                &api.to_string(),
-                "--upstream",
-                &closed,
-                "--policy",
-                &policy,
-                "--shutdown-grace-seconds",
-                &grace.as_secs().to_string(),
-                "--audit-dir",
-                &audit_dir,
-                "--subjects-store",
-                &subjects,
-            ])
-            .spawn()
-            .expect("start pdgate serve"),
-    );
+    let closed = ClosedPort::new();
+    let closed = closed.addr.to_string();
+    // A grace far beyond the wait below: an exit within it shows that shutdown did not wait
+    // for the idle health connection to close (it would wait the whole grace).
+    let grace = Duration::from_secs(120);
+    let state = tempfile::tempdir().unwrap();
+    let mut child = common::bin::serve(
+        &policy_dir(),
+        state.path(),
+        &[
+            "--config",
+            "deploy/pdgate.toml",
+            "--upstream",
+            &closed,
+            "--shutdown-grace",
+            &format!("{}s", grace.as_secs()),
+        ],
+    )
+    .spawn();
+    let (data, api) = child.serving().await;
 
-    let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{api}")).unwrap();
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let channel = loop {
-        if let Ok(channel) = endpoint.connect().await {
-            break channel;
-        }
-        if let Some(out) = child.exited() {
-            panic!("pdgate serve exited before serving: {out:?}");
-        }
-        assert!(Instant::now() < deadline, "API port not up within 10 s");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{api}"))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap_or_else(|e| panic!("the API port {api} does not answer: {e}"));
     let mut health = HealthClient::new(channel);
     for service in ["", "pdgate.v1.AccessControl"] {
         let status = health
@@ -941,31 +832,23 @@ async fn serve_reports_serving_and_exits_0_on_sigterm() {
             .status();
         assert_eq!(status, ServingStatus::Serving, "`{service}`");
     }
-    assert!(
-        std::net::TcpStream::connect(&listen).is_ok(),
-        "the data plane listens too"
-    );
+    tokio::net::TcpStream::connect(data)
+        .await
+        .unwrap_or_else(|e| panic!("the data plane {data} does not listen: {e}"));
 
     // The health connection stays open: shutdown must not wait on idle connections.
-    let pid = child.0.id();
-    let sent = Command::new("kill")
-        .args(["-TERM", &pid.to_string()])
-        .status()
-        .unwrap();
-    assert!(sent.success());
+    child.signal("TERM");
     let signalled = Instant::now();
-    let out = child
-        .exit_within(grace + Duration::from_secs(2))
-        .await
-        .expect("pdgate exits after SIGTERM within the grace period");
+    let out = child.exit_within(IDLE_EXIT_BOUND).await;
+    let took = signalled.elapsed();
+    println!("exited {took:?} after SIGTERM with an idle connection open (grace {grace:?})");
     assert_eq!(out.status.code(), Some(0), "{out:?}");
-    assert!(
-        signalled.elapsed() <= grace + Duration::from_secs(1),
-        "took {:?}",
-        signalled.elapsed()
-    );
     drop(health);
 }
+
+/// How long `pdgate serve` may take to exit after SIGTERM with only idle connections open: far
+/// more than a loaded 2-core machine needs, far less than the grace the test gives it.
+const IDLE_EXIT_BOUND: Duration = Duration::from_secs(30);
 
 #[test]
 fn tls_files_that_do_not_make_a_tls_configuration_are_a_config_error() {

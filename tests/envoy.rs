@@ -254,11 +254,7 @@ async fn an_allowed_call_gets_the_caller_and_the_decision_id_and_is_audited() {
     // insecure-header mode: the service may read x-caller, as through the data plane.
     assert!(answer.headers_to_remove.is_empty());
 
-    let records = h.audit_records();
-    let record = records
-        .iter()
-        .find(|r| r.body.decision_id == id)
-        .unwrap_or_else(|| panic!("no audit record for {id}"));
+    let record = h.audit_record(&id);
     assert_eq!(record.body.decision, "allow");
     assert_eq!(record.body.method.as_deref(), Some(BILLING));
     assert_eq!(record.body.caller, "billing-service");
@@ -334,8 +330,7 @@ async fn a_denied_call_carries_the_reasons_as_the_data_plane_would() {
         Some(id)
     );
 
-    let records = h.audit_records();
-    let record = records.iter().find(|r| r.body.decision_id == id).unwrap();
+    let record = h.audit_record(id);
     assert_eq!(record.body.decision, "deny");
     assert_eq!(record.body.reasons[0].code, "CONSENT_REQUIRED");
     h.shutdown().await.unwrap();
@@ -506,38 +501,11 @@ async fn envoy_and_the_data_plane_decide_alike() {
 // ---------------------------------------------------------------------------------------------
 // mTLS: the caller is the principal Envoy verified
 
-mod pki {
-    use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, IsCa, KeyPair, SanType};
-
-    pub struct Ca(CertifiedIssuer<'static, KeyPair>);
-
-    impl Ca {
-        pub fn new() -> Self {
-            let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
-            params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-            Self(CertifiedIssuer::self_signed(params, KeyPair::generate().unwrap()).unwrap())
-        }
-
-        pub fn pem(&self) -> String {
-            self.0.pem()
-        }
-
-        /// (certificate PEM, key PEM) for a DNS name.
-        pub fn leaf(&self, dns: &str) -> (String, String) {
-            let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
-            params.subject_alt_names = vec![SanType::DnsName(dns.try_into().unwrap())];
-            let key = KeyPair::generate().unwrap();
-            let cert = params.signed_by(&key, &self.0).unwrap();
-            (cert.pem(), key.serialize_pem())
-        }
-    }
-}
-
 #[tokio::test]
 async fn with_mtls_the_principal_names_the_caller_and_x_caller_is_ignored() {
     use tonic::transport::{Certificate, ClientTlsConfig, Identity};
-    let ca = pki::Ca::new();
-    let (cert, key) = ca.leaf("localhost");
+    let ca = common::tls::Ca::new();
+    let (cert, key) = ca.leaf(vec![common::tls::dns("localhost")]);
     let mut h = Harness::with(Options {
         tls: Some(TlsFiles {
             cert_pem: cert.into_bytes(),
@@ -551,7 +519,7 @@ async fn with_mtls_the_principal_names_the_caller_and_x_caller_is_ignored() {
     })
     .await;
     // Envoy itself presents a certificate from the client CA to reach the API port.
-    let (envoy_cert, envoy_key) = ca.leaf("envoy");
+    let (envoy_cert, envoy_key) = ca.leaf(vec![common::tls::dns("envoy")]);
     let channel = Channel::from_shared(format!("https://{}", h.api_addr))
         .unwrap()
         .tls_config(

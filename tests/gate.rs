@@ -160,11 +160,7 @@ async fn a_malformed_metadata_refusal_is_recorded_under_its_decision_id() {
         "a refused call never reaches the upstream"
     );
     h.shutdown().await.unwrap();
-    let records = h.audit_records();
-    let record = records
-        .iter()
-        .find(|r| r.body.decision_id == id)
-        .unwrap_or_else(|| panic!("no record for decision {id} in {records:?}"));
+    let record = h.audit_record(&id);
     assert_eq!(record.body.decision, "deny");
     assert_eq!(
         record.body.caller, "",

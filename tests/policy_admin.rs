@@ -553,14 +553,7 @@ async fn a_shadow_policy_is_decided_never_enforced_and_its_differences_recorded(
     let checked = check(&h, billing_reads_name()).await;
     assert!(checked.allowed);
 
-    let records = h.audit_records();
-    let by_id = |id: &str| {
-        records
-            .iter()
-            .find(|r| r.body.decision_id == id)
-            .unwrap()
-            .clone()
-    };
+    let by_id = |id: &str| h.audit_record(id);
     assert_eq!(by_id(&differing).body.decision, "allow");
     assert_eq!(
         by_id(&differing).body.shadow_decision.as_deref(),
@@ -594,11 +587,7 @@ async fn a_shadow_policy_is_decided_never_enforced_and_its_differences_recorded(
     assert_eq!(cleared.version, shadow.version);
     assert_eq!(cleared.differences, 2);
     let after = check(&h, billing_reads_name()).await;
-    let record = h
-        .audit_records()
-        .into_iter()
-        .find(|r| r.body.decision_id == after.decision_id)
-        .unwrap();
+    let record = h.audit_record(&after.decision_id);
     assert_eq!(record.body.shadow_decision, None);
     assert_eq!(
         admin_records(&h, "ClearShadow")[0].body.caller,
@@ -660,23 +649,17 @@ async fn health_follows_the_policy_after_an_apply() {
     h.shutdown().await.unwrap();
 }
 
-/// Runs the `pdgate` binary against the harness's API port.
+/// Runs the `pdgate` binary against the harness's API port, through the one runner (off the
+/// runtime's threads: the sidecar it talks to runs on this test's runtime).
 async fn pdgate(h: &Harness, args: &[&str]) -> (i32, String, String) {
     let admin = h.api_addr.to_string();
-    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_pdgate"))
-        .args(args)
-        .args(["--admin", admin.as_str()])
-        .env_remove("PDGATE_ADMIN_AS")
-        .env_remove("PDGATE_ADMIN")
-        .output()
-        .await
-        .unwrap();
-    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
-    assert!(!stderr.contains("panicked"), "pdgate panicked: {stderr}");
+    let mut all: Vec<&str> = args.to_vec();
+    all.extend(["--admin", admin.as_str()]);
+    let out = common::bin::Pdgate::new(all).output_async().await;
     (
         out.status.code().unwrap(),
         String::from_utf8_lossy(&out.stdout).into_owned(),
-        stderr,
+        String::from_utf8_lossy(&out.stderr).into_owned(),
     )
 }
 
@@ -696,9 +679,14 @@ async fn the_cli_pushes_reports_rolls_back_explains_and_shadows() {
     let cand = candidate.path().to_str().unwrap();
 
     // Wrong role: refused, exit 1.
-    let (code, _, err) = pdgate(&h, &["policy", "push", cand, "--as", "sre"]).await;
-    assert_eq!(code, 1, "{err}");
-    assert!(err.contains("PermissionDenied"), "{err}");
+    let (code, refused) = cli_json(&h, &["policy", "push", cand], "sre").await;
+    assert_eq!(code, 1, "{refused}");
+    assert_eq!(refused["code"], "PermissionDenied", "{refused}");
+    assert_eq!(refused["reason"], "ADMIN_ROLE_REQUIRED", "{refused}");
+    assert!(
+        check(&h, billing_reads_name()).await.allowed,
+        "a refused push changes nothing"
+    );
 
     let (code, out, err) = pdgate(
         &h,

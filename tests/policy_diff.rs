@@ -10,12 +10,14 @@
 
 mod common;
 
+use common::bin::Pdgate;
 use common::{Harness, call};
 use pdgate::proto::demo::{GetBillingStatementRequest, GetProfileRequest};
 use pdgate::registry::{Action, Change, SqliteRegistry, SubjectRegistry};
 use serde_json::Value;
+use std::ffi::OsString;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::Output;
 
 /// An audit log of four calls: billing allowed, marketing allowed (cust-2 consented),
 /// marketing denied CONSENT_REQUIRED (cust-1), and a call with no purpose denied.
@@ -75,15 +77,13 @@ fn candidate(edit: impl FnOnce(String) -> String) -> tempfile::TempDir {
     dir
 }
 
+/// `pdgate policy diff` through the one runner. The harness that wrote the log has stopped,
+/// so blocking this thread holds up nothing.
 fn diff(candidate: &Path, audit: &Path, extra: &[&str]) -> (Output, Option<Value>) {
-    let out = Command::new(env!("CARGO_BIN_EXE_pdgate"))
-        .args(["policy", "diff", "--candidate"])
-        .arg(candidate)
-        .arg("--audit")
-        .arg(audit)
-        .args(extra)
-        .output()
-        .unwrap();
+    let mut args: Vec<OsString> = ["policy", "diff", "--candidate"].map(OsString::from).into();
+    args.extend([candidate.into(), "--audit".into(), audit.into()]);
+    args.extend(extra.iter().map(OsString::from));
+    let out = Pdgate::new(args).output();
     let json = serde_json::from_slice(&out.stdout).ok();
     (out, json)
 }

@@ -97,15 +97,12 @@ fn build_bundle(work: &Path) -> PathBuf {
         std::env::var("PATH").unwrap_or_default()
     );
     let script = format!("set -euo pipefail\n{}", steps());
-    let out = std::process::Command::new("bash")
-        .arg("-c")
-        .arg(&script)
+    // The one runner: no PDGATE_* of the machine, a time limit, a panic of any `pdgate` the
+    // steps run fails the test.
+    let out = bin::Pdgate::program("bash", ["-c", script.as_str()])
         .current_dir(work)
         .env("PATH", path)
-        .env_remove("PDGATE_POLICY")
-        .env("NO_COLOR", "1")
-        .output()
-        .unwrap();
+        .output();
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(
         out.status.success(),

@@ -604,7 +604,14 @@ async fn postgres_notifies_every_change_on_commit() {
                 actor: String::new(),
                 ..change(&subject, Action::SuspendUse)
             };
-            assert!(registry.apply(&bad).await.is_err());
+            let refused = registry.apply(&bad).await.unwrap_err();
+            match &refused {
+                RegistryError::Invalid(invalid) => assert!(
+                    invalid.problems.iter().any(|p| p.field == "actor"),
+                    "{refused}"
+                ),
+                other => panic!("not refused as input naming `actor`: {other:?}"),
+            }
             assert_eq!(registry.get(&subject).await.unwrap().unwrap().version, 2);
         }
     })

@@ -354,10 +354,10 @@ async fn chromium_renders_the_html_report() {
         ];
         args.extend(extra.iter().map(|s| (*s).to_owned()));
         args.push(url.clone());
-        let out = std::process::Command::new(chromium)
-            .args(&args)
-            .output()
-            .expect("run chromium");
+        // Through the one runner: a browser that hangs fails the test instead of CI.
+        let out = Pdgate::program(chromium, &args)
+            .limit(std::time::Duration::from_secs(120))
+            .output();
         assert!(out.status.success(), "{out:?}");
         out
     };

@@ -82,11 +82,11 @@ async fn unary_denied_never_reaches_the_upstream() {
         .unwrap_err();
     assert_eq!(status.code(), Code::PermissionDenied);
     assert_eq!(reason(&status), "CONSENT_REQUIRED");
-    assert!(
-        status.message().contains("CONSENT_REQUIRED §1(2)"),
-        "{}",
-        status.message()
-    );
+    // The clause, as the status details carry it (clients branch on those, not on the text).
+    let details = tonic_types::StatusExt::get_error_details(&status);
+    let info = details.error_info().expect("an ErrorInfo detail");
+    assert_eq!(info.metadata["reasons"], "CONSENT_REQUIRED", "{info:?}");
+    assert_eq!(info.metadata["clauses"], "§1(2)", "{info:?}");
     assert!(decision_id(status.metadata()).is_some());
     assert_eq!(h.service.calls(), 0, "a denied call reached the upstream");
 }
@@ -275,8 +275,20 @@ async fn malformed_metadata_is_invalid_argument() {
         .append("x-purpose", "marketing".parse().unwrap());
     let status = client.get_profile(request).await.unwrap_err();
     assert_eq!(status.code(), Code::InvalidArgument);
+    // Refused and recorded as such: the record of the answer's decision id says why.
+    let id = decision_id(status.metadata()).expect("a recorded refusal carries its id");
+    let record = h.audit_record(&id);
+    assert_eq!(record.body.decision, "deny");
+    let codes: Vec<&str> = record
+        .body
+        .reasons
+        .iter()
+        .map(|r| r.code.as_str())
+        .collect();
+    assert_eq!(codes, ["METADATA_INVALID"], "{record:?}");
+    // The message names the metadata at fault, for the person reading it.
     assert!(
-        status.message().contains("x-purpose"),
+        status.message().contains("`x-purpose`"),
         "{}",
         status.message()
     );
@@ -371,7 +383,10 @@ async fn deadline_passes_through_and_cancels_the_upstream_stream() {
     let status = stream.message().await.unwrap_err();
     // pdgate's answer (the client's own timer bounds only the wait for response headers).
     assert_eq!(status.code(), Code::DeadlineExceeded, "{status:?}");
-    wait_until(|| h.service.open_streams() == 0).await;
+    common::wait::until("every upstream stream closed", || {
+        h.service.open_streams() == 0
+    })
+    .await;
 }
 
 #[tokio::test]
@@ -395,7 +410,10 @@ async fn client_cancellation_drops_the_upstream_stream() {
     assert!(stream.message().await.unwrap().is_some());
     assert_eq!(h.service.open_streams(), 1);
     drop(stream);
-    wait_until(|| h.service.open_streams() == 0).await;
+    common::wait::until("every upstream stream closed", || {
+        h.service.open_streams() == 0
+    })
+    .await;
 }
 
 #[tokio::test]
@@ -468,7 +486,10 @@ async fn overload_sheds_with_resource_exhausted() {
         .unwrap_err();
     assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
     drop(stream);
-    wait_until(|| h.service.open_streams() == 0).await;
+    common::wait::until("every upstream stream closed", || {
+        h.service.open_streams() == 0
+    })
+    .await;
     // The permit came back with the cancelled stream: calls are accepted again (shed until
     // then, never failed otherwise).
     eventually("calls are accepted again once the stream is gone", || {
@@ -603,10 +624,6 @@ async fn the_demo_walkthrough_goes_as_the_policy_promises() {
         summary.unexpected
     );
     assert!(summary.allowed > 0 && summary.denied > 0);
-}
-
-async fn wait_until(mut condition: impl FnMut() -> bool) {
-    eventually("the condition", || std::future::ready(condition())).await;
 }
 
 // ---------------------------------------------------------------------------------------------

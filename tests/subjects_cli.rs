@@ -9,27 +9,21 @@
     reason = "test code: a failed setup aborts the test"
 )]
 
-use serde_json::Value;
-use sqlx::{Connection, PgConnection};
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+mod common;
 
-/// Runs pdgate in `dir` with no registry or policy settings from the environment.
+use common::bin::Pdgate;
+use common::pg::TestSchema;
+use serde_json::Value;
+use std::path::{Path, PathBuf};
+use std::process::Output;
+
+/// Runs pdgate in `dir` through the one runner (no registry or policy settings from the
+/// environment), with the repository's policy.
 fn pdgate_in(dir: &Path, args: &[&str]) -> Output {
-    let out = Command::new(env!("CARGO_BIN_EXE_pdgate"))
-        .args(args)
-        .env_remove("PDGATE_SUBJECTS")
-        .env_remove("PDGATE_DATABASE_URL")
-        .env(
-            "PDGATE_POLICY",
-            Path::new(env!("CARGO_MANIFEST_DIR")).join("policy"),
-        )
+    Pdgate::new(args)
+        .env("PDGATE_POLICY", common::policy_dir())
         .current_dir(dir)
         .output()
-        .expect("run pdgate");
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(!stderr.contains("panicked"), "pdgate panicked: {stderr}");
-    out
 }
 
 fn code(out: &Output) -> i32 {
@@ -546,21 +540,18 @@ fn check_with_an_unreadable_store_denies_subject_state_unavailable() {
 fn store_path_from_the_environment() {
     let d = Dir::new();
     let store = d.dir.path().join("elsewhere.db");
-    let out = Command::new(env!("CARGO_BIN_EXE_pdgate"))
-        .args([
-            "subjects",
-            "consent",
-            "cust-1",
-            "--purpose",
-            "marketing",
-            "--actor",
-            "a",
-        ])
-        .env("PDGATE_SUBJECTS", &store)
-        .env_remove("PDGATE_DATABASE_URL")
-        .current_dir(d.dir.path())
-        .output()
-        .unwrap();
+    let out = Pdgate::new([
+        "subjects",
+        "consent",
+        "cust-1",
+        "--purpose",
+        "marketing",
+        "--actor",
+        "a",
+    ])
+    .env("PDGATE_SUBJECTS", &store)
+    .current_dir(d.dir.path())
+    .output();
     assert_eq!(code(&out), 0, "{}", stderr(&out));
     assert!(store.exists());
     assert!(!d.store().exists(), "not the default `subjects.db`");
@@ -569,27 +560,8 @@ fn store_path_from_the_environment() {
 /// The CLI on PostgreSQL, in a schema of its own (named in the URL's `options`).
 #[tokio::test]
 async fn subjects_and_check_on_postgres() {
-    let url = std::env::var("PDGATE_TEST_DATABASE_URL")
-        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".to_owned());
-    let mut admin = PgConnection::connect(&url).await.unwrap_or_else(|e| {
-        panic!(
-            "PostgreSQL is not reachable at `{url}`: {e}\nStart it with\n    \
-             pg_ctlcluster --skip-systemctl-redirect $(ls /etc/postgresql) main start"
-        )
-    });
-    let schema = format!(
-        "pdgate_test_{}_{}_cli",
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap()
-            .as_secs(),
-        std::process::id()
-    );
-    sqlx::query(&format!("CREATE SCHEMA {schema}"))
-        .execute(&mut admin)
-        .await
-        .unwrap();
-    let db = format!("{url}?options=-c%20search_path%3D{schema}");
+    let schema = TestSchema::create().await;
+    let db = schema.url();
     let dir = tempfile::tempdir().unwrap();
     let outcome = tokio::task::spawn_blocking({
         let dir = dir.path().to_owned();
@@ -633,10 +605,7 @@ async fn subjects_and_check_on_postgres() {
         }
     })
     .await;
-    sqlx::query(&format!("DROP SCHEMA {schema} CASCADE"))
-        .execute(&mut admin)
-        .await
-        .unwrap();
+    schema.remove().await;
     if let Err(e) = outcome {
         std::panic::resume_unwind(e.into_panic());
     }

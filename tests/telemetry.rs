@@ -804,9 +804,10 @@ async fn calls_are_not_held_up_by(what: &str, endpoint: SocketAddr) {
     }
     println!("collector {what}: {calls} calls, the slowest answered in {slowest:?}");
     // The feature is the duration: an export that waited on the collector would hold a call
-    // for its whole timeout (seconds). 1 s holds on a loaded 2-core machine.
+    // for the exporter's whole timeout (10 s, OTLP's default). Half of it holds on a loaded
+    // 2-core machine; the figure is printed above.
     assert!(
-        slowest < Duration::from_secs(1),
+        slowest < Duration::from_secs(5),
         "a call took {slowest:?} with the collector {what}"
     );
     h.shutdown().await.unwrap();

@@ -27,6 +27,8 @@ pub struct Pdgate {
     shown: String,
     limit: Duration,
     stdin: Option<Vec<u8>>,
+    /// False when the test gave the child's stdout somewhere else ([`Pdgate::stdout`]).
+    stdout_captured: bool,
 }
 
 impl Pdgate {
@@ -36,8 +38,22 @@ impl Pdgate {
         I: IntoIterator<Item = S>,
         S: AsRef<OsStr>,
     {
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_pdgate"));
-        let mut shown = String::from("pdgate");
+        Self::program(env!("CARGO_BIN_EXE_pdgate"), args)
+    }
+
+    /// Another program run the same way (a script that runs `pdgate`, a browser): the same
+    /// scrubbed environment, time limit, kill-on-drop and panic detection.
+    pub fn program<I, S>(program: impl AsRef<OsStr>, args: I) -> Self
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<OsStr>,
+    {
+        let program = program.as_ref();
+        let mut cmd = Command::new(program);
+        let mut shown = match Path::new(program).file_name() {
+            Some(name) => name.to_string_lossy().into_owned(),
+            None => program.to_string_lossy().into_owned(),
+        };
         for arg in args {
             shown.push(' ');
             shown.push_str(&arg.as_ref().to_string_lossy());
@@ -63,6 +79,7 @@ impl Pdgate {
             shown,
             limit: DEFAULT_LIMIT,
             stdin: None,
+            stdout_captured: true,
         }
     }
 
@@ -92,6 +109,14 @@ impl Pdgate {
     pub fn stdin(mut self, bytes: impl Into<Vec<u8>>) -> Self {
         self.stdin = Some(bytes.into());
         self.cmd.stdin(Stdio::piped());
+        self
+    }
+
+    /// The child's stdout goes to `to` (another process's stdin, a closed pipe) instead of
+    /// being captured: [`Output::stdout`] is then empty.
+    pub fn stdout(mut self, to: impl Into<Stdio>) -> Self {
+        self.cmd.stdout(to);
+        self.stdout_captured = false;
         self
     }
 
@@ -126,10 +151,10 @@ impl Pdgate {
         }
         let stdout = Arc::new(Mutex::new(Vec::new()));
         let stderr = Arc::new(Mutex::new(Vec::new()));
-        let readers = vec![
-            drain(child.stdout.take().unwrap(), stdout.clone()),
-            drain(child.stderr.take().unwrap(), stderr.clone()),
-        ];
+        let mut readers = vec![drain(child.stderr.take().unwrap(), stderr.clone())];
+        if self.stdout_captured {
+            readers.push(drain(child.stdout.take().unwrap(), stdout.clone()));
+        }
         Running {
             child,
             shown: self.shown,

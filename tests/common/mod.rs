@@ -312,6 +312,14 @@ impl Harness {
         all
     }
 
+    /// The audit record of decision `id`; fails the test when the log holds none.
+    pub fn audit_record(&self, id: &str) -> pdgate::audit::AuditRecord {
+        self.audit_records()
+            .into_iter()
+            .find(|r| r.body.decision_id == id)
+            .unwrap_or_else(|| panic!("no audit record of decision {id}"))
+    }
+
     /// A second handle on the data plane's listening socket, for a test to shut it down
     /// under the running sidecar ([`Options::data_listener_handle`]).
     pub fn data_listener_handle(&self) -> std::net::TcpListener {

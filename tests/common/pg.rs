@@ -67,6 +67,45 @@ impl TestSchema {
         )
     }
 
+    /// [`url_via`](Self::url_via) with every session named `application` (PostgreSQL's
+    /// `application_name`, shown in `pg_stat_activity`): one sidecar's connections told apart
+    /// from another's on the same server.
+    pub fn url_named(&self, addr: SocketAddr, application: &str) -> String {
+        format!("{}&application_name={application}", self.url_via(addr))
+    }
+
+    /// Waits until a session named `application` has run `LISTEN` on `channel` (its last
+    /// statement, which a listener's session keeps while it waits): the sidecar's change feed
+    /// is connected. Returns how long that took; fails the test after
+    /// [`LIMIT`](super::wait::LIMIT).
+    pub async fn until_listening(&self, application: &str, channel: &str) -> std::time::Duration {
+        let mut admin = admin(&self.base, &database_url()).await;
+        let started = std::time::Instant::now();
+        loop {
+            let listening: i64 = sqlx::query_scalar(
+                "SELECT count(*) FROM pg_stat_activity \
+                 WHERE application_name = $1 AND query LIKE 'LISTEN %' \
+                 AND position($2 IN query) > 0",
+            )
+            .bind(application)
+            .bind(format!("\"{channel}\""))
+            .fetch_one(&mut admin)
+            .await
+            .unwrap();
+            if listening > 0 {
+                break;
+            }
+            assert!(
+                started.elapsed() < super::wait::LIMIT,
+                "no session `{application}` listening on `{channel}` after {:?}",
+                super::wait::LIMIT
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+        admin.close().await.unwrap();
+        started.elapsed()
+    }
+
     /// The server's address.
     pub fn server(&self) -> SocketAddr {
         let host = match self.base.get_host() {

@@ -24,3 +24,8 @@ where
     }
     started.elapsed()
 }
+
+/// [`eventually`] for a condition that is read at once (a counter, a flag).
+pub async fn until(what: &str, mut holds: impl FnMut() -> bool) -> Duration {
+    eventually(what, || std::future::ready(holds())).await
+}
