@@ -365,10 +365,7 @@ async fn chromium_renders_the_html_report() {
     let dom = String::from_utf8(chromium_run(&["--dump-dom"]).stdout).unwrap();
     assert!(dom.contains("保有個人データの利用状況のお知らせ"), "{dom}");
     assert!(dom.contains("<th scope=\"col\">利用目的</th>"), "{dom}");
-    assert!(
-        dom.contains("Nippon Telegraph and Telephone East Corporation"),
-        "{dom}"
-    );
+    assert!(dom.contains("東日本電信電話株式会社（NTT東日本）"), "{dom}");
     assert!(dom.contains("2025-11-25 01:00 JST"), "{dom}");
     assert!(!dom.contains("privacy-office"), "{dom}");
     let shot = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/report.png");
