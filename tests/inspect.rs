@@ -1028,3 +1028,83 @@ async fn routes_generate_names_a_category_the_taxonomy_does_not_define() {
     );
     assert!(out.stdout.is_empty());
 }
+
+#[tokio::test]
+async fn every_message_of_a_streamed_response_loses_the_fields_its_purpose_may_not_have() {
+    // A routes.yaml whose export may go without the telephone number and the usage history.
+    // A marketing e-mail campaign (§1(2)) may have the names and contact details of the
+    // customers who consented, never their usage: each streamed record comes without it, and
+    // the record of a customer who did not consent is left out.
+    let dir = common::policy_copy();
+    let routes = dir.path().join("routes.yaml");
+    let text = std::fs::read_to_string(&routes).unwrap();
+    let needed = "    categories: [customer.name, customer.contact.address, customer.contact.phone, customer.usage_history]\n    records: customer_id\n";
+    assert!(text.contains(needed), "the export's route changed: {text}");
+    let minimizing = "    categories: [customer.name, customer.contact.address]\n    minimize: [customer.contact.phone, customer.usage_history]\n    records: customer_id\n";
+    std::fs::write(&routes, text.replace(needed, minimizing)).unwrap();
+    let h = Harness::with(common::Options {
+        policy: dir.path().to_owned(),
+        ..common::Options::default()
+    })
+    .await;
+    let export = || ExportRequest {
+        recipient: String::new(),
+        delay_ms: 0,
+    };
+    let subjects = ["cust-1", "cust-2"];
+
+    let response = h
+        .client()
+        .await
+        .export_for_interconnect(call(
+            export(),
+            "marketing-service",
+            "marketing.email",
+            &subjects,
+        ))
+        .await
+        .unwrap();
+    let record = record_of(&h, response.metadata());
+    assert_eq!(record.body.minimized, ["customer.usage_history"]);
+    let mut stream = response.into_inner();
+    let mut got = Vec::new();
+    while let Some(r) = stream.message().await.unwrap() {
+        got.push(r);
+    }
+    let mut stream = h
+        .direct_client()
+        .await
+        .export_for_interconnect(call(
+            export(),
+            "marketing-service",
+            "marketing.email",
+            &subjects,
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    let mut direct = Vec::new();
+    while let Some(r) = stream.message().await.unwrap() {
+        direct.push(r);
+    }
+    assert_eq!(direct.len(), 2, "the service streams both customers");
+    let held = direct.iter().find(|r| r.customer_id == "cust-2").unwrap();
+    assert_ne!(
+        held.data_mb_last_month, 0,
+        "the service holds a usage figure"
+    );
+
+    // cust-1 gave no consent to marketing: her record is left out. cust-2's arrives whole
+    // but for the usage history.
+    assert_eq!(got.len(), 1, "{got:?}");
+    let mut expected = held.clone();
+    expected.data_mb_last_month = 0;
+    assert_eq!(got[0], expected);
+    let dropped = records_of(&h, &record.body.decision_id);
+    assert!(
+        dropped
+            .iter()
+            .any(|r| r.body.subjects == ["cust-1"] && r.body.reasons[0].code == "CONSENT_REQUIRED"),
+        "{dropped:?}"
+    );
+}
