@@ -222,6 +222,7 @@ pub fn gate(
         telemetry,
         identity: config.identity,
         naming,
+        mesh: config.mesh.clone(),
         admin_roles: config.admin_roles.clone(),
     })))
 }
