@@ -179,6 +179,8 @@ pub struct TelemetrySection {
     pub service_name: Option<String>,
     /// Seconds between metric exports.
     pub metrics_interval_seconds: Option<u64>,
+    /// Export every audit record, once written, as an OTLP log record.
+    pub export_audit: Option<bool>,
 }
 
 /// The audit trail.
@@ -347,6 +349,7 @@ fn resolve_telemetry(
                 "telemetry.metrics_interval_seconds",
                 t.metrics_interval_seconds.is_some(),
             ),
+            ("telemetry.export_audit", t.export_audit == Some(true)),
         ] {
             if given {
                 return Err(err(key, "applies only with `otlp_endpoint`".into()));
@@ -363,6 +366,7 @@ fn resolve_telemetry(
         ));
     }
     settings.otlp_endpoint = Some(endpoint);
+    settings.export_audit = t.export_audit.unwrap_or(false);
     if let Some(name) = t.service_name {
         if name.trim().is_empty() || name.len() > 255 {
             return Err(err(
