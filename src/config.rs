@@ -6,6 +6,7 @@ use crate::audit::{AuditSettings, Fsync, Overflow};
 use crate::decision::CacheSettings;
 use crate::identity::IdentityMode;
 use crate::identity::{AdminRole, AdminRoles};
+use crate::identity::{MeshHeader, MeshIdentity};
 use crate::telemetry::TelemetrySettings;
 use crate::telemetry::logs::LogFormat;
 use serde::Deserialize;
@@ -50,6 +51,23 @@ pub struct FileConfig {
     pub reload: ReloadSection,
     #[serde(default)]
     pub log: LogSection,
+    #[serde(default)]
+    pub mesh: MeshSection,
+}
+
+/// `identity = "mesh"`: the caller is named by the service mesh's proxy in the pod, in its
+/// verified-peer header, on connections from that proxy only (see `identity::mesh`).
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MeshSection {
+    /// `x-forwarded-client-cert` (Envoy, Istio) or `l5d-client-id` (Linkerd).
+    pub header: Option<String>,
+    /// The IP addresses the local proxy connects to pdgate from.
+    pub proxies: Option<Vec<String>>,
+    /// With `x-forwarded-client-cert`: the peer URI SAN is `<uri_prefix><caller>`.
+    pub uri_prefix: Option<String>,
+    /// With `l5d-client-id`: the client id is `<caller>.<dns_suffix>`.
+    pub dns_suffix: Option<String>,
 }
 
 /// pdgate's own log on stderr. Which events are written is `PDGATE_LOG` (an environment
@@ -161,6 +179,8 @@ pub struct TelemetrySection {
     pub service_name: Option<String>,
     /// Seconds between metric exports.
     pub metrics_interval_seconds: Option<u64>,
+    /// Export every audit record, once written, as an OTLP log record.
+    pub export_audit: Option<bool>,
 }
 
 /// The audit trail.
@@ -329,6 +349,7 @@ fn resolve_telemetry(
                 "telemetry.metrics_interval_seconds",
                 t.metrics_interval_seconds.is_some(),
             ),
+            ("telemetry.export_audit", t.export_audit == Some(true)),
         ] {
             if given {
                 return Err(err(key, "applies only with `otlp_endpoint`".into()));
@@ -345,6 +366,7 @@ fn resolve_telemetry(
         ));
     }
     settings.otlp_endpoint = Some(endpoint);
+    settings.export_audit = t.export_audit.unwrap_or(false);
     if let Some(name) = t.service_name {
         if name.trim().is_empty() || name.len() > 255 {
             return Err(err(
@@ -582,6 +604,8 @@ pub struct Config {
     pub identity: IdentityMode,
     /// Present exactly when `identity` is `Mtls`.
     pub tls: Option<TlsFiles>,
+    /// Present exactly when `identity` is `Mesh`.
+    pub mesh: Option<MeshIdentity>,
     pub cache: CacheSettings,
     pub max_concurrent_calls: usize,
     pub shutdown_grace: Duration,
@@ -712,17 +736,19 @@ impl FileConfig {
         let identity = match self.identity.as_deref().unwrap_or("insecure-header") {
             "insecure-header" => IdentityMode::InsecureHeader,
             "mtls" => IdentityMode::Mtls,
+            "mesh" => IdentityMode::Mesh,
             other => {
                 return Err(err(
                     "identity",
                     format!(
-                        "`{other}` is not an identity mode; allowed: `mtls`, `insecure-header`"
+                        "`{other}` is not an identity mode; allowed: `mtls`, `mesh`, `insecure-header`"
                     ),
                 ));
             }
         };
+        let mesh = resolve_mesh(self.mesh, identity, &err)?;
         let tls = match identity {
-            IdentityMode::InsecureHeader => {
+            IdentityMode::InsecureHeader | IdentityMode::Mesh => {
                 let t = &self.tls;
                 if t.cert.is_some()
                     || t.key.is_some()
@@ -733,7 +759,15 @@ impl FileConfig {
                 {
                     return Err(err(
                         "tls",
-                        "TLS files are given but `identity` is `insecure-header`; set `identity = \"mtls\"` or remove [tls]".into(),
+                        format!(
+                            "TLS files are given but `identity` is `{}`; set `identity = \"mtls\"` or remove [tls]{}",
+                            identity.as_str(),
+                            if identity == IdentityMode::Mesh {
+                                " (in mesh mode the mesh's proxy terminates the callers' mTLS)"
+                            } else {
+                                ""
+                            }
+                        ),
                     ));
                 }
                 None
@@ -851,6 +885,7 @@ impl FileConfig {
             routes: self.routes,
             identity,
             tls,
+            mesh,
             cache: CacheSettings { max_entries, ttl },
             max_concurrent_calls,
             shutdown_grace,
@@ -1005,4 +1040,125 @@ fn resolve_admin(
             .map(|(_, role, ids)| (*role, ids.as_deref().unwrap_or_default())),
     )
     .map_err(|message| err("admin", message))
+}
+
+fn resolve_mesh(
+    m: MeshSection,
+    identity: IdentityMode,
+    err: &dyn Fn(&str, String) -> ConfigError,
+) -> Result<Option<MeshIdentity>, ConfigError> {
+    if identity != IdentityMode::Mesh {
+        let given = m.header.is_some()
+            || m.proxies.is_some()
+            || m.uri_prefix.is_some()
+            || m.dns_suffix.is_some();
+        if given {
+            return Err(err(
+                "mesh",
+                format!(
+                    "[mesh] is given but `identity` is `{}`; set `identity = \"mesh\"` or remove [mesh]",
+                    identity.as_str()
+                ),
+            ));
+        }
+        return Ok(None);
+    }
+    let allowed = "allowed: `x-forwarded-client-cert` (Envoy, Istio), `l5d-client-id` (Linkerd)";
+    let header = match m.header.as_deref() {
+        None => {
+            return Err(err(
+                "mesh.header",
+                format!("is required with `identity = \"mesh\"`; {allowed}"),
+            ));
+        }
+        Some(value) => MeshHeader::parse(value).ok_or_else(|| {
+            err(
+                "mesh.header",
+                format!("`{value}` is not a mesh identity header; {allowed}"),
+            )
+        })?,
+    };
+    let proxies = m.proxies.unwrap_or_default();
+    if proxies.is_empty() {
+        return Err(err(
+            "mesh.proxies",
+            "is required with `identity = \"mesh\"`: the IP addresses the mesh's proxy in the pod connects from, e.g. `[\"127.0.0.6\"]` (Istio) or `[\"127.0.0.1\"]` (Linkerd)".into(),
+        ));
+    }
+    let mut addresses = Vec::with_capacity(proxies.len());
+    for proxy in &proxies {
+        let ip: std::net::IpAddr = proxy.parse().map_err(|_| {
+            err(
+                "mesh.proxies",
+                format!("`{proxy}` is not an IP address (no port, no name), e.g. `127.0.0.6`"),
+            )
+        })?;
+        if ip.is_unspecified() || ip.is_multicast() {
+            return Err(err(
+                "mesh.proxies",
+                format!("`{proxy}` is not one host's address; name the proxy's own address"),
+            ));
+        }
+        addresses.push(ip);
+    }
+    let (uri_prefix, dns_suffix) = match header {
+        MeshHeader::ForwardedClientCert => {
+            if m.dns_suffix.is_some() {
+                return Err(err(
+                    "mesh.dns_suffix",
+                    "applies only with `header = \"l5d-client-id\"`; x-forwarded-client-cert names callers by `uri_prefix`".into(),
+                ));
+            }
+            let prefix = m.uri_prefix.ok_or_else(|| {
+                err(
+                    "mesh.uri_prefix",
+                    "is required with `header = \"x-forwarded-client-cert\"`: the URI SAN before the caller, e.g. `spiffe://cluster.local/ns/shop/sa/`".into(),
+                )
+            })?;
+            if !prefix.contains("://") || prefix.chars().any(char::is_whitespace) {
+                return Err(err(
+                    "mesh.uri_prefix",
+                    format!(
+                        "`{prefix}` is not a URI prefix, e.g. `spiffe://cluster.local/ns/shop/sa/`"
+                    ),
+                ));
+            }
+            (Some(prefix), None)
+        }
+        MeshHeader::LinkerdClientId => {
+            if m.uri_prefix.is_some() {
+                return Err(err(
+                    "mesh.uri_prefix",
+                    "applies only with `header = \"x-forwarded-client-cert\"`; l5d-client-id names callers by `dns_suffix`".into(),
+                ));
+            }
+            let suffix = m.dns_suffix.ok_or_else(|| {
+                err(
+                    "mesh.dns_suffix",
+                    "is required with `header = \"l5d-client-id\"`: the name after the caller, e.g. `shop.serviceaccount.identity.linkerd.cluster.local`".into(),
+                )
+            })?;
+            let valid = !suffix.is_empty()
+                && !suffix.starts_with('.')
+                && !suffix.ends_with('.')
+                && suffix
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '.');
+            if !valid {
+                return Err(err(
+                    "mesh.dns_suffix",
+                    format!(
+                        "`{suffix}` is not a DNS name without leading or trailing dot, e.g. `shop.serviceaccount.identity.linkerd.cluster.local`"
+                    ),
+                ));
+            }
+            (None, Some(suffix))
+        }
+    };
+    Ok(Some(MeshIdentity {
+        header,
+        proxies: addresses,
+        uri_prefix,
+        dns_suffix,
+    }))
 }

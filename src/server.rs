@@ -176,7 +176,8 @@ pub fn gate(
     if let Subjects::Registry(cache) = &subjects {
         metrics.report_registry_reads(cache.read_stats().clone());
     }
-    let telemetry = Telemetry::start(&config.telemetry, metrics)?;
+    let telemetry = Telemetry::start(&config.telemetry, metrics)?
+        .with_audit_export(&config.telemetry, &audit)?;
     if let Some(endpoint) = &config.telemetry.otlp_endpoint {
         tracing::info!(%endpoint, service = %config.telemetry.service_name, "exporting spans and metrics over OTLP");
     }
@@ -222,6 +223,7 @@ pub fn gate(
         telemetry,
         identity: config.identity,
         naming,
+        mesh: config.mesh.clone(),
         admin_roles: config.admin_roles.clone(),
     })))
 }

@@ -420,6 +420,7 @@ async fn api_only() -> ApiOnly {
         routes: None,
         identity: pdgate::identity::IdentityMode::InsecureHeader,
         tls: None,
+        mesh: None,
         cache: pdgate::decision::CacheSettings::default(),
         max_concurrent_calls: 64,
         limits: pdgate::config::Limits::default(),

@@ -271,6 +271,18 @@ fn example_with_every_key_uncommented_parses_and_resolves_with_mtls() {
     // The SQLite registry's path and fleet mode exclude each other (the example says so).
     assert!(file.subjects.path.is_some() && file.fleet.database_url.is_some());
     file.subjects.path = None;
+    // [mesh] goes with identity = "mesh" and without [tls], with the key of its header (the
+    // example says so): resolved on its own, with the XFCC header.
+    let mut mesh = std::mem::take(&mut file.mesh);
+    assert!(mesh.uri_prefix.is_some() && mesh.dns_suffix.is_some());
+    mesh.dns_suffix = None;
+    let meshed = resolve_example(FileConfig {
+        identity: Some("mesh".into()),
+        mesh,
+        ..FileConfig::default()
+    })
+    .expect("the example's [mesh] resolves with identity = \"mesh\"");
+    assert!(meshed.mesh.is_some_and(|m| !m.proxies.is_empty()));
     let config = resolve_example(file).expect("the uncommented example resolves with mtls");
     assert_eq!(
         config.telemetry.otlp_endpoint.as_deref(),

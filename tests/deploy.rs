@@ -20,7 +20,9 @@
 
 use k8s_openapi::DeepMerge;
 use k8s_openapi::api::apps::v1::Deployment;
-use k8s_openapi::api::core::v1::{Container, PodSpec, Probe, Secret, Service, Volume};
+use k8s_openapi::api::core::v1::{
+    Container, PersistentVolumeClaim, PodSpec, Probe, Secret, Service, Volume,
+};
 use k8s_openapi::api::networking::v1::NetworkPolicy;
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use pdgate::config::FileConfig;
@@ -45,8 +47,9 @@ fn read(path: &Path) -> String {
 // ---------------------------------------------------------------------------------------------
 // A model of what `kustomize build` does with these files
 
-/// The fields of a kustomization these files use. Unknown fields are refused: a field the
-/// model ignores would be a part of the deployment this test does not check.
+/// The fields of a kustomization (or a component) these files use. Unknown fields are
+/// refused: a field the model ignores would be a part of the deployment this test does not
+/// check.
 #[derive(Debug, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 struct Kustomization {
@@ -54,6 +57,8 @@ struct Kustomization {
     kind: String,
     #[serde(default)]
     resources: Vec<String>,
+    #[serde(default)]
+    components: Vec<String>,
     #[serde(default)]
     config_map_generator: Vec<Generator>,
     #[serde(default)]
@@ -71,6 +76,16 @@ struct Generator {
 #[serde(deny_unknown_fields)]
 struct PatchRef {
     path: String,
+    /// Without one, the patch names the Deployment it patches.
+    target: Option<Target>,
+}
+
+/// The Deployments a patch applies to: every one whose labels match (`key=value`).
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct Target {
+    kind: String,
+    label_selector: String,
 }
 
 /// The objects a kustomization builds.
@@ -80,6 +95,7 @@ struct Built {
     services: Vec<Service>,
     network_policies: Vec<NetworkPolicy>,
     secrets: Vec<Secret>,
+    claims: Vec<PersistentVolumeClaim>,
     /// Generated ConfigMaps: name → (file name → content).
     config_maps: BTreeMap<String, BTreeMap<String, String>>,
 }
@@ -99,27 +115,37 @@ impl Built {
 }
 
 /// Builds the kustomization in `dir`: its resources (files, or directories holding a
-/// kustomization), its generated ConfigMaps and its patches, each object parsed into its
-/// k8s-openapi type (which checks `apiVersion` and `kind`).
+/// kustomization), its components, its generated ConfigMaps and its patches, each object
+/// parsed into its k8s-openapi type (which checks `apiVersion` and `kind`).
 fn build(dir: &Path) -> Built {
+    let mut built = Built::default();
+    build_into(dir, &mut built, "Kustomization");
+    built
+}
+
+/// Adds what the kustomization (or component, `kind`) in `dir` makes to `built`, and applies
+/// its patches to everything `built` then holds: a component patches the objects of the
+/// kustomization that includes it, as kustomize does.
+fn build_into(dir: &Path, built: &mut Built, kind: &str) {
     let path = dir.join("kustomization.yaml");
     let k: Kustomization =
         serde_yaml::from_str(&read(&path)).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
-    assert_eq!(k.api_version, "kustomize.config.k8s.io/v1beta1");
-    assert_eq!(k.kind, "Kustomization");
-    let mut built = Built::default();
+    let api_version = match kind {
+        "Component" => "kustomize.config.k8s.io/v1alpha1",
+        _ => "kustomize.config.k8s.io/v1beta1",
+    };
+    assert_eq!(k.api_version, api_version, "{}", path.display());
+    assert_eq!(k.kind, kind, "{}", path.display());
     for resource in &k.resources {
         let path = dir.join(resource);
         if path.is_dir() {
-            let base = build(&path);
-            built.deployments.extend(base.deployments);
-            built.services.extend(base.services);
-            built.network_policies.extend(base.network_policies);
-            built.secrets.extend(base.secrets);
-            built.config_maps.extend(base.config_maps);
+            build_into(&path, built, "Kustomization");
         } else {
-            add_objects(&mut built, &path);
+            add_objects(built, &path);
         }
+    }
+    for component in &k.components {
+        build_into(&dir.join(component), built, "Component");
     }
     for generator in &k.config_map_generator {
         let files = generator
@@ -133,10 +159,32 @@ fn build(dir: &Path) -> Built {
             .collect();
         built.config_maps.insert(generator.name.clone(), files);
     }
-    for patch in &k.patches {
-        let path = dir.join(&patch.path);
+    for patch_ref in &k.patches {
+        let path = dir.join(&patch_ref.path);
         let patch: Deployment = serde_yaml::from_str(&read(&path))
             .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+        if let Some(target) = &patch_ref.target {
+            assert_eq!(target.kind, "Deployment", "{}", path.display());
+            let (key, value) = target.label_selector.split_once('=').unwrap();
+            let mut matched = 0;
+            for d in &mut built.deployments {
+                let labels = d.metadata.labels.clone().unwrap_or_default();
+                if labels.get(key).map(String::as_str) == Some(value) {
+                    // kustomize gives the patch each target's name.
+                    let mut patch = patch.clone();
+                    patch.metadata.name.clone_from(&d.metadata.name);
+                    d.merge_from(patch);
+                    matched += 1;
+                }
+            }
+            assert!(
+                matched > 0,
+                "{}: no Deployment is labelled `{}`",
+                path.display(),
+                target.label_selector
+            );
+            continue;
+        }
         let target = built
             .deployments
             .iter_mut()
@@ -157,7 +205,6 @@ fn build(dir: &Path) -> Built {
         // a strategic merge patch does.
         target.merge_from(patch);
     }
-    built
 }
 
 fn add_objects(built: &mut Built, path: &Path) {
@@ -171,6 +218,7 @@ fn add_objects(built: &mut Built, path: &Path) {
             "Service" => built.services.push(typed(value, path)),
             "NetworkPolicy" => built.network_policies.push(typed(value, path)),
             "Secret" => built.secrets.push(typed(value, path)),
+            "PersistentVolumeClaim" => built.claims.push(typed(value, path)),
             other => panic!("{}: kind `{other}` is not modelled here", path.display()),
         }
     }
@@ -465,7 +513,11 @@ fn mounts_put_the_config_policy_tls_files_and_audit_log_where_the_config_says() 
         assert!(keys.contains(&name), "`{key}`: the Secret has no `{name}`");
     }
     // Readable by the non-root user through fsGroup, by no one else.
-    let mode = volume(d, "tls").secret.as_ref().unwrap().default_mode;
+    let mode = volume(d, "pdgate-tls")
+        .secret
+        .as_ref()
+        .unwrap()
+        .default_mode;
     assert_eq!(mode, Some(0o440));
     let pod_security = pod(d).security_context.as_ref().unwrap();
     assert_eq!(pod_security.fs_group, pod_security.run_as_group);
@@ -801,37 +853,383 @@ fn no_manifest_carries_a_real_key() {
     }
 }
 
-/// `kubectl kustomize` (kubectl's built-in kustomize) builds every layout; skipped, with a
-/// message, where kubectl is not installed.
+/// An application's own Deployment, in a kustomization of its own that takes pdgate from the
+/// component, as the component's header tells a user to write it: the layout "pdgate as the
+/// sidecar of an existing Deployment". Written into `dir`, with the base's policy, config and
+/// TLS Secret (a user brings their own).
+fn existing_deployment_layout(dir: &Path) {
+    // kustomize takes a component's path relative to the kustomization only.
+    let up = "../".repeat(dir.components().count() - 1);
+    let component = Path::new(&up).join(
+        repo()
+            .join("deploy/kubernetes/components/pdgate-sidecar")
+            .strip_prefix("/")
+            .unwrap(),
+    );
+    std::fs::write(
+        dir.join("kustomization.yaml"),
+        format!(
+            "apiVersion: kustomize.config.k8s.io/v1beta1\n\
+             kind: Kustomization\n\
+             resources:\n  - orders.yaml\n  - secret.yaml\n\
+             components:\n  - {}\n\
+             configMapGenerator:\n  - name: pdgate-config\n    files:\n      - pdgate.toml\n  - name: pdgate-policy\n    files:\n{}",
+            component.display(),
+            built_policy_files()
+                .iter()
+                .map(|f| format!("      - policy/{f}\n"))
+                .collect::<String>()
+        ),
+    )
+    .unwrap();
+    // An application that has a volume, a rolling update and three replicas of its own.
+    std::fs::write(
+        dir.join("orders.yaml"),
+        "apiVersion: apps/v1
+kind: Deployment
+metadata:
+  name: orders
+  labels:
+    app: orders
+    pdgate/sidecar: \"true\"
+spec:
+  replicas: 3
+  selector:
+    matchLabels:
+      app: orders
+  template:
+    metadata:
+      labels:
+        app: orders
+    spec:
+      securityContext:
+        runAsNonRoot: true
+        runAsUser: 1000
+        runAsGroup: 65532
+      containers:
+        - name: orders
+          image: orders:2.1.0
+          env:
+            - name: GRPC_LISTEN_ADDRESS
+              value: \"127.0.0.1:50051\"
+          volumeMounts:
+            - name: scratch
+              mountPath: /tmp
+      volumes:
+        - name: scratch
+          emptyDir: {}
+",
+    )
+    .unwrap();
+    let base = base_dir();
+    std::fs::copy(base.join("secret.yaml"), dir.join("secret.yaml")).unwrap();
+    std::fs::copy(base.join("pdgate.toml"), dir.join("pdgate.toml")).unwrap();
+    for f in built_policy_files() {
+        let to = dir.join("policy").join(&f);
+        std::fs::create_dir_all(to.parent().unwrap()).unwrap();
+        std::fs::copy(base.join("policy").join(&f), to).unwrap();
+    }
+}
+
+/// The policy files the base's kustomization generates its ConfigMap from.
+fn built_policy_files() -> Vec<String> {
+    let k: Kustomization =
+        serde_yaml::from_str(&read(&base_dir().join("kustomization.yaml"))).unwrap();
+    let policy = k
+        .config_map_generator
+        .iter()
+        .find(|g| g.name == "pdgate-policy")
+        .unwrap();
+    policy
+        .files
+        .iter()
+        .map(|f| f.strip_prefix("policy/").unwrap().to_owned())
+        .collect()
+}
+
+/// The component adds pdgate to an application's Deployment and keeps the application's own
+/// container and volumes; it pins the Deployment to one replica, replaced by `Recreate`.
 #[test]
-fn kubectl_kustomize_builds_every_layout() {
-    if std::process::Command::new("kubectl")
-        .args(["version", "--client"])
-        .output()
-        .is_err()
-    {
-        eprintln!("SKIPPED: kubectl is not installed (apt-get install kubectl)");
+fn the_sidecar_component_adds_pdgate_to_an_existing_deployment() {
+    let dir = tempfile::tempdir().unwrap();
+    existing_deployment_layout(dir.path());
+    let built = build(dir.path());
+    let d = built.deployment();
+    assert_eq!(d.metadata.name.as_deref(), Some("orders"));
+    let names: BTreeSet<&str> = pod(d).containers.iter().map(|c| c.name.as_str()).collect();
+    assert_eq!(names, BTreeSet::from(["orders", "pdgate"]));
+    let volumes: BTreeSet<&str> = pod(d)
+        .volumes
+        .as_ref()
+        .unwrap()
+        .iter()
+        .map(|v| v.name.as_str())
+        .collect();
+    assert!(
+        volumes.contains("scratch"),
+        "the application's volume is kept: {volumes:?}"
+    );
+    assert_eq!(
+        container(d, "orders").volume_mounts.as_ref().unwrap().len(),
+        1
+    );
+    // The base's pdgate is the component's: one definition of the sidecar.
+    let base = build(&base_dir());
+    assert_eq!(pdgate(d), pdgate(base.deployment()));
+    let (config, _) = mounted_config(&built);
+    check_probes(pdgate(d), &config);
+    check_replica_rules("the component on `orders`", &built);
+    // The application's user is kept; pdgate runs as its own, and can read its key.
+    let pod_security = pod(d).security_context.as_ref().unwrap();
+    assert_eq!(pod_security.run_as_user, Some(1000));
+    assert_eq!(pod_security.fs_group, Some(65532));
+    let pdgate_security = pdgate(d).security_context.as_ref().unwrap();
+    assert_eq!(pdgate_security.run_as_user, Some(65532));
+}
+
+/// No layout gives different answers on different replicas: a layout whose pdgate keeps its
+/// subject registry in the pod (SQLite, embedded mode) runs exactly one replica, replaced by
+/// `Recreate` (never two pods at once), with the registry and the audit log on a
+/// ReadWriteOnce PersistentVolumeClaim of the layout, which outlives the pod. A layout with
+/// more than one replica shares its registry in PostgreSQL (fleet mode), and no replica's
+/// audit log is on a claim that every replica would mount.
+fn check_replica_rules(layout: &str, built: &Built) {
+    let d = built.deployment();
+    let c = pdgate(d);
+    let (config, _) = mounted_config(built);
+    let replicas = d.spec.replicas.unwrap_or(1);
+    let fleet = config.fleet.database_url.is_some()
+        || c.env
+            .iter()
+            .flatten()
+            .any(|e| e.name == "PDGATE_DATABASE_URL");
+    let audit_dir = config
+        .audit
+        .dir
+        .clone()
+        .unwrap_or_else(|| panic!("{layout}: `[audit] dir` is set"));
+    // The volume mounted at `dir`.
+    let volume_at = |dir: &Path| -> &Volume {
+        let mount = c
+            .volume_mounts
+            .iter()
+            .flatten()
+            .find(|m| Path::new(&m.mount_path) == dir)
+            .unwrap_or_else(|| panic!("{layout}: nothing is mounted at `{}`", dir.display()));
+        volume(d, &mount.name)
+    };
+    let audit = volume_at(&audit_dir);
+    if fleet {
+        assert!(
+            config.subjects.path.is_none(),
+            "{layout}: fleet mode keeps the registry in PostgreSQL; `[subjects] path` is refused with it"
+        );
+        if replicas > 1 {
+            assert!(
+                audit.persistent_volume_claim.is_none(),
+                "{layout}: {replicas} replicas would share the audit claim `{}`",
+                audit.name
+            );
+        }
         return;
     }
-    for layout in ["base", "overlays/fleet"] {
-        let dir = repo().join("deploy/kubernetes").join(layout);
+    assert_eq!(
+        replicas, 1,
+        "{layout}: {replicas} replicas, each deciding on its own embedded registry"
+    );
+    let strategy = d.spec.strategy.as_ref();
+    assert_eq!(
+        strategy.and_then(|s| s.type_.as_deref()),
+        Some("Recreate"),
+        "{layout}: a rolling update would run two pods on the state at once"
+    );
+    let subjects_dir = config
+        .subjects
+        .path
+        .as_deref()
+        .and_then(Path::parent)
+        .unwrap_or_else(|| panic!("{layout}: `[subjects] path` is set"));
+    for (what, volume) in [
+        ("audit log", audit),
+        ("subject registry", volume_at(subjects_dir)),
+    ] {
+        let claim = volume
+            .persistent_volume_claim
+            .as_ref()
+            .unwrap_or_else(|| panic!("{layout}: the {what} is on `{}`, not a claim", volume.name));
+        assert_ne!(claim.read_only, Some(true), "{layout}: {what}");
+        let object = built
+            .claims
+            .iter()
+            .find(|p| p.metadata.name.as_deref() == Some(claim.claim_name.as_str()))
+            .unwrap_or_else(|| panic!("{layout}: no claim `{}` in the layout", claim.claim_name));
+        let spec = object.spec.as_ref().unwrap();
+        assert_eq!(
+            spec.access_modes.as_deref(),
+            Some(&["ReadWriteOnce".to_owned()][..]),
+            "{layout}: {what}"
+        );
+        let storage = &spec.resources.as_ref().unwrap().requests.as_ref().unwrap()["storage"];
+        assert!(
+            quantity(storage) >= 1 << 30,
+            "{layout}: {what}: {storage:?}"
+        );
+    }
+}
+
+#[test]
+fn the_base_runs_one_replica_with_its_state_on_a_claim() {
+    let built = build(&base_dir());
+    check_replica_rules("base", &built);
+    assert_eq!(built.claims.len(), 1);
+}
+
+/// The rule holds for a layout that breaks it: two replicas of the base, or its state on an
+/// `emptyDir`, fail the check (the check is not one that cannot fail).
+#[test]
+fn the_replica_rules_refuse_what_they_forbid() {
+    let two = |built: &mut Built| built.deployments[0].spec.replicas = Some(2);
+    let empty_dir = |built: &mut Built| {
+        let volumes = built.deployments[0]
+            .spec
+            .template
+            .spec
+            .as_mut()
+            .unwrap()
+            .volumes
+            .as_mut()
+            .unwrap();
+        let state = volumes
+            .iter_mut()
+            .find(|v| v.name == "pdgate-state")
+            .unwrap();
+        state.persistent_volume_claim = None;
+        state.empty_dir = Some(Default::default());
+    };
+    let rolling = |built: &mut Built| {
+        built.deployments[0].spec.strategy = None;
+    };
+    for (what, change) in [
+        ("two replicas", &two as &dyn Fn(&mut Built)),
+        ("an emptyDir", &empty_dir),
+        ("a rolling update", &rolling),
+    ] {
+        let mut built = build(&base_dir());
+        change(&mut built);
+        let refused = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            check_replica_rules(what, &built);
+        }));
+        assert!(refused.is_err(), "{what} passed the replica rules");
+    }
+}
+
+/// `kubectl kustomize` (kubectl's built-in kustomize) builds every layout — the base, the
+/// fleet overlay and the component on another Deployment — and what it builds follows the
+/// replica rules as this file's model of kustomize does. Skipped, with a message, where
+/// kubectl is not installed or its kustomize predates components (v3.7).
+#[test]
+fn kubectl_kustomize_builds_every_layout() {
+    let Ok(version) = std::process::Command::new("kubectl")
+        .args(["version", "--client"])
+        .output()
+    else {
+        eprintln!("SKIPPED: kubectl is not installed (apt-get install kubectl; .ci/run tries)");
+        return;
+    };
+    let version = String::from_utf8_lossy(&version.stdout).into_owned();
+    let kustomize = version
+        .lines()
+        .find_map(|l| l.strip_prefix("Kustomize Version: v"))
+        .and_then(|v| {
+            let mut parts = v.split('.').map(|p| p.parse::<u32>().unwrap_or(0));
+            Some((parts.next()?, parts.next()?))
+        });
+    if kustomize.is_none_or(|v| v < (3, 7)) {
+        eprintln!(
+            "SKIPPED: kubectl's kustomize does not build components (needs v3.7 or newer): {version}"
+        );
+        return;
+    }
+    let example = tempfile::tempdir().unwrap();
+    existing_deployment_layout(example.path());
+    let layouts = [
+        ("base", base_dir()),
+        (
+            "overlays/fleet",
+            repo().join("deploy/kubernetes/overlays/fleet"),
+        ),
+        ("the component on `orders`", example.path().to_owned()),
+    ];
+    for (layout, dir) in layouts {
         let out = std::process::Command::new("kubectl")
             .arg("kustomize")
             .arg(&dir)
             .output()
             .unwrap();
-        let text = String::from_utf8_lossy(&out.stdout);
         assert!(
             out.status.success(),
             "{layout}: {}",
             String::from_utf8_lossy(&out.stderr)
         );
-        assert!(text.contains("kind: Deployment"), "{layout}: {text}");
+        let text = String::from_utf8_lossy(&out.stdout);
+        let mut deployments = Vec::new();
+        for document in serde_yaml::Deserializer::from_str(&text) {
+            let value = serde_yaml::Value::deserialize(document).unwrap();
+            if value["kind"] == "Deployment" {
+                deployments.push(serde_yaml::from_value::<Deployment>(value).unwrap());
+            }
+        }
+        assert_eq!(deployments.len(), 1, "{layout}: {text}");
+        // kustomize's Deployment is the model's, up to the generated names' hashes.
+        let mut modelled = build(&dir).deployments.remove(0);
+        let mut real = deployments.remove(0);
+        for d in [&mut modelled, &mut real] {
+            let spec = d.spec.template.spec.as_mut().unwrap();
+            // Lists merged by key, whose order kustomize and k8s-openapi choose differently.
+            spec.containers.sort_by(|a, b| a.name.cmp(&b.name));
+            for c in &mut spec.containers {
+                if let Some(env) = &mut c.env {
+                    env.sort_by(|a, b| a.name.cmp(&b.name));
+                }
+            }
+            if let Some(volumes) = &mut spec.volumes {
+                volumes.sort_by(|a, b| a.name.cmp(&b.name));
+            }
+            for v in spec.volumes.iter_mut().flatten() {
+                if let Some(map) = &mut v.config_map {
+                    map.name = map
+                        .name
+                        .rsplit_once('-')
+                        .filter(|(_, h)| h.len() == 10)
+                        .map_or(map.name.clone(), |(n, _)| n.to_owned());
+                }
+            }
+        }
+        let (real, modelled) = (
+            serde_yaml::to_value(&real).unwrap(),
+            serde_yaml::to_value(&modelled).unwrap(),
+        );
+        assert!(
+            real == modelled,
+            "{layout}: kustomize builds another Deployment than the model:\n{}",
+            lost(&real, &modelled, "")
+        );
     }
 }
 
 // ---------------------------------------------------------------------------------------------
 // The fleet overlay
+
+/// The fleet overlay is the multi-replica layout: more than one replica, the registry shared
+/// in PostgreSQL, and each replica's audit log on a volume of its own.
+#[test]
+#[ignore = "the fleet overlay (issue #19, owned elsewhere) must still give each replica its own audit volume instead of the base's claim `pdgate-state`, and a pdgate.toml without `[subjects] path`"]
+fn the_fleet_overlay_is_the_multi_replica_layout() {
+    let fleet = build(&repo().join("deploy/kubernetes/overlays/fleet"));
+    let replicas = fleet.deployment().spec.replicas.unwrap_or(1);
+    assert!(replicas > 1, "the fleet overlay runs {replicas} replica(s)");
+    check_replica_rules("overlays/fleet", &fleet);
+}
 
 #[test]
 fn the_fleet_overlay_adds_the_database_url_from_its_secret() {

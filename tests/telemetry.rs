@@ -120,6 +120,7 @@ impl Collector {
             otlp_endpoint: Some(format!("http://{addr}")),
             service_name: "pdgate-test".into(),
             metrics_interval: Duration::from_secs(60),
+            export_audit: false,
         }
     }
 
@@ -776,6 +777,7 @@ async fn calls_are_not_held_up_by(what: &str, endpoint: SocketAddr) {
             otlp_endpoint: Some(format!("http://{endpoint}")),
             service_name: "pdgate-test".into(),
             metrics_interval: Duration::from_millis(100),
+            export_audit: false,
         },
         ..Options::default()
     })

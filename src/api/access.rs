@@ -7,6 +7,7 @@ use crate::proto::v1::access_control_server::{AccessControl, AccessControlServer
 use crate::proto::v1::{BatchCheckRequest, BatchCheckResponse, CheckRequest, CheckResponse};
 use crate::transport::limits::Limits;
 use crate::transport::rescue::ApiError;
+use std::net::IpAddr;
 use std::sync::Arc;
 use tonic::transport::CertificateDer;
 use tonic::{Response, Status};
@@ -24,12 +25,13 @@ impl AccessControlService {
     }
 
     /// Refuses a caller outside `limits.check_callers` (when set): the answers reveal
-    /// subjects' consent state. The caller is the mTLS peer, or, in the insecure mode, the
-    /// `caller` each request names.
+    /// subjects' consent state. The caller is the mTLS peer, the mesh's (mesh mode), or, in
+    /// the insecure mode, the `caller` each request names.
     fn allowed_caller(
         &self,
         method: &'static str,
         peer: Option<&CertificateDer<'static>>,
+        connection: (Option<IpAddr>, &http::HeaderMap),
         requests: &[CheckRequest],
     ) -> Result<(), ApiError> {
         let Some(allowed) = &self.limits.check_callers else {
@@ -43,6 +45,13 @@ impl AccessControlService {
                         .naming()
                         .caller(leaf.as_ref(), |name| allowed.iter().any(|a| a == name))
                 });
+                if !allowed.contains(&identity) {
+                    return Err(refuse(identity));
+                }
+            }
+            IdentityMode::Mesh => {
+                let (remote, headers) = connection;
+                let identity = self.gate.mesh_caller(remote, headers).unwrap_or_default();
                 if !allowed.contains(&identity) {
                     return Err(refuse(identity));
                 }
@@ -123,6 +132,7 @@ impl AccessControlService {
         request: CheckRequest,
         door: Door,
         peer: Option<&CertificateDer<'static>>,
+        remote: Option<IpAddr>,
         metadata: &http::HeaderMap,
     ) -> CheckResponse {
         let admission = self
@@ -131,7 +141,12 @@ impl AccessControlService {
                 policy: self.gate.policy(),
                 door,
                 ask: Ask::Check(request.into()),
-                peer: Peer::Certificate(peer.map(AsRef::as_ref)),
+                peer: Peer::of_connection(
+                    self.gate.identity(),
+                    peer.map(AsRef::as_ref),
+                    remote,
+                    metadata,
+                ),
                 trace: metadata,
                 started: std::time::Instant::now(),
             })
@@ -156,11 +171,13 @@ impl AccessControl for AccessControlService {
     ) -> Result<Response<CheckResponse>, Status> {
         let certs = request.peer_certs();
         let leaf = certs.as_ref().and_then(|c| c.first());
+        let remote = request.remote_addr().map(|a| a.ip());
         let (metadata, _, message) = request.into_parts();
-        self.allowed_caller(CHECK, leaf, std::slice::from_ref(&message))?;
+        let connection = (remote, metadata.as_ref());
+        self.allowed_caller(CHECK, leaf, connection, std::slice::from_ref(&message))?;
         self.within_limits("", &message)?;
         Ok(Response::new(
-            self.decide(message, Door::Check, leaf, metadata.as_ref())
+            self.decide(message, Door::Check, leaf, remote, metadata.as_ref())
                 .await,
         ))
     }
@@ -171,7 +188,9 @@ impl AccessControl for AccessControlService {
     ) -> Result<Response<BatchCheckResponse>, Status> {
         let certs = request.peer_certs();
         let leaf = certs.as_ref().and_then(|c| c.first());
+        let remote = request.remote_addr().map(|a| a.ip());
         let (metadata, _, message) = request.into_parts();
+        let connection = (remote, metadata.as_ref());
         let requests = message.requests;
         let max_batch = self.limits.check_max_batch;
         if requests.len() > max_batch {
@@ -184,7 +203,7 @@ impl AccessControl for AccessControlService {
             }
             .into());
         }
-        self.allowed_caller(BATCH_CHECK, leaf, &requests)?;
+        self.allowed_caller(BATCH_CHECK, leaf, connection, &requests)?;
         for (i, r) in requests.iter().enumerate() {
             self.within_limits(&format!("requests[{i}]."), r)?;
         }
@@ -192,7 +211,7 @@ impl AccessControl for AccessControlService {
         // decision has its own span, all children of the caller's.
         let decisions = requests
             .into_iter()
-            .map(|r| self.decide(r, Door::BatchCheck, leaf, metadata.as_ref()));
+            .map(|r| self.decide(r, Door::BatchCheck, leaf, remote, metadata.as_ref()));
         let responses = futures_util::future::join_all(decisions).await;
         Ok(Response::new(BatchCheckResponse { responses }))
     }

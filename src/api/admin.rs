@@ -34,8 +34,8 @@ pub struct Admin {
     pub method: &'static str,
 }
 
-/// The identity calling an admin method: the mTLS peer, or `x-caller` in the insecure mode.
-/// Empty when there is none.
+/// The identity calling an admin method: the mTLS peer, the mesh's (mesh mode), or
+/// `x-caller` in the insecure mode. Empty when there is none (or the mesh's is not believed).
 pub fn identity_of<T>(gate: &Gate, request: &tonic::Request<T>) -> String {
     match gate.identity() {
         IdentityMode::InsecureHeader => request
@@ -45,6 +45,12 @@ pub fn identity_of<T>(gate: &Gate, request: &tonic::Request<T>) -> String {
             .unwrap_or_default()
             .trim()
             .to_owned(),
+        IdentityMode::Mesh => gate
+            .mesh_caller(
+                request.remote_addr().map(|a| a.ip()),
+                request.metadata().as_ref(),
+            )
+            .unwrap_or_default(),
         IdentityMode::Mtls => request
             .peer_certs()
             .and_then(|certs| certs.first().cloned())

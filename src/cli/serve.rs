@@ -44,8 +44,10 @@ pub struct ServeArgs {
     /// Routes file [default: DIR/routes.yaml].
     #[arg(long, value_name = "FILE")]
     routes: Option<PathBuf>,
-    /// How callers are identified: `mtls` (client certificate) or `insecure-header` (the
-    /// `x-caller` metadata; development only) [default: insecure-header].
+    /// How callers are identified: `mtls` (client certificate), `mesh` (the service mesh's
+    /// verified-peer header, from its local proxy only; `[mesh]` in the config) or
+    /// `insecure-header` (the `x-caller` metadata; development only) [default:
+    /// insecure-header].
     #[arg(long, value_name = "MODE")]
     identity: Option<String>,
     /// Most decisions kept in the cache [default: 100000].
@@ -373,6 +375,7 @@ pub async fn demo(args: DemoArgs) -> u8 {
         routes: None,
         identity: IdentityMode::InsecureHeader,
         tls: None,
+        mesh: None,
         cache: crate::decision::CacheSettings::default(),
         max_concurrent_calls: 1024,
         limits: crate::config::Limits::default(),

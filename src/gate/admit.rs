@@ -23,7 +23,7 @@ use super::metadata::{
 };
 use crate::audit::{self, AuditError, Receipt, RecordBody, RecordKind};
 use crate::decision::{Decision, DecisionId, Pending, Reason, ReasonCode, Request};
-use crate::identity::IdentityMode;
+use crate::identity::{IdentityMode, MeshRefusal};
 use crate::message::CategorySet;
 use crate::policy::Action;
 use crate::policy::Snapshot;
@@ -33,6 +33,7 @@ use crate::telemetry::metrics::{PURPOSE_NONE, PURPOSE_UNKNOWN};
 use futures_util::future::{Either, select};
 use http::{HeaderMap, HeaderName, HeaderValue};
 use std::future::Future;
+use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -49,14 +50,37 @@ pub enum Door {
     BatchCheck,
 }
 
-/// Who is at the other end, as the transport verified it. Read only in mTLS mode; in the
-/// insecure development mode the caller names itself (`x-caller`, or the Check request).
+/// Who is at the other end, as the transport verified it. Read only in mTLS and mesh modes;
+/// in the insecure development mode the caller names itself (`x-caller`, or the Check
+/// request).
 #[derive(Debug, Clone, Copy)]
 pub enum Peer<'a> {
     /// The client certificate (leaf, DER) of the connection; `None` when it has none.
     Certificate(Option<&'a [u8]>),
     /// A peer that a proxy verified and named (Envoy's `source.principal`).
     Principal(&'a str),
+    /// Mesh mode: the connection's address (the local mesh proxy's, or not) and the call's
+    /// headers, which carry the proxy's verified-peer header.
+    Mesh {
+        remote: Option<IpAddr>,
+        headers: &'a HeaderMap,
+    },
+}
+
+impl<'a> Peer<'a> {
+    /// The peer of a connection, as the identity mode reads it: in mesh mode its address and
+    /// the call's headers, else its client certificate.
+    pub fn of_connection(
+        mode: IdentityMode,
+        leaf: Option<&'a [u8]>,
+        remote: Option<IpAddr>,
+        headers: &'a HeaderMap,
+    ) -> Self {
+        match mode {
+            IdentityMode::Mesh => Self::Mesh { remote, headers },
+            IdentityMode::Mtls | IdentityMode::InsecureHeader => Self::Certificate(leaf),
+        }
+    }
 }
 
 /// What a call asks.
@@ -206,7 +230,11 @@ impl Gate {
             Ask::Check(_) => None,
         };
         let mut span = self.telemetry.start_span(trace, door.rpc(method));
-        let authenticated = self.authenticate(peer, snapshot);
+        let (authenticated, refused) = match self.authenticate(peer, snapshot) {
+            Ok(caller) => (caller, None),
+            // Denied as a caller not identified, with the mesh's reason (below).
+            Err(refusal) => (Some(String::new()), Some(refusal)),
+        };
 
         let mut malformed = None;
         let mut timeout = None;
@@ -255,6 +283,9 @@ impl Gate {
             }
         };
         let mut decision = self.finish(&pending, &request).await;
+        if let Some(refusal) = &refused {
+            refuse_mesh_peer(&mut decision, refusal);
+        }
         if decision.allowed && !door.clears_response_fields() && !decision.minimized.is_empty() {
             // This door forwards the response as the service sends it: a call that needs
             // fields cleared cannot go that way.
@@ -273,6 +304,9 @@ impl Gate {
         let mut body = audit::body_of(&decision, &request, door.record_kind());
         body.method = method.map(str::to_owned);
         body.detail = malformed.as_ref().map(ToString::to_string).or(detail);
+        if let Some(refusal) = &refused {
+            body.detail = Some(format!("mesh identity refused: {refusal}"));
+        }
         // pdgate's own span when it makes one (same trace as the caller's), else the caller's
         // span as its traceparent names it.
         if let Some((trace_id, span_id)) = span
@@ -312,25 +346,36 @@ impl Gate {
             malformed,
             timeout,
             recorded,
-            mtls: self.identity == IdentityMode::Mtls,
+            mtls: self.identity.verified(),
             span,
             unsettled,
         }
     }
 
     /// The caller the transport vouches for: `None` in the insecure mode (the call names
-    /// itself); in mTLS mode the peer's name, empty when it has none (`CALLER_UNKNOWN`).
-    fn authenticate(&self, peer: Peer<'_>, snapshot: Option<&Snapshot>) -> Option<String> {
-        match self.identity {
-            IdentityMode::InsecureHeader => None,
-            IdentityMode::Mtls => Some(match peer {
-                Peer::Certificate(None) => String::new(),
+    /// itself); in mTLS mode the peer's name, empty when it has none (`CALLER_UNKNOWN`); in
+    /// mesh mode the name in the mesh proxy's header, or why it is not believed.
+    fn authenticate(
+        &self,
+        peer: Peer<'_>,
+        snapshot: Option<&Snapshot>,
+    ) -> Result<Option<String>, MeshRefusal> {
+        Ok(match (self.identity, peer) {
+            (IdentityMode::InsecureHeader, _) => None,
+            (IdentityMode::Mesh, Peer::Mesh { remote, headers }) => {
+                Some(self.mesh_caller(remote, headers)?)
+            }
+            // A door without a connection of its own to read (Envoy's ext_authz names the
+            // peer Envoy saw): in mesh mode nobody.
+            (IdentityMode::Mesh, _) => Some(String::new()),
+            (IdentityMode::Mtls, peer) => Some(match peer {
+                Peer::Certificate(None) | Peer::Mesh { .. } => String::new(),
                 Peer::Certificate(Some(leaf)) => self.naming.caller(leaf, |name| {
                     snapshot.is_some_and(|p| p.caller(name).is_some())
                 }),
                 Peer::Principal(principal) => self.naming.caller_from_name(principal),
             }),
-        }
+        })
     }
 
     /// The request a call to `path` makes under `snapshot`: the route's action and
@@ -601,7 +646,7 @@ impl Admission {
     }
 
     /// Whether the upstream must not see metadata `name` as the client sent it: pdgate's own
-    /// (`x-pdgate-*`), and in mTLS mode `x-caller`, which names no one there.
+    /// (`x-pdgate-*`), and in mTLS and mesh modes `x-caller`, which names no one there.
     pub fn strips(&self, name: &str) -> bool {
         name.starts_with(PDGATE_PREFIX) || (self.mtls && name == CALLER)
     }
@@ -697,4 +742,24 @@ fn traceparent(headers: &HeaderMap) -> Option<(String, String)> {
     let (_version, trace, span) = (parts.next()?, parts.next()?, parts.next()?);
     let hex = |s: &str, n: usize| s.len() == n && s.bytes().all(|b| b.is_ascii_hexdigit());
     (hex(trace, 32) && hex(span, 16)).then(|| (trace.to_owned(), span.to_owned()))
+}
+
+/// A call whose mesh identity is not believed is denied `CALLER_UNKNOWN`, whatever else stage
+/// 1 found, with the mesh's reason as the detail the client reads and the record keeps.
+fn refuse_mesh_peer(decision: &mut Decision, refusal: &MeshRefusal) {
+    decision.allowed = false;
+    decision.minimized.clear();
+    let reason = Reason::new(
+        ReasonCode::CallerUnknown,
+        "§6(5)",
+        format!("mesh identity refused: {refusal}"),
+    );
+    match decision
+        .reasons
+        .iter_mut()
+        .find(|r| r.code == ReasonCode::CallerUnknown)
+    {
+        Some(existing) => *existing = reason,
+        None => decision.reasons.insert(0, reason),
+    }
 }

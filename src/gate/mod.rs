@@ -24,7 +24,7 @@ pub use store::{FileStore, MemoryStore, Origin, Persisted, PolicyStore, StoreErr
 
 use crate::audit::AuditLog;
 use crate::decision::Decider;
-use crate::identity::{AdminRoles, CallerNaming, IdentityMode};
+use crate::identity::{AdminRoles, CallerNaming, IdentityMode, MeshIdentity, MeshRefusal};
 use crate::registry::SubjectCache;
 use crate::subjects::SubjectStates;
 use crate::telemetry::Telemetry;
@@ -70,6 +70,8 @@ pub struct GateParts {
     pub identity: IdentityMode,
     /// How certificate names map to callers (mTLS mode).
     pub naming: CallerNaming,
+    /// Which proxy's header names callers, and from where (mesh mode).
+    pub mesh: Option<MeshIdentity>,
     /// Who may call the admin services (`PolicyAdmin`, `AuditLog`, `SubjectRights`).
     pub admin_roles: AdminRoles,
 }
@@ -84,6 +86,7 @@ pub struct Gate {
     telemetry: Telemetry,
     identity: IdentityMode,
     naming: CallerNaming,
+    mesh: Option<MeshIdentity>,
     admin_roles: AdminRoles,
 }
 
@@ -96,6 +99,7 @@ impl Gate {
             telemetry,
             identity,
             naming,
+            mesh,
             admin_roles,
         } = parts;
         Self {
@@ -106,6 +110,7 @@ impl Gate {
             telemetry,
             identity,
             naming,
+            mesh,
             admin_roles,
         }
     }
@@ -136,6 +141,19 @@ impl Gate {
 
     pub fn naming(&self) -> &CallerNaming {
         &self.naming
+    }
+
+    /// The caller the mesh proxy names for a call from `remote` (mesh mode), or why it is not
+    /// believed; refused in any other mode, where no mesh is configured.
+    pub fn mesh_caller(
+        &self,
+        remote: Option<std::net::IpAddr>,
+        headers: &http::HeaderMap,
+    ) -> Result<String, MeshRefusal> {
+        match &self.mesh {
+            Some(mesh) => mesh.caller(remote, headers),
+            None => Err(MeshRefusal::NotConfigured),
+        }
     }
 
     pub fn admin_roles(&self) -> &AdminRoles {

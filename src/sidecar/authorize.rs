@@ -105,6 +105,7 @@ where
             // The slot travels with the response body: a call counts as in flight until its
             // last message (a stream) or its trailers are sent, or it is cancelled.
             let certs = peer_certificates(&request);
+            let remote = remote_address(&request);
             let slot = match slots.take(caller_key(certs.as_deref(), request.headers())) {
                 Ok(slot) => slot,
                 Err(shed) => {
@@ -175,8 +176,11 @@ where
                     policy: policy.clone(),
                     door: Door::DataPlane,
                     ask,
-                    peer: Peer::Certificate(
+                    peer: Peer::of_connection(
+                        gate.identity(),
                         certs.as_ref().and_then(|c| c.first()).map(AsRef::as_ref),
+                        remote,
+                        request.headers(),
                     ),
                     trace: request.headers(),
                     started,
@@ -202,6 +206,7 @@ where
                     path: Arc::from(path),
                     metadata,
                     certs: certs.clone(),
+                    remote,
                     inspection: inspection.clone(),
                     encoding: encoding.clone(),
                     decided: admission.request.subjects.iter().cloned().collect(),
@@ -223,6 +228,7 @@ where
                     path: Arc::from(path),
                     metadata: request.headers().clone(),
                     certs: certs.clone(),
+                    remote,
                     records,
                     call: admission.decision.decision_id,
                 });
@@ -429,6 +435,21 @@ fn peer_certificates(request: &http::Request<Body>) -> Option<Arc<Vec<Certificat
         .extensions()
         .get::<TlsConnectInfo<TcpConnectInfo>>()
         .and_then(TlsConnectInfo::peer_certs)
+}
+
+/// The address the connection comes from (mesh mode believes the mesh's header only from
+/// the local proxy's).
+fn remote_address(request: &http::Request<Body>) -> Option<std::net::IpAddr> {
+    let extensions = request.extensions();
+    extensions
+        .get::<TcpConnectInfo>()
+        .or_else(|| {
+            extensions
+                .get::<TlsConnectInfo<TcpConnectInfo>>()
+                .map(TlsConnectInfo::get_ref)
+        })
+        .and_then(TcpConnectInfo::remote_addr)
+        .map(|addr| addr.ip())
 }
 
 /// Records a status pdgate answered with on the call's span, if there is one.

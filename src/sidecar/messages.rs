@@ -131,6 +131,8 @@ pub struct StreamCall {
     /// The call's metadata, without `x-data-subject` (which named the first message's).
     pub metadata: HeaderMap,
     pub certs: Option<Arc<Vec<CertificateDer<'static>>>>,
+    /// The connection's address (mesh mode).
+    pub remote: Option<std::net::IpAddr>,
     /// What the route reads of its requests: subjects, and on a write the categories set.
     pub inspection: Arc<Inspection>,
     /// The request's `grpc-encoding`.
@@ -305,7 +307,7 @@ fn decide(
     let policy = call.policy.clone();
     let path = call.path.clone();
     let metadata = call.metadata.clone();
-    let certs = call.certs.clone();
+    let (certs, remote) = (call.certs.clone(), call.remote);
     Box::pin(async move {
         gate.admit(Call {
             policy,
@@ -316,7 +318,12 @@ fn decide(
                 message_subjects: subjects,
                 message_writes: writes,
             },
-            peer: Peer::Certificate(certs.as_ref().and_then(|c| c.first()).map(AsRef::as_ref)),
+            peer: Peer::of_connection(
+                gate.identity(),
+                certs.as_ref().and_then(|c| c.first()).map(AsRef::as_ref),
+                remote,
+                &metadata,
+            ),
             trace: &metadata,
             started: std::time::Instant::now(),
         })
@@ -348,6 +355,8 @@ pub struct RecordCall {
     /// any, told the service whom to export; each record is decided on what it names).
     pub metadata: HeaderMap,
     pub certs: Option<Arc<Vec<CertificateDer<'static>>>>,
+    /// The connection's address (mesh mode).
+    pub remote: Option<std::net::IpAddr>,
     /// Where each record names its subject.
     pub records: SubjectPath,
     /// The call's own decision, which each record's decision names in its audit record.
@@ -389,6 +398,7 @@ impl Records {
         let call = &self.call;
         let (gate, policy, path) = (call.gate.clone(), call.policy.clone(), call.path.clone());
         let (metadata, certs, of) = (call.metadata.clone(), call.certs.clone(), call.call);
+        let remote = call.remote;
         Box::pin(async move {
             gate.admit(Call {
                 policy,
@@ -399,7 +409,12 @@ impl Records {
                     subjects,
                     of,
                 },
-                peer: Peer::Certificate(certs.as_ref().and_then(|c| c.first()).map(AsRef::as_ref)),
+                peer: Peer::of_connection(
+                    gate.identity(),
+                    certs.as_ref().and_then(|c| c.first()).map(AsRef::as_ref),
+                    remote,
+                    &metadata,
+                ),
                 trace: &metadata,
                 started: std::time::Instant::now(),
             })

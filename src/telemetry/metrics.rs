@@ -33,6 +33,7 @@
 //! | `pdgate_audit_write_seconds`, `pdgate_audit_sync_seconds` (histograms) | one audit batch's write, one sync of the segment |
 //! | `pdgate_registry_reads_total`, `pdgate_registry_read_failures_total` | subject-registry reads on the decision path, and those that failed or timed out (their calls denied `SUBJECT_STATE_UNAVAILABLE`) |
 //! | `pdgate_tls_reloads_total`, `pdgate_tls_reload_failures_total` | certificate/key/client-CA changes taken, and changed files refused (the previous ones kept) |
+//! | `pdgate_audit_exported_total`, `pdgate_audit_export_failures_total` | audit records exported as OTLP log records (`[telemetry] export_audit`), and those not exported (they stay in the local log) |
 //! | `process_cpu_seconds_total`, `process_resident_memory_bytes`, `process_virtual_memory_bytes`, `process_open_fds`, `process_max_fds`, `process_start_time_seconds` | the process, read from `/proc/self` at each scrape (Linux; absent elsewhere) |
 //! | `pdgate_build_info{version, profile, os, arch}` | always 1 |
 //!
@@ -121,6 +122,8 @@ pub struct Metrics {
     records_dropped: Counter,
     tls_reloads: Counter,
     tls_reload_failures: Counter,
+    /// Kept by the audit export (`[telemetry] export_audit`), at 0 without it.
+    audit_export: crate::telemetry::audit_export::ExportStats,
 }
 
 /// What the scrape-time collector reads: atomics of pdgate's own, and of the parts that keep
@@ -213,6 +216,16 @@ impl Metrics {
             "pdgate_tls_reload_failures",
             "Changed TLS files refused (unreadable, unparsable, key not matching); the previous ones kept.",
         );
+        let audit_export = crate::telemetry::audit_export::ExportStats {
+            exported: counter(
+                "pdgate_audit_exported",
+                "Audit records exported to the OTLP collector as log records ([telemetry] export_audit).",
+            ),
+            failures: counter(
+                "pdgate_audit_export_failures",
+                "Audit records not exported (collector down, slow or refusing, or fallen behind); they are in the local audit log.",
+            ),
+        };
         let upstream_family = Family::<[(&'static str, &'static str); 1], Counter>::default();
         // Every code's series exists from the start (at 0), so that a rate over it is defined
         // before the first failure.
@@ -266,7 +279,14 @@ impl Metrics {
             records_dropped,
             tls_reloads,
             tls_reload_failures,
+            audit_export,
         }
+    }
+
+    /// The counters the audit export keeps (`pdgate_audit_exported_total`,
+    /// `pdgate_audit_export_failures_total`).
+    pub fn audit_export_stats(&self) -> crate::telemetry::audit_export::ExportStats {
+        self.audit_export.clone()
     }
 
     /// Reports `stats` (the decider's shadow differences) as `pdgate_shadow_differences_total`.

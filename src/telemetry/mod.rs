@@ -14,6 +14,7 @@
 //! The SDK's batch span processor and periodic metric reader run on threads of their own;
 //! their flush and shutdown block, so [`Telemetry::shutdown`] runs them on the blocking pool.
 
+pub mod audit_export;
 pub mod logs;
 pub mod metrics;
 pub mod process;
@@ -45,6 +46,9 @@ pub struct TelemetrySettings {
     pub service_name: String,
     /// How often metrics are exported.
     pub metrics_interval: Duration,
+    /// Export every audit record, once written, to the collector as a log record
+    /// ([`audit_export`]); needs `otlp_endpoint`.
+    pub export_audit: bool,
 }
 
 impl Default for TelemetrySettings {
@@ -53,6 +57,7 @@ impl Default for TelemetrySettings {
             otlp_endpoint: None,
             service_name: DEFAULT_SERVICE_NAME.to_owned(),
             metrics_interval: DEFAULT_METRICS_INTERVAL,
+            export_audit: false,
         }
     }
 }
@@ -70,6 +75,8 @@ pub enum TelemetryError {
 pub struct Telemetry {
     metrics: Arc<Metrics>,
     otel: Option<Otel>,
+    /// With `export_audit`: the audit export, finished by [`Telemetry::shutdown`].
+    audit_export: std::sync::Mutex<Option<audit_export::AuditExport>>,
 }
 
 /// What exists only with OTLP on. The providers own the exporter threads; they are stopped by
@@ -94,7 +101,31 @@ impl Telemetry {
         Self {
             metrics,
             otel: None,
+            audit_export: std::sync::Mutex::default(),
         }
+    }
+
+    /// Starts exporting `audit`'s records when `settings` asks for it (`export_audit`, with
+    /// an endpoint). Inside a tokio runtime.
+    pub fn with_audit_export(
+        self,
+        settings: &TelemetrySettings,
+        audit: &crate::audit::AuditLog,
+    ) -> Result<Self, TelemetryError> {
+        let (true, Some(endpoint)) = (settings.export_audit, &settings.otlp_endpoint) else {
+            return Ok(self);
+        };
+        let export = audit_export::AuditExport::start(
+            audit,
+            endpoint,
+            &settings.service_name,
+            self.metrics.audit_export_stats(),
+        )?;
+        *self
+            .audit_export
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(export);
+        Ok(self)
     }
 
     /// Starts the OTLP exporters when `settings` names an endpoint. Must run inside a tokio
@@ -145,6 +176,7 @@ impl Telemetry {
         let latency = metrics::register(&metrics, &meter_provider.meter("pdgate"));
         Ok(Self {
             metrics,
+            audit_export: std::sync::Mutex::default(),
             otel: Some(Otel {
                 tracer,
                 latency,
@@ -195,6 +227,14 @@ impl Telemetry {
     /// Exports what is still buffered and stops the exporters; later spans are dropped. Call
     /// it once the servers have stopped.
     pub async fn shutdown(&self) {
+        let export = self
+            .audit_export
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .take();
+        if let Some(export) = export {
+            export.finish().await;
+        }
         let Some(otel) = &self.otel else {
             return;
         };

@@ -77,6 +77,8 @@ pub struct Options {
     pub shutdown_grace: Duration,
     /// `Some`: identity mode mTLS with these files.
     pub tls: Option<TlsFiles>,
+    /// `Some` (and no `tls`): identity mode mesh.
+    pub mesh: Option<pdgate::identity::MeshIdentity>,
     /// `None`: a fresh temporary directory with the default settings.
     pub audit: Option<AuditSettings>,
     /// Off by default (no OTLP endpoint): `/metrics` only.
@@ -135,6 +137,7 @@ impl Default for Options {
             limits: pdgate::config::Limits::default(),
             shutdown_grace: Duration::from_secs(10),
             tls: None,
+            mesh: None,
             audit: None,
             telemetry: TelemetrySettings::default(),
             admin_roles: test_admin_roles(),
@@ -201,10 +204,13 @@ impl Harness {
             routes: None,
             identity: if options.tls.is_some() {
                 IdentityMode::Mtls
+            } else if options.mesh.is_some() {
+                IdentityMode::Mesh
             } else {
                 IdentityMode::InsecureHeader
             },
             tls: options.tls,
+            mesh: options.mesh,
             cache: CacheSettings::default(),
             max_concurrent_calls: options.max_concurrent_calls,
             limits: options.limits,
