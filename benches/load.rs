@@ -4,12 +4,11 @@
 //!
 //! - `(a) direct`: the demo customer-data service, served in this process;
 //! - `(b) baseline`: pdgate's forwarding path with authorization left out — a tonic server
-//!   (the data plane's builder) whose service is pdgate's upstream client
-//!   (`sidecar::upstream::Upstream`). It exists only here, never in `src/`, and runs as a child
-//!   process (this binary re-executed with `PDGATE_LOAD_BASELINE_LISTEN` /
-//!   `PDGATE_LOAD_UPSTREAM`) so it pays what pdgate pays;
-//! - `(t) tonic Channel`: the same, forwarding with tonic's `Channel` (pdgate's forwarder
-//!   before `Upstream`), for the target that compares forwarders;
+//!   (the data plane's builder) whose service is pdgate's upstream `Channel`. It exists only
+//!   here, never in `src/`, and runs as a child process (this binary re-executed with
+//!   `PDGATE_LOAD_BASELINE_LISTEN` / `PDGATE_LOAD_UPSTREAM`) so it pays what pdgate pays;
+//! - `(h) hyper-util client`: the same, forwarding with a candidate leaner forwarder
+//!   (hyper-util's pooled client, `load/hyper.rs`), for the target that compares forwarders;
 //! - `(c) pdgate`: the real `target/release/pdgate serve` as a child process, with the
 //!   durable default (`[audit] fsync = "batch"`);
 //! - `(d) pdgate fsync=interval`: a second `pdgate serve`, with `[audit] fsync = "interval"`;
@@ -58,6 +57,8 @@
     reason = "a load harness whose setup fails has nothing to measure: abort with the message"
 )]
 
+#[path = "load/hyper.rs"]
+mod hyper;
 #[path = "load/stream.rs"]
 mod stream;
 
@@ -80,8 +81,8 @@ use tonic::transport::{Channel, Endpoint};
 const BASELINE_LISTEN_ENV: &str = "PDGATE_LOAD_BASELINE_LISTEN";
 /// Set in the re-executed child: the upstream the baseline forwards to.
 const UPSTREAM_ENV: &str = "PDGATE_LOAD_UPSTREAM";
-/// Set in the re-executed child to `channel`: forward with tonic's `Channel` (the forwarder
-/// pdgate had before), instead of pdgate's own upstream client.
+/// Set in the re-executed child to `hyper`: forward with the candidate forwarder
+/// (`load/hyper.rs`) instead of pdgate's upstream `Channel`.
 const BASELINE_CLIENT_ENV: &str = "PDGATE_LOAD_BASELINE_CLIENT";
 const CONCURRENCY_ENV: &str = "PDGATE_LOAD_CONCURRENCY";
 /// Another pdgate build measured in the same run (data plane and Check API).
@@ -139,7 +140,7 @@ const TARGET_RSS_MIB: f64 = 30.0;
 enum Target {
     Direct,
     Baseline,
-    ChannelBaseline,
+    HyperBaseline,
     Pdgate,
     PdgateInterval,
     Check,
@@ -160,7 +161,7 @@ impl Target {
     const ALL: [Self; 8] = [
         Self::Direct,
         Self::Baseline,
-        Self::ChannelBaseline,
+        Self::HyperBaseline,
         Self::Pdgate,
         Self::PdgateInterval,
         Self::Check,
@@ -172,7 +173,7 @@ impl Target {
         match self {
             Self::Direct => "(a) direct",
             Self::Baseline => "(b) baseline",
-            Self::ChannelBaseline => "(t) tonic Channel",
+            Self::HyperBaseline => "(h) hyper-util client",
             Self::Pdgate => "(c) pdgate",
             Self::PdgateInterval => "(d) pdgate interval",
             Self::Check => "(e) Check API",
@@ -408,8 +409,8 @@ async fn harness(settings: Settings, pdgate: PathBuf) -> ExitCode {
     }
     let load_config = std::env::var_os("PDGATE_LOAD_CONFIG").map(PathBuf::from);
     let servers = async {
-        let baseline = start_baseline(upstream_addr, "pdgate").await?;
-        let channel = start_baseline(upstream_addr, "channel").await?;
+        let baseline = start_baseline(upstream_addr, "channel").await?;
+        let hyper = start_baseline(upstream_addr, "hyper").await?;
         let start = |binary: PathBuf, name: &'static str, config: Option<PathBuf>| {
             let (policy, scratch) = (policy.clone(), scratch.path().to_path_buf());
             async move { start_pdgate(&binary, name, upstream_addr, &policy, &scratch, config).await }
@@ -429,9 +430,9 @@ async fn harness(settings: Settings, pdgate: PathBuf) -> ExitCode {
             Some(r) => Some(start(r.clone(), "reference", load_config.clone()).await?),
             None => None,
         };
-        Ok::<_, String>((baseline, channel, durable, interval, minimize, reference))
+        Ok::<_, String>((baseline, hyper, durable, interval, minimize, reference))
     };
-    let (mut baseline, mut channel, mut pdgate, mut interval, mut minimize, mut reference) =
+    let (mut baseline, mut hyper, mut pdgate, mut interval, mut minimize, mut reference) =
         match servers.await {
             Ok(s) => s,
             Err(e) => {
@@ -440,12 +441,12 @@ async fn harness(settings: Settings, pdgate: PathBuf) -> ExitCode {
             }
         };
     println!(
-        "upstream {upstream_addr} (in-process) · baseline {} (pid {}) · tonic Channel {} (pid {}) · \
+        "upstream {upstream_addr} (in-process) · baseline {} (pid {}) · hyper-util client {} (pid {}) · \
          pdgate {} (pid {}) · pdgate interval {} (pid {}){}\n",
         baseline.addr,
         baseline.pid,
-        channel.addr,
-        channel.pid,
+        hyper.addr,
+        hyper.pid,
         pdgate.addr,
         pdgate.pid,
         interval.addr,
@@ -467,7 +468,7 @@ async fn harness(settings: Settings, pdgate: PathBuf) -> ExitCode {
             let (addr, watch_pid) = match (target, &reference) {
                 (Target::Direct, _) => (upstream_addr, None),
                 (Target::Baseline, _) => (baseline.addr, Some(baseline.pid)),
-                (Target::ChannelBaseline, _) => (channel.addr, Some(channel.pid)),
+                (Target::HyperBaseline, _) => (hyper.addr, Some(hyper.pid)),
                 (Target::Pdgate, _) => (pdgate.addr, Some(pdgate.pid)),
                 (Target::PdgateInterval, _) => (interval.addr, Some(interval.pid)),
                 (Target::Check, _) => (api_of(&pdgate), Some(pdgate.pid)),
@@ -540,7 +541,7 @@ async fn harness(settings: Settings, pdgate: PathBuf) -> ExitCode {
     };
 
     baseline.stop().await;
-    channel.stop().await;
+    hyper.stop().await;
     pdgate.stop().await;
     interval.stop().await;
     minimize.stop().await;
@@ -588,7 +589,7 @@ async fn harness(settings: Settings, pdgate: PathBuf) -> ExitCode {
         .filter(|r| {
             !matches!(
                 r.target,
-                Target::Direct | Target::Baseline | Target::ChannelBaseline
+                Target::Direct | Target::Baseline | Target::HyperBaseline
             )
         })
         .map(|r| r.errors)
@@ -1005,7 +1006,7 @@ fn baseline_main(listen: &str) -> ExitCode {
         eprintln!("error: {BASELINE_LISTEN_ENV} is set but {UPSTREAM_ENV} is not");
         return ExitCode::from(2);
     };
-    let channel = std::env::var(BASELINE_CLIENT_ENV).is_ok_and(|c| c == "channel");
+    let candidate = std::env::var(BASELINE_CLIENT_ENV).is_ok_and(|c| c == "hyper");
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -1029,25 +1030,17 @@ fn baseline_main(listen: &str) -> ExitCode {
         let closed = async {
             let _ = closed_rx.await;
         };
-        if channel {
-            // The forwarder pdgate had before: tonic's `Channel`, as it was configured.
-            let channel = Endpoint::from_shared(format!("http://{upstream}"))
-                .map_err(|e| format!("upstream `{upstream}`: {e}"))?
-                .tcp_nodelay(true)
-                .connect_timeout(Duration::from_secs(2))
-                .http2_keep_alive_interval(limits.keepalive_interval)
-                .keep_alive_timeout(limits.keepalive_timeout)
-                .keep_alive_while_idle(true)
-                .connect_lazy();
+        if candidate {
+            let client = hyper::Upstream::new(&upstream, &limits).map_err(|e| e.to_string())?;
             server
-                .serve_with_incoming_shutdown(channel, connections.incoming(listener), closed)
+                .serve_with_incoming_shutdown(client, connections.incoming(listener), closed)
                 .await
                 .map_err(|e| e.to_string())
         } else {
-            let client = pdgate::sidecar::upstream::Upstream::new(&upstream, &limits)
-                .map_err(|e| e.to_string())?;
+            let channel = pdgate::sidecar::upstream_channel(&upstream, &limits)
+                .map_err(|e| format!("upstream `{upstream}`: {e}"))?;
             server
-                .serve_with_incoming_shutdown(client, connections.incoming(listener), closed)
+                .serve_with_incoming_shutdown(channel, connections.incoming(listener), closed)
                 .await
                 .map_err(|e| e.to_string())
         }
@@ -1161,18 +1154,19 @@ fn print_targets(rows: &[Row], fsync: Fsync) {
         _ => println!("  3. c={c1}, durable: not measured (add {c1} to {CONCURRENCY_ENV})"),
     }
 
-    match (baseline_c1, find(Target::ChannelBaseline, c1), direct_c1) {
-        (Some(b), Some(t), Some(d)) => {
-            let ours = f64::from(b.p50) - f64::from(d.p50);
-            let channel = f64::from(t.p50) - f64::from(d.p50);
+    match (baseline_c1, find(Target::HyperBaseline, c1), direct_c1) {
+        (Some(b), Some(h), Some(d)) => {
+            let channel = f64::from(b.p50) - f64::from(d.p50);
+            let candidate = f64::from(h.p50) - f64::from(d.p50);
             let share = if channel > 0.0 {
-                ours / channel
+                candidate / channel
             } else {
                 f64::INFINITY
             };
             println!(
-                "  4. c={c1}, forwarder: pdgate's (the baseline) adds p50 {ours:+.0} µs over \
-                 direct, tonic's `Channel` {channel:+.0} µs: {:.0}% (≤ {:.0}%): {}",
+                "  4. c={c1}, forwarder: pdgate still forwards with tonic's `Channel` (adds p50 \
+                 {channel:+.0} µs over direct), so MISSED; the hyper-util candidate adds \
+                 {candidate:+.0} µs, {:.0}% of the `Channel`'s (≤ {:.0}%): {}",
                 share * 100.0,
                 TARGET_FORWARDER_SHARE * 100.0,
                 verdict(share <= TARGET_FORWARDER_SHARE)

@@ -62,7 +62,7 @@ pub enum ServeError {
     #[error("upstream `{upstream}`: {source}")]
     Upstream {
         upstream: String,
-        source: sidecar::upstream::UpstreamError,
+        source: tonic::transport::Error,
     },
     #[error("data plane: {0}")]
     DataPlane(#[source] tonic::transport::Error),
@@ -250,7 +250,7 @@ async fn serve(
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), ServeError> {
     let upstream =
-        sidecar::upstream::Upstream::new(&config.upstream, &config.limits).map_err(|source| {
+        sidecar::upstream_channel(&config.upstream, &config.limits).map_err(|source| {
             ServeError::Upstream {
                 upstream: config.upstream.clone(),
                 source,

@@ -4,7 +4,7 @@
 //! ```text
 //! client ──h2──▶ data plane (tonic server, any method path)
 //!                 └▶ Authorize: call slot → Gate::admit (decide, audit)
-//!                      → refuse (transport::rescue)  |  forward ──h2──▶ upstream (upstream::Upstream)
+//!                      → refuse (transport::rescue)  |  forward ──h2──▶ upstream (pooled Channel)
 //! ```
 //!
 //! Bodies, trailers and `grpc-status` stream through untouched, for unary and every streaming
@@ -15,7 +15,6 @@
 pub mod authorize;
 pub mod deadline;
 pub mod messages;
-pub mod upstream;
 
 use crate::gate::Gate;
 use crate::transport::connections::Connections;
@@ -25,6 +24,28 @@ use crate::transport::tls::ServerTls;
 use std::future::Future;
 use std::sync::Arc;
 use tokio::net::TcpListener;
+use tonic::transport::{Channel, Endpoint};
+
+/// A pooled HTTP/2 client to the upstream. Lazy: the sidecar starts while the upstream is
+/// down, and answers `UNAVAILABLE` until it is up. HTTP/2 keepalive (`limits`) finds an
+/// upstream that went away without closing its connection.
+pub fn upstream_channel(
+    upstream: &str,
+    limits: &Limits,
+) -> Result<Channel, tonic::transport::Error> {
+    let uri = if upstream.contains("://") {
+        upstream.to_owned()
+    } else {
+        format!("http://{upstream}")
+    };
+    Ok(Endpoint::from_shared(uri)?
+        .tcp_nodelay(true)
+        .connect_timeout(std::time::Duration::from_secs(2))
+        .http2_keep_alive_interval(limits.keepalive_interval)
+        .keep_alive_timeout(limits.keepalive_timeout)
+        .keep_alive_while_idle(true)
+        .connect_lazy())
+}
 
 /// Serves the data plane on `listener` until `shutdown` completes, then stops accepting and
 /// waits for calls in flight to finish. `max_calls` bounds the calls in flight: one more is
@@ -32,7 +53,7 @@ use tokio::net::TcpListener;
 pub async fn serve_data_plane(
     listener: TcpListener,
     gate: Arc<Gate>,
-    upstream: upstream::Upstream,
+    upstream: Channel,
     max_calls: usize,
     limits: &Limits,
     tls: Option<Arc<ServerTls>>,

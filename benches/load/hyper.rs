@@ -1,18 +1,17 @@
-//! The data plane's client to the upstream: hyper-util's pooled HTTP/2 client, called
-//! straight from the call's task. tonic's `Channel` puts a `Buffer` in front of its
-//! connection — one more task, and a wake-up of it, per call; this client hands the request
-//! to the connection's own task directly.
+//! A candidate forwarder for the data plane, measured by the load harness against tonic's
+//! `Channel` (issue #13, target 4): hyper-util's pooled HTTP/2 client, called straight from
+//! the call's task. tonic's `Channel` puts a `Buffer` in front of its connection — one more
+//! task per call; this client hands the request to the connection's own task directly. On
+//! this 2-core machine it was *not* leaner (see docs/performance.md), so pdgate still
+//! forwards with the `Channel`; the row stays so that a leaner forwarder can be compared.
 //!
-//! Lazy like the `Channel` it replaces: nothing is connected until the first call, and an
-//! upstream that is down is an error per call (`UNAVAILABLE` to the caller), not a startup
-//! failure. One HTTP/2 connection multiplexes the calls; a broken one is replaced on the next
-//! call. HTTP/2 keepalive (`limits`) finds an upstream that went away without closing its
-//! connection.
+//! Lazy like the `Channel`: nothing is connected until the first call. One HTTP/2 connection
+//! multiplexes the calls; a broken one is replaced on the next call.
 
-use crate::transport::limits::Limits;
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
+use pdgate::transport::limits::Limits;
 use std::future::Future;
 use std::pin::Pin;
 use std::task::{Context, Poll};
