@@ -25,8 +25,11 @@ use std::sync::OnceLock;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
+/// A target's body: one input, a panic on a crash or a broken property.
+pub type Target = fn(&[u8]);
+
 /// The targets by name, as `fuzz/corpus/<name>/` and `fuzz/src/bin/<name>.rs` call them.
-pub const TARGETS: [(&str, fn(&[u8])); 4] = [
+pub const TARGETS: [(&str, Target); 4] = [
     ("metadata", metadata),
     ("policy", policy),
     ("descriptors", descriptors),
@@ -401,7 +404,9 @@ pub fn audit(data: &[u8]) {
     if !v.ok() {
         // Sealed right, so only a line that is not a record (or holds a second seq, prev or
         // hash) can break it.
-        let b = v.first_break.unwrap_or_else(|| unreachable_break());
+        let Some(b) = v.first_break else {
+            panic!("verify said not ok without a break");
+        };
         assert!(b.line.is_some(), "a sealed log broken off any line: {b:?}");
         return;
     }
@@ -458,10 +463,6 @@ pub fn audit(data: &[u8]) {
     }
 }
 
-fn unreachable_break() -> read::Break {
-    panic!("verify said not ok without a break")
-}
-
 /// A scratch directory for one input (in `/dev/shm` when there is one: AFL runs thousands a
 /// second), emptied when dropped.
 struct AuditDir(PathBuf);
@@ -503,7 +504,7 @@ impl Drop for AuditDir {
 
 /// Every input of `fuzz/corpus/<target>/` and `fuzz/artifacts/<target>/` (crashes found and
 /// fixed, kept as regressions), run through the target; returns how many.
-pub fn replay(root: &Path, target: &str, body: fn(&[u8])) -> usize {
+pub fn replay(root: &Path, target: &str, body: Target) -> usize {
     let mut n = 0;
     for sub in ["corpus", "artifacts"] {
         let Ok(entries) = std::fs::read_dir(root.join(sub).join(target)) else {
