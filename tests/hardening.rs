@@ -526,3 +526,40 @@ async fn a_syntax_error_in_one_file_does_not_hide_the_others_problems() {
     );
     assert_eq!(at("policy.csv"), Some(policy), "{problems:?}");
 }
+
+/// The fuzz targets' bodies (`fuzz/src/lib.rs`, which AFL++ drives through `fuzz/`), here
+/// without AFL: every committed input of `fuzz/corpus/<target>/` and every crash kept in
+/// `fuzz/artifacts/<target>/` is run through its target, so a regression fails `cargo test`.
+#[path = "../fuzz/src/lib.rs"]
+mod fuzz_targets;
+
+fn replay_fuzz_corpus(target: &str) {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz");
+    let body = fuzz_targets::TARGETS
+        .iter()
+        .find(|(name, _)| *name == target)
+        .map(|(_, body)| *body)
+        .unwrap();
+    let n = fuzz_targets::replay(&root, target, body);
+    assert!(n > 0, "no committed inputs for fuzz target `{target}`");
+}
+
+#[test]
+fn fuzz_corpus_metadata() {
+    replay_fuzz_corpus("metadata");
+}
+
+#[test]
+fn fuzz_corpus_policy() {
+    replay_fuzz_corpus("policy");
+}
+
+#[test]
+fn fuzz_corpus_descriptors() {
+    replay_fuzz_corpus("descriptors");
+}
+
+#[test]
+fn fuzz_corpus_audit() {
+    replay_fuzz_corpus("audit");
+}

@@ -38,8 +38,25 @@ impl http_body::Body for Bounded {
         let Some(body) = self.body.as_mut() else {
             return Poll::Ready(None);
         };
-        if let Poll::Ready(frame) = Pin::new(body).poll_frame(cx) {
-            return Poll::Ready(frame);
+        match Pin::new(body).poll_frame(cx) {
+            // The upstream broke off its answer (a reset stream, a closed connection): the
+            // caller gets a status that says so, in trailers, instead of a reset of its own
+            // stream, which its client would read as `CANCELLED` (as if it had cancelled) or
+            // as an h2 protocol error.
+            Poll::Ready(Some(Err(status))) => {
+                self.body = None;
+                let broke_off = tonic::Status::internal(format!(
+                    "the service's response broke off: {}",
+                    status.message()
+                ));
+                let mut trailers = HeaderMap::new();
+                if broke_off.add_header(&mut trailers).is_err() {
+                    trailers.insert("grpc-status", HeaderValue::from_static("13"));
+                }
+                return Poll::Ready(Some(Ok(Frame::trailers(trailers))));
+            }
+            Poll::Ready(frame) => return Poll::Ready(frame),
+            Poll::Pending => {}
         }
         let expired = self
             .deadline
