@@ -1,9 +1,9 @@
 //! The client helpers against the real demo behind a real sidecar (docs/clients.md):
 //! `pdgate::client` in Rust — the layer writes each call's declaration, the denial details
 //! decode to the reason codes, clauses and the decision id the audit log holds — and the
-//! page's Python and Node examples, run as written when python3 has grpcio, grpcio-tools and
-//! grpcio-status, and when node has the packages of examples/clients/node (each skipped with a
-//! message otherwise).
+//! page's Python, Node and Go examples, run as written when python3 has grpcio, grpcio-tools and
+//! grpcio-status, when node has the packages of examples/clients/node, and when go, protoc's Go
+//! plugins and Debian's grpc-go are installed (each skipped with a message otherwise).
 
 #![allow(
     clippy::unwrap_used,
@@ -249,7 +249,7 @@ async fn the_python_example_runs_against_the_demo() {
     check_example_run(&h, "Python", &out);
 }
 
-/// What the Python and the Node example print: an allowed billing read and a refused
+/// What the Python, Node and Go examples print: an allowed billing read and a refused
 /// marketing read, each with its decision id, which must be the audit records of those calls;
 /// the refused call never reached the service.
 fn check_example_run(h: &Harness, language: &str, out: &std::process::Output) {
@@ -342,4 +342,121 @@ async fn the_node_example_runs_against_the_demo() {
         ))
     .await;
     check_example_run(&h, "Node", &out);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Go
+
+/// Where Debian's Go packages put their sources (GOPATH mode builds from there offline).
+const DEBIAN_GOCODE: &str = "/usr/share/gocode";
+
+/// go, protoc with the Go and gRPC plugins, and Debian's grpc-go, genproto and protobuf 1.5
+/// sources, or what is missing.
+fn go_toolchain() -> Result<(), String> {
+    for (tool, arg) in [
+        ("go", "version"),
+        ("protoc", "--version"),
+        ("protoc-gen-go", "--version"),
+        ("protoc-gen-go-grpc", "--version"),
+    ] {
+        let out = std::process::Command::new(tool)
+            .arg(arg)
+            .output()
+            .map_err(|e| format!("no `{tool}`: {e}"))?;
+        if !out.status.success() {
+            return Err(format!("`{tool} {arg}` failed"));
+        }
+    }
+    let gocode = PathBuf::from(DEBIAN_GOCODE).join("src");
+    for (package, source) in [
+        ("golang-google-grpc-dev", "google.golang.org/grpc/status"),
+        (
+            "golang-google-genproto-dev",
+            "google.golang.org/genproto/googleapis/rpc/errdetails",
+        ),
+        (
+            "golang-google-protobuf-dev",
+            "google.golang.org/protobuf/proto",
+        ),
+        // 1.3 (which apt picks for grpc-go unless told) lacks it, and its runtime cannot
+        // decode the messages protoc-gen-go writes today.
+        (
+            "golang-github-golang-protobuf-1-5-dev",
+            "github.com/golang/protobuf/proto/registry.go",
+        ),
+    ] {
+        if !gocode.join(source).exists() {
+            return Err(format!(
+                "no {} (from {package})",
+                gocode.join(source).display()
+            ));
+        }
+    }
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_go_example_runs_against_the_demo() {
+    if let Err(why) = go_toolchain() {
+        println!(
+            "skipped: the Go example of docs/clients.md needs go, protoc, its Go plugins and \
+             Debian's Go gRPC packages ({why}); `apt-get install golang-go golang-google-grpc-dev \
+             golang-google-genproto-dev golang-github-golang-protobuf-1-5-dev protoc-gen-go \
+             protoc-gen-go-grpc protobuf-compiler`"
+        );
+        return;
+    }
+    let example = clients_page()
+        .split("<!-- clients:go -->\n```go\n")
+        .nth(1)
+        .and_then(|b| b.split("\n```").next())
+        .expect("docs/clients.md marks its Go example")
+        .to_owned();
+    let work = tempfile::tempdir().unwrap();
+    let gen_src = work.path().join("gen/src");
+    std::fs::create_dir_all(&gen_src).unwrap();
+    // The stubs, generated as the page says.
+    let customer = "Mdemo/customer/v1/customer.proto=pdgate.example/demo/customer/v1;customerv1";
+    let annotations = "Mpdgate/v1/annotations.proto=pdgate.example/pdgate/v1";
+    let out = run(tokio::process::Command::new("protoc")
+        .arg("-Iproto")
+        .arg(format!("--go_out={}", gen_src.display()))
+        .arg(format!("--go-grpc_out={}", gen_src.display()))
+        .arg(format!("--go_opt={customer}"))
+        .arg(format!("--go_opt={annotations}"))
+        .arg(format!("--go-grpc_opt={customer}"))
+        .arg(format!("--go-grpc_opt={annotations}"))
+        .args([
+            "proto/demo/customer/v1/customer.proto",
+            "proto/pdgate/v1/annotations.proto",
+        ])
+        .current_dir(env!("CARGO_MANIFEST_DIR")))
+    .await;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    std::fs::write(work.path().join("client.go"), example).unwrap();
+    // Built first, then run: a cold build of grpc-go takes its own time on a loaded machine.
+    let gopath =
+        std::env::join_paths([work.path().join("gen"), PathBuf::from(DEBIAN_GOCODE)]).unwrap();
+    let out = run(tokio::process::Command::new("go")
+        .args(["build", "-o", "client", "client.go"])
+        .env("GO111MODULE", "off")
+        .env("GOPATH", &gopath)
+        .env("GOFLAGS", "")
+        .current_dir(work.path()))
+    .await;
+    assert!(
+        out.status.success(),
+        "the Go example did not build:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    let h = Harness::start().await;
+    let out =
+        run(tokio::process::Command::new(work.path().join("client")).arg(h.data_addr.to_string()))
+            .await;
+    check_example_run(&h, "Go", &out);
 }
