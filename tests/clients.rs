@@ -1,9 +1,10 @@
 //! The client helpers against the real demo behind a real sidecar (docs/clients.md):
 //! `pdgate::client` in Rust — the layer writes each call's declaration, the denial details
 //! decode to the reason codes, clauses and the decision id the audit log holds — and the
-//! page's Python and Node examples, run as written when python3 has grpcio, grpcio-tools and
-//! grpcio-status, and when node has the packages of examples/clients/node (each skipped with a
-//! message otherwise).
+//! page's Python, Node, Go and Java examples, run as written when python3 has grpcio,
+//! grpcio-tools and grpcio-status, when node has the packages of examples/clients/node, when
+//! go, protoc's Go plugins and Debian's grpc-go are installed, and when a JDK, the grpc-java
+//! plugin and Debian's grpc-java jars are (each skipped with a message otherwise).
 
 #![allow(
     clippy::unwrap_used,
@@ -249,7 +250,7 @@ async fn the_python_example_runs_against_the_demo() {
     check_example_run(&h, "Python", &out);
 }
 
-/// What the Python and the Node example print: an allowed billing read and a refused
+/// What the Python, Node, Go and Java examples print: an allowed billing read and a refused
 /// marketing read, each with its decision id, which must be the audit records of those calls;
 /// the refused call never reached the service.
 fn check_example_run(h: &Harness, language: &str, out: &std::process::Output) {
@@ -342,4 +343,275 @@ async fn the_node_example_runs_against_the_demo() {
         ))
     .await;
     check_example_run(&h, "Node", &out);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Go
+
+/// Where Debian's Go packages put their sources (GOPATH mode builds from there offline).
+const DEBIAN_GOCODE: &str = "/usr/share/gocode";
+
+/// go, protoc with the Go and gRPC plugins, and Debian's grpc-go, genproto and protobuf 1.5
+/// sources, or what is missing.
+fn go_toolchain() -> Result<(), String> {
+    for (tool, arg) in [
+        ("go", "version"),
+        ("protoc", "--version"),
+        ("protoc-gen-go", "--version"),
+        ("protoc-gen-go-grpc", "--version"),
+    ] {
+        let out = std::process::Command::new(tool)
+            .arg(arg)
+            .output()
+            .map_err(|e| format!("no `{tool}`: {e}"))?;
+        if !out.status.success() {
+            return Err(format!("`{tool} {arg}` failed"));
+        }
+    }
+    let gocode = PathBuf::from(DEBIAN_GOCODE).join("src");
+    for (package, source) in [
+        ("golang-google-grpc-dev", "google.golang.org/grpc/status"),
+        (
+            "golang-google-genproto-dev",
+            "google.golang.org/genproto/googleapis/rpc/errdetails",
+        ),
+        (
+            "golang-google-protobuf-dev",
+            "google.golang.org/protobuf/proto",
+        ),
+        // 1.3 (which apt picks for grpc-go unless told) lacks it, and its runtime cannot
+        // decode the messages protoc-gen-go writes today.
+        (
+            "golang-github-golang-protobuf-1-5-dev",
+            "github.com/golang/protobuf/proto/registry.go",
+        ),
+    ] {
+        if !gocode.join(source).exists() {
+            return Err(format!(
+                "no {} (from {package})",
+                gocode.join(source).display()
+            ));
+        }
+    }
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_go_example_runs_against_the_demo() {
+    if let Err(why) = go_toolchain() {
+        println!(
+            "skipped: the Go example of docs/clients.md needs go, protoc, its Go plugins and \
+             Debian's Go gRPC packages ({why}); `apt-get install golang-go golang-google-grpc-dev \
+             golang-google-genproto-dev golang-github-golang-protobuf-1-5-dev protoc-gen-go \
+             protoc-gen-go-grpc protobuf-compiler`"
+        );
+        return;
+    }
+    let example = clients_page()
+        .split("<!-- clients:go -->\n```go\n")
+        .nth(1)
+        .and_then(|b| b.split("\n```").next())
+        .expect("docs/clients.md marks its Go example")
+        .to_owned();
+    let work = tempfile::tempdir().unwrap();
+    let gen_src = work.path().join("gen/src");
+    std::fs::create_dir_all(&gen_src).unwrap();
+    // The stubs, generated as the page says.
+    let customer = "Mdemo/customer/v1/customer.proto=pdgate.example/demo/customer/v1;customerv1";
+    let annotations = "Mpdgate/v1/annotations.proto=pdgate.example/pdgate/v1";
+    let out = run(tokio::process::Command::new("protoc")
+        .arg("-Iproto")
+        .arg(format!("--go_out={}", gen_src.display()))
+        .arg(format!("--go-grpc_out={}", gen_src.display()))
+        .arg(format!("--go_opt={customer}"))
+        .arg(format!("--go_opt={annotations}"))
+        .arg(format!("--go-grpc_opt={customer}"))
+        .arg(format!("--go-grpc_opt={annotations}"))
+        .args([
+            "proto/demo/customer/v1/customer.proto",
+            "proto/pdgate/v1/annotations.proto",
+        ])
+        .current_dir(env!("CARGO_MANIFEST_DIR")))
+    .await;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    std::fs::write(work.path().join("client.go"), example).unwrap();
+    // Built first, then run: a cold build of grpc-go takes its own time on a loaded machine.
+    let gopath =
+        std::env::join_paths([work.path().join("gen"), PathBuf::from(DEBIAN_GOCODE)]).unwrap();
+    let out = run(tokio::process::Command::new("go")
+        .args(["build", "-o", "client", "client.go"])
+        .env("GO111MODULE", "off")
+        .env("GOPATH", &gopath)
+        .env("GOFLAGS", "")
+        .current_dir(work.path()))
+    .await;
+    assert!(
+        out.status.success(),
+        "the Go example did not build:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    let h = Harness::start().await;
+    let out =
+        run(tokio::process::Command::new(work.path().join("client")).arg(h.data_addr.to_string()))
+            .await;
+    check_example_run(&h, "Go", &out);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Java
+
+/// The jars in /usr/share/java the Java example builds and runs with (Debian's grpc-java and
+/// its dependencies), in the order of the page's `printf` line.
+const JAVA_JARS: &[&str] = &[
+    "grpc-api",
+    "grpc-core",
+    "grpc-context",
+    "grpc-netty",
+    "grpc-protobuf",
+    "grpc-protobuf-lite",
+    "grpc-stub",
+    "protobuf",
+    "proto-google-common-protos",
+    "guava",
+    "perfmark-api",
+    "geronimo-annotation-1.3-spec",
+    "netty-buffer",
+    "netty-codec",
+    "netty-codec-http",
+    "netty-codec-http2",
+    "netty-common",
+    "netty-handler",
+    "netty-resolver",
+    "netty-transport",
+];
+
+const GRPC_JAVA_PLUGIN: &str = "/usr/bin/grpc_java_plugin";
+
+/// javac, java, protoc, the grpc-java plugin and the jars, as a classpath, or what is missing.
+fn java_toolchain() -> Result<String, String> {
+    for (tool, arg) in [
+        ("javac", "-version"),
+        ("java", "-version"),
+        ("protoc", "--version"),
+    ] {
+        let out = std::process::Command::new(tool)
+            .arg(arg)
+            .output()
+            .map_err(|e| format!("no `{tool}`: {e}"))?;
+        if !out.status.success() {
+            return Err(format!("`{tool} {arg}` failed"));
+        }
+    }
+    if !PathBuf::from(GRPC_JAVA_PLUGIN).exists() {
+        return Err(format!("no {GRPC_JAVA_PLUGIN}"));
+    }
+    let mut classpath = Vec::new();
+    for jar in JAVA_JARS {
+        let path = PathBuf::from(format!("/usr/share/java/{jar}.jar"));
+        if !path.exists() {
+            return Err(format!("no {}", path.display()));
+        }
+        classpath.push(path);
+    }
+    Ok(std::env::join_paths(classpath)
+        .unwrap()
+        .into_string()
+        .unwrap())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_java_example_runs_against_the_demo() {
+    let page = clients_page();
+    // The page builds with the jars this test does.
+    assert!(
+        page.contains(&format!(
+            "CP=$(printf '/usr/share/java/%s.jar:' {})",
+            JAVA_JARS.join(" ")
+        )),
+        "docs/clients.md's Java classpath differs from JAVA_JARS"
+    );
+    let classpath = match java_toolchain() {
+        Ok(classpath) => classpath,
+        Err(why) => {
+            println!(
+                "skipped: the Java example of docs/clients.md needs a JDK, protoc, the grpc-java \
+                 plugin and Debian's grpc-java jars ({why}); `apt-get install \
+                 default-jdk-headless libgrpc-java libgoogle-common-protos-java libguava-java \
+                 libnetty-java libperfmark-java libgeronimo-annotation-1.3-spec-java \
+                 libprotobuf-java protobuf-compiler protobuf-compiler-grpc-java-plugin`"
+            );
+            return;
+        }
+    };
+    let example = page
+        .split("<!-- clients:java -->\n```java\n")
+        .nth(1)
+        .and_then(|b| b.split("\n```").next())
+        .expect("docs/clients.md marks its Java example")
+        .to_owned();
+    let work = tempfile::tempdir().unwrap();
+    let gen_dir = work.path().join("gen");
+    let classes = work.path().join("classes");
+    std::fs::create_dir_all(&gen_dir).unwrap();
+    std::fs::create_dir_all(&classes).unwrap();
+    // The stubs, generated as the page says.
+    let out = run(tokio::process::Command::new("protoc")
+        .args(["-Iproto", "-Iexamples/clients/java"])
+        .arg(format!("--java_out={}", gen_dir.display()))
+        .arg(format!("--grpc-java_out={}", gen_dir.display()))
+        .arg(format!("--plugin=protoc-gen-grpc-java={GRPC_JAVA_PLUGIN}"))
+        .args([
+            "proto/demo/customer/v1/customer.proto",
+            "proto/pdgate/v1/annotations.proto",
+            "examples/clients/java/google/rpc/error_info.proto",
+        ])
+        .current_dir(env!("CARGO_MANIFEST_DIR")))
+    .await;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let client = work.path().join("Client.java");
+    std::fs::write(&client, example).unwrap();
+    let mut sources = vec![client];
+    let mut dirs = vec![gen_dir];
+    while let Some(dir) = dirs.pop() {
+        for entry in std::fs::read_dir(dir).unwrap() {
+            let path = entry.unwrap().path();
+            if path.is_dir() {
+                dirs.push(path);
+            } else if path.extension().is_some_and(|e| e == "java") {
+                sources.push(path);
+            }
+        }
+    }
+    let out = run(tokio::process::Command::new("javac")
+        .arg("-d")
+        .arg(&classes)
+        .args(["-cp", &classpath])
+        .args(&sources))
+    .await;
+    assert!(
+        out.status.success(),
+        "the Java example did not compile:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    let h = Harness::start().await;
+    let run_classpath =
+        std::env::join_paths(std::iter::once(classes).chain(std::env::split_paths(&classpath)))
+            .unwrap();
+    let out = run(tokio::process::Command::new("java")
+        .arg("-cp")
+        .arg(run_classpath)
+        .arg("Client")
+        .arg(h.data_addr.to_string()))
+    .await;
+    check_example_run(&h, "Java", &out);
 }
