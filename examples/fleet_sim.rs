@@ -36,9 +36,7 @@ use pdgate::gate::Bundle;
 use pdgate::proto::v1::access_control_client::AccessControlClient;
 use pdgate::proto::v1::policy_admin_client::PolicyAdminClient;
 use pdgate::proto::v1::subject_rights_client::SubjectRightsClient;
-use pdgate::proto::v1::{
-    ApplyRequest, CheckRequest, ConsentRequest, PolicyBundle, StatusRequest,
-};
+use pdgate::proto::v1::{ApplyRequest, CheckRequest, ConsentRequest, PolicyBundle, StatusRequest};
 use sqlx::{Connection, PgConnection};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -81,7 +79,10 @@ fn args() -> Args {
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
-        let mut value = || it.next().unwrap_or_else(|| panic!("`{flag}` needs a value"));
+        let mut value = || {
+            it.next()
+                .unwrap_or_else(|| panic!("`{flag}` needs a value"))
+        };
         match flag.as_str() {
             "--sidecars" => a.sidecars = value().parse().expect("--sidecars N"),
             "--via" => {
@@ -352,7 +353,9 @@ fn percentile(sorted: &[Duration], p: f64) -> Duration {
 fn bundle(n: usize) -> PolicyBundle {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("policy");
     let mut bundle = PolicyBundle::from(Bundle::read_dir(&dir, None).unwrap());
-    bundle.policy.push_str(&format!("\n# fleet simulation push {n}\n"));
+    bundle
+        .policy
+        .push_str(&format!("\n# fleet simulation push {n}\n"));
     bundle
 }
 
@@ -413,7 +416,10 @@ async fn main() {
         with_database(&args.admin_url, SIM_DB)
     };
     let layout = if args.pooler {
-        format!("through PgBouncer (transaction mode, {} server connections), change_feed = poll", args.pool)
+        format!(
+            "through PgBouncer (transaction mode, {} server connections), change_feed = poll",
+            args.pool
+        )
     } else {
         "direct, change_feed = listen".to_owned()
     };
@@ -437,7 +443,11 @@ async fn main() {
                     dir.path().display()
                 );
             }
-            if let Ok(channel) = Channel::from_shared(endpoint.clone()).unwrap().connect().await {
+            if let Ok(channel) = Channel::from_shared(endpoint.clone())
+                .unwrap()
+                .connect()
+                .await
+            {
                 let mut admin = PolicyAdminClient::new(channel.clone());
                 if active(&mut admin).await.is_some() {
                     break channel;
@@ -455,23 +465,28 @@ async fn main() {
 
     // Every sidecar reads the store once (its feed has migrated and connected).
     let warm = subject_name("warm", 0);
-    until_all(&checks, &warm, Instant::now(), |c| c == ["CONSENT_REQUIRED"]).await;
+    until_all(&checks, &warm, Instant::now(), |c| {
+        c == ["CONSENT_REQUIRED"]
+    })
+    .await;
 
     // Idle: pools emptied after the idle timeout.
     tokio::time::sleep(Duration::from_millis(IDLE_TIMEOUT_MS) + Duration::from_secs(3)).await;
     let idle = held(&args).await;
-    println!("connections held, idle: {}", summarize_held(&idle, args.sidecars));
+    println!(
+        "connections held, idle: {}",
+        summarize_held(&idle, args.sidecars)
+    );
     let commits = |args: &Args| {
         let args_url = args.admin_url.clone();
         async move {
             let mut conn = PgConnection::connect(&args_url).await.unwrap();
-            let n: i64 = sqlx::query_scalar(
-                "SELECT xact_commit FROM pg_stat_database WHERE datname = $1",
-            )
-            .bind(SIM_DB)
-            .fetch_one(&mut conn)
-            .await
-            .unwrap();
+            let n: i64 =
+                sqlx::query_scalar("SELECT xact_commit FROM pg_stat_database WHERE datname = $1")
+                    .bind(SIM_DB)
+                    .fetch_one(&mut conn)
+                    .await
+                    .unwrap();
             conn.close().await.unwrap();
             n
         }
@@ -498,7 +513,10 @@ async fn main() {
     for k in 0..args.changes {
         let subject = subject_name("change", k);
         // Cached everywhere first, so that what is measured is the feed, not a first read.
-        until_all(&checks, &subject, Instant::now(), |c| c == ["CONSENT_REQUIRED"]).await;
+        until_all(&checks, &subject, Instant::now(), |c| {
+            c == ["CONSENT_REQUIRED"]
+        })
+        .await;
         tokio::time::sleep(Duration::from_millis(300)).await;
         let through = k % args.sidecars;
         let mut rights_k = SubjectRightsClient::new(channels[through].clone());
@@ -558,12 +576,21 @@ async fn main() {
     println!("policy push active on all: {push_times:?}");
 
     let busy = held(&args).await;
-    println!("connections held, just after the run: {}", summarize_held(&busy, args.sidecars));
+    println!(
+        "connections held, just after the run: {}",
+        summarize_held(&busy, args.sidecars)
+    );
 
     if args.restart {
         let subject = subject_name("restart", 0);
-        until_all(&checks, &subject, Instant::now(), |c| c == ["CONSENT_REQUIRED"]).await;
-        let (version, name) = args.cluster.split_once('/').expect("--cluster VERSION/NAME");
+        until_all(&checks, &subject, Instant::now(), |c| {
+            c == ["CONSENT_REQUIRED"]
+        })
+        .await;
+        let (version, name) = args
+            .cluster
+            .split_once('/')
+            .expect("--cluster VERSION/NAME");
         let restart = Instant::now();
         let status = Command::new("pg_ctlcluster")
             .args(["--skip-systemctl-redirect", version, name, "restart"])
@@ -576,7 +603,10 @@ async fn main() {
             if consent(&mut rights, &subject).await {
                 break;
             }
-            assert!(restart.elapsed() < STEP_LIMIT, "no change accepted after the restart");
+            assert!(
+                restart.elapsed() < STEP_LIMIT,
+                "no change accepted after the restart"
+            );
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
         let accepted = restart.elapsed();
@@ -589,7 +619,10 @@ async fn main() {
         );
         tokio::time::sleep(Duration::from_millis(IDLE_TIMEOUT_MS) + Duration::from_secs(3)).await;
         let after = held(&args).await;
-        println!("connections held, idle after the restart: {}", summarize_held(&after, args.sidecars));
+        println!(
+            "connections held, idle after the restart: {}",
+            summarize_held(&after, args.sidecars)
+        );
     }
 
     let exited: Vec<usize> = sidecars

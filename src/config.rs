@@ -975,7 +975,10 @@ fn resolve_fleet(
 ) -> Result<Option<FleetSettings>, ConfigError> {
     let Some(url) = f.database_url else {
         for (key, given) in [
-            ("fleet.statement_timeout_ms", f.statement_timeout_ms.is_some()),
+            (
+                "fleet.statement_timeout_ms",
+                f.statement_timeout_ms.is_some(),
+            ),
             ("fleet.max_connections", f.max_connections.is_some()),
             ("fleet.idle_timeout_ms", f.idle_timeout_ms.is_some()),
             ("fleet.change_feed", f.change_feed.is_some()),
@@ -1020,13 +1023,19 @@ fn resolve_fleet(
         other => {
             return Err(err(
                 "fleet.change_feed",
-                format!("`{other}` is not a change feed; allowed: `listen` (direct to PostgreSQL), `poll` (through a transaction-mode pooler)"),
+                format!(
+                    "`{other}` is not a change feed; allowed: `listen` (direct to PostgreSQL), `poll` (through a transaction-mode pooler)"
+                ),
             ));
         }
     };
     let max_connections = f.max_connections.unwrap_or(DEFAULT_FLEET_MAX_CONNECTIONS);
     // The listener holds one connection for good; reads need at least one more.
-    let least = if change_feed == ChangeFeed::Listen { 2 } else { 1 };
+    let least = if change_feed == ChangeFeed::Listen {
+        2
+    } else {
+        1
+    };
     let max_connections = u32::try_from(in_range(
         "fleet.max_connections",
         u64::from(max_connections),
@@ -1050,7 +1059,9 @@ fn resolve_fleet(
     // would then not find in `pg_stat_activity`.
     if application_name.is_empty()
         || application_name.len() > 63
-        || !application_name.chars().all(|c| c.is_ascii_graphic() || c == ' ')
+        || !application_name
+            .chars()
+            .all(|c| c.is_ascii_graphic() || c == ' ')
     {
         return Err(err(
             "fleet.application_name",

@@ -1083,7 +1083,11 @@ fn the_fleet_overlay_goes_through_a_transaction_mode_pgbouncer_within_the_connec
     let env = pdgate(d).env.as_ref().unwrap();
     let value = |name: &str| env.iter().find(|e| e.name == name);
     let feed = value("PDGATE_CHANGE_FEED").expect("PDGATE_CHANGE_FEED");
-    assert_eq!(feed.value.as_deref(), Some("poll"), "LISTEN does not pass a pooler");
+    assert_eq!(
+        feed.value.as_deref(),
+        Some("poll"),
+        "LISTEN does not pass a pooler"
+    );
     let from = value("PDGATE_DATABASE_URL")
         .and_then(|e| e.value_from.as_ref())
         .and_then(|v| v.secret_key_ref.as_ref())
@@ -1116,14 +1120,20 @@ fn the_fleet_overlay_goes_through_a_transaction_mode_pgbouncer_within_the_connec
     // Server connections: replicas x max_db_connections, whatever the number of sidecars.
     let p = pooler.deployment();
     let replicas = p.spec.as_ref().unwrap().replicas.unwrap_or(1);
-    assert!(replicas >= 2, "one pooler pod lost must not cut the fleet off");
+    assert!(
+        replicas >= 2,
+        "one pooler pod lost must not cut the fleet off"
+    );
     let per_replica: i32 = setting("max_db_connections").parse().unwrap();
     assert!(
         replicas * per_replica <= 50,
         "{replicas} x {per_replica} server connections: more than half a default server's 100"
     );
     let container = &pod(p).containers[0];
-    assert_eq!(container.args.as_deref(), Some(&["/etc/pgbouncer/pgbouncer.ini".to_owned()][..]));
+    assert_eq!(
+        container.args.as_deref(),
+        Some(&["/etc/pgbouncer/pgbouncer.ini".to_owned()][..])
+    );
     assert!(pod(p).security_context.as_ref().unwrap().run_as_non_root == Some(true));
     let auth = pooler.secret("pgbouncer-auth");
     for (key, value) in auth.string_data.as_ref().unwrap() {

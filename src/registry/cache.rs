@@ -52,8 +52,8 @@ use super::{Notification, PostgresRegistry, RegistryError, SqliteRegistry, Subje
 use crate::decision::{Decision, ReasonCode};
 use crate::subjects::{SubjectState, SubjectStateError, SubjectStates};
 use moka::ops::compute::Op;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
 
 /// How the cache is bounded and kept current.
@@ -456,7 +456,11 @@ impl SubjectCache {
         self: &Arc<Self>,
         store: PostgresRegistry,
     ) -> tokio::task::JoinHandle<()> {
-        self.spawn_fleet_feed(store.pool().clone(), None, crate::config::ChangeFeed::Listen)
+        self.spawn_fleet_feed(
+            store.pool().clone(),
+            None,
+            crate::config::ChangeFeed::Listen,
+        )
     }
 
     /// Starts the fleet's one change feed on `pool` (see [`super::feed`]): subject changes
@@ -488,7 +492,6 @@ impl SubjectCache {
     pub fn fleet(&self) -> Option<&super::feed::FleetLink> {
         self.fleet.get()
     }
-}
 }
 
 impl SubjectStates for SubjectCache {
