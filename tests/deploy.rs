@@ -1076,10 +1076,7 @@ fn the_fleet_overlay_goes_through_a_transaction_mode_pgbouncer_within_the_connec
     let fleet = build(&repo().join("deploy/kubernetes/overlays/fleet"));
     let pooler = build(&repo().join("deploy/kubernetes/overlays/fleet/pgbouncer"));
     let d = fleet.deployment();
-    assert!(
-        d.spec.as_ref().unwrap().replicas.unwrap_or(1) > 1,
-        "several sidecars"
-    );
+    assert!(d.spec.replicas.unwrap_or(1) > 1, "several sidecars");
     let env = pdgate(d).env.as_ref().unwrap();
     let value = |name: &str| env.iter().find(|e| e.name == name);
     let feed = value("PDGATE_CHANGE_FEED").expect("PDGATE_CHANGE_FEED");
@@ -1119,7 +1116,7 @@ fn the_fleet_overlay_goes_through_a_transaction_mode_pgbouncer_within_the_connec
 
     // Server connections: replicas x max_db_connections, whatever the number of sidecars.
     let p = pooler.deployment();
-    let replicas = p.spec.as_ref().unwrap().replicas.unwrap_or(1);
+    let replicas = p.spec.replicas.unwrap_or(1);
     assert!(
         replicas >= 2,
         "one pooler pod lost must not cut the fleet off"
