@@ -99,6 +99,17 @@ pub struct FleetSection {
     pub database_url: Option<String>,
     /// Longest a statement may run before it is cancelled (and the read counts as failed).
     pub statement_timeout_ms: Option<u64>,
+    /// Most connections one sidecar opens (the change feed's included).
+    pub max_connections: Option<u32>,
+    /// A pooled connection unused this long is closed.
+    pub idle_timeout_ms: Option<u64>,
+    /// How changes reach the sidecar: `listen` (LISTEN/NOTIFY, direct to PostgreSQL) or `poll`
+    /// (a cursor over the change table, through a transaction-mode pooler).
+    pub change_feed: Option<String>,
+    /// With `change_feed = "poll"`: how often the change table is read.
+    pub poll_interval_ms: Option<u64>,
+    /// `application_name` of the sidecar's connections (`pg_stat_activity` shows it).
+    pub application_name: Option<String>,
 }
 
 /// Reloading the policy without a restart.
@@ -137,7 +148,43 @@ impl Default for SubjectsSettings {
 pub struct FleetSettings {
     pub database_url: String,
     pub statement_timeout: Duration,
+    /// Most connections one sidecar opens; none is kept open while idle except the feed's.
+    pub max_connections: u32,
+    pub idle_timeout: Duration,
+    pub change_feed: ChangeFeed,
+    pub application_name: String,
 }
+
+impl FleetSettings {
+    /// The defaults for `database_url`: a LISTEN feed, connections on demand.
+    pub fn new(database_url: impl Into<String>) -> Self {
+        Self {
+            database_url: database_url.into(),
+            statement_timeout: Duration::from_secs(2),
+            max_connections: DEFAULT_FLEET_MAX_CONNECTIONS,
+            idle_timeout: DEFAULT_FLEET_IDLE_TIMEOUT,
+            change_feed: ChangeFeed::Listen,
+            application_name: DEFAULT_FLEET_APPLICATION_NAME.to_owned(),
+        }
+    }
+}
+
+/// How a fleet sidecar hears of changes made by the others.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ChangeFeed {
+    /// One LISTEN connection on the policy and subject channels (needs a session to the
+    /// database itself: LISTEN does not pass through a transaction-mode pooler).
+    Listen,
+    /// A read of the change table every interval, through any pooler; no connection is held
+    /// between reads.
+    Poll(Duration),
+}
+
+/// The fleet defaults: a sidecar opens connections on demand, at most this many.
+pub const DEFAULT_FLEET_MAX_CONNECTIONS: u32 = 4;
+pub const DEFAULT_FLEET_IDLE_TIMEOUT: Duration = Duration::from_secs(10);
+pub const DEFAULT_FLEET_POLL_INTERVAL: Duration = Duration::from_millis(250);
+pub const DEFAULT_FLEET_APPLICATION_NAME: &str = "pdgate";
 
 /// Policy reloads, resolved.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -962,11 +1009,20 @@ fn resolve_fleet(
     err: &dyn Fn(&str, String) -> ConfigError,
 ) -> Result<Option<FleetSettings>, ConfigError> {
     let Some(url) = f.database_url else {
-        if f.statement_timeout_ms.is_some() {
-            return Err(err(
+        for (key, given) in [
+            (
                 "fleet.statement_timeout_ms",
-                "applies only with `database_url`".into(),
-            ));
+                f.statement_timeout_ms.is_some(),
+            ),
+            ("fleet.max_connections", f.max_connections.is_some()),
+            ("fleet.idle_timeout_ms", f.idle_timeout_ms.is_some()),
+            ("fleet.change_feed", f.change_feed.is_some()),
+            ("fleet.poll_interval_ms", f.poll_interval_ms.is_some()),
+            ("fleet.application_name", f.application_name.is_some()),
+        ] {
+            if given {
+                return Err(err(key, "applies only with `database_url`".into()));
+            }
         }
         return Ok(None);
     };
@@ -978,9 +1034,82 @@ fn resolve_fleet(
     }
     let ms = f.statement_timeout_ms.unwrap_or(2000);
     let ms = in_range("fleet.statement_timeout_ms", ms, 1, 600_000, err)?;
+    let change_feed = match f.change_feed.as_deref().unwrap_or("listen") {
+        "listen" => {
+            if f.poll_interval_ms.is_some() {
+                return Err(err(
+                    "fleet.poll_interval_ms",
+                    "applies only with `change_feed = \"poll\"`".into(),
+                ));
+            }
+            ChangeFeed::Listen
+        }
+        "poll" => {
+            let default = u64::try_from(DEFAULT_FLEET_POLL_INTERVAL.as_millis()).unwrap_or(250);
+            let every = f.poll_interval_ms.unwrap_or(default);
+            ChangeFeed::Poll(Duration::from_millis(in_range(
+                "fleet.poll_interval_ms",
+                every,
+                20,
+                10_000,
+                err,
+            )?))
+        }
+        other => {
+            return Err(err(
+                "fleet.change_feed",
+                format!(
+                    "`{other}` is not a change feed; allowed: `listen` (direct to PostgreSQL), `poll` (through a transaction-mode pooler)"
+                ),
+            ));
+        }
+    };
+    let max_connections = f.max_connections.unwrap_or(DEFAULT_FLEET_MAX_CONNECTIONS);
+    // The listener holds one connection for good; reads need at least one more.
+    let least = if change_feed == ChangeFeed::Listen {
+        2
+    } else {
+        1
+    };
+    let max_connections = u32::try_from(in_range(
+        "fleet.max_connections",
+        u64::from(max_connections),
+        least,
+        100,
+        err,
+    )?)
+    .unwrap_or(DEFAULT_FLEET_MAX_CONNECTIONS);
+    let idle_default = u64::try_from(DEFAULT_FLEET_IDLE_TIMEOUT.as_millis()).unwrap_or(10_000);
+    let idle = in_range(
+        "fleet.idle_timeout_ms",
+        f.idle_timeout_ms.unwrap_or(idle_default),
+        100,
+        3_600_000,
+        err,
+    )?;
+    let application_name = f
+        .application_name
+        .unwrap_or_else(|| DEFAULT_FLEET_APPLICATION_NAME.to_owned());
+    // PostgreSQL truncates beyond 63 bytes and shows non-ASCII as `?`: a name the operator
+    // would then not find in `pg_stat_activity`.
+    if application_name.is_empty()
+        || application_name.len() > 63
+        || !application_name
+            .chars()
+            .all(|c| c.is_ascii_graphic() || c == ' ')
+    {
+        return Err(err(
+            "fleet.application_name",
+            format!("`{application_name}` is not allowed; 1 to 63 printable ASCII characters"),
+        ));
+    }
     Ok(Some(FleetSettings {
         database_url: url,
         statement_timeout: Duration::from_millis(ms),
+        max_connections,
+        idle_timeout: Duration::from_millis(idle),
+        change_feed,
+        application_name,
     }))
 }
 

@@ -139,13 +139,16 @@ pub async fn open_subject_cache(
             // A read in the decision path waits at most this long, below the server-side
             // statement timeout when that is long: a call should not hang on a dead database.
             settings.read_timeout = fleet.statement_timeout.min(Duration::from_secs(1));
-            let store = PostgresRegistry::connect_lazy(
-                &fleet.database_url,
-                fleet.statement_timeout,
-                settings.read_timeout,
-            )?;
-            let cache = Arc::new(SubjectCache::new(Arc::new(store.clone()), settings));
-            drop(cache.spawn_postgres_feed(store));
+            // One pool and one change feed for the registry and the policy store (`gate`
+            // takes them from the cache): see registry::feed.
+            let pool = crate::registry::feed::pool(fleet, settings.read_timeout)?;
+            let store = PostgresRegistry::from_lazy_pool(pool.clone());
+            let cache = Arc::new(SubjectCache::new(Arc::new(store), settings));
+            drop(cache.spawn_fleet_feed(
+                pool,
+                Some(crate::registry::PolicySignal::new()),
+                fleet.change_feed,
+            ));
             Ok(cache)
         }
         None => {
@@ -185,15 +188,18 @@ pub fn gate(
         decider.set_policy(policy);
     }
     // Embedded: the policy directory is the store, Apply and Rollback write into it (see
-    // gate::store). Fleet: PostgreSQL is, and its listener wakes the watch on every NOTIFY;
-    // the listener runs as long as the runtime (it holds only the store's connection).
+    // gate::store). Fleet: PostgreSQL is, on the pool and change feed of the subject cache
+    // (one feed per sidecar wakes the watch on every new version).
     let store: Arc<dyn PolicyStore> = match &config.fleet {
         Some(fleet) => {
-            let store =
-                PostgresPolicyStore::connect_lazy(&fleet.database_url, fleet.statement_timeout)
-                    .map_err(ServeError::Fleet)?;
-            drop(tokio::spawn(store.clone().listen(std::future::pending())));
-            Arc::new(store)
+            let link = match &subjects {
+                Subjects::Registry(cache) => cache.fleet().cloned(),
+                _ => None,
+            };
+            match link {
+                Some(link) => Arc::new(PostgresPolicyStore::on_link(&link)),
+                None => Arc::new(PostgresPolicyStore::start(fleet).map_err(ServeError::Fleet)?),
+            }
         }
         None => Arc::new(FileStore::new(config.policy.clone(), config.routes.clone())),
     };

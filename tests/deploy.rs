@@ -1462,3 +1462,76 @@ fn the_dockerfile_builds_pdgate_and_places_what_the_manifests_expect() {
         );
     }
 }
+
+// ---------------------------------------------------------------------------------------------
+// The fleet overlay's pooler (issue #19)
+
+/// The fleet overlay reaches PostgreSQL through the transaction-mode PgBouncer of
+/// `overlays/fleet/pgbouncer`, with the change feed that works through it, and the pooler's
+/// server connections for the whole fleet stay within a default server's 100.
+#[test]
+fn the_fleet_overlay_goes_through_a_transaction_mode_pgbouncer_within_the_connection_budget() {
+    let fleet = build(&repo().join("deploy/kubernetes/overlays/fleet"));
+    let pooler = build(&repo().join("deploy/kubernetes/overlays/fleet/pgbouncer"));
+    let d = fleet.deployment();
+    assert!(d.spec.replicas.unwrap_or(1) > 1, "several sidecars");
+    let env = pdgate(d).env.as_ref().unwrap();
+    let value = |name: &str| env.iter().find(|e| e.name == name);
+    let feed = value("PDGATE_CHANGE_FEED").expect("PDGATE_CHANGE_FEED");
+    assert_eq!(
+        feed.value.as_deref(),
+        Some("poll"),
+        "LISTEN does not pass a pooler"
+    );
+    let from = value("PDGATE_DATABASE_URL")
+        .and_then(|e| e.value_from.as_ref())
+        .and_then(|v| v.secret_key_ref.as_ref())
+        .expect("the URL from a Secret");
+    let url = &fleet.secret(&from.name).string_data.as_ref().unwrap()[&from.key];
+
+    // The URL names the pooler's Service and the database PgBouncer serves.
+    assert_eq!(pooler.services.len(), 1);
+    let service = &pooler.services[0];
+    let name = service.metadata.name.as_deref().unwrap();
+    let port = service.spec.as_ref().unwrap().ports.as_ref().unwrap()[0].port;
+    let ini = &pooler.config_maps["pgbouncer-config"]["pgbouncer.ini"];
+    let setting = |key: &str| -> String {
+        ini.lines()
+            .map(str::trim)
+            .filter(|l| !l.starts_with(';'))
+            .find_map(|l| {
+                let (k, v) = l.split_once('=')?;
+                (k.trim() == key).then(|| v.trim().to_owned())
+            })
+            .unwrap_or_else(|| panic!("pgbouncer.ini has no `{key}`"))
+    };
+    let database = setting("pdgate");
+    assert!(database.contains("dbname=pdgate"), "{database}");
+    assert!(url.contains(&format!("@{name}:{port}/pdgate")), "{url}");
+    assert_eq!(setting("listen_port"), port.to_string());
+    assert_eq!(setting("pool_mode"), "transaction");
+    assert!(setting("ignore_startup_parameters").contains("extra_float_digits"));
+
+    // Server connections: replicas x max_db_connections, whatever the number of sidecars.
+    let p = pooler.deployment();
+    let replicas = p.spec.replicas.unwrap_or(1);
+    assert!(
+        replicas >= 2,
+        "one pooler pod lost must not cut the fleet off"
+    );
+    let per_replica: i32 = setting("max_db_connections").parse().unwrap();
+    assert!(
+        replicas * per_replica <= 50,
+        "{replicas} x {per_replica} server connections: more than half a default server's 100"
+    );
+    let container = &pod(p).containers[0];
+    assert_eq!(
+        container.args.as_deref(),
+        Some(&["/etc/pgbouncer/pgbouncer.ini".to_owned()][..])
+    );
+    assert!(pod(p).security_context.as_ref().unwrap().run_as_non_root == Some(true));
+    let auth = pooler.secret("pgbouncer-auth");
+    for (key, value) in auth.string_data.as_ref().unwrap() {
+        assert!(value.contains("REPLACE"), "`{key}` is a placeholder");
+    }
+}

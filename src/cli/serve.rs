@@ -95,6 +95,11 @@ pub struct ServeArgs {
         hide_env_values = true
     )]
     database_url: Option<String>,
+    /// Fleet mode: how changes reach this sidecar, `listen` (LISTEN/NOTIFY, direct to
+    /// PostgreSQL) or `poll` (the change table, through a transaction-mode pooler such as
+    /// PgBouncer) [default: listen].
+    #[arg(long, value_name = "FEED", env = "PDGATE_CHANGE_FEED")]
+    change_feed: Option<String>,
     /// pdgate's log on stderr: `text` (coloured only on a terminal) or `json` (one object per
     /// line) [default: text]. Which events: PDGATE_LOG, e.g. `debug` [default: warn,pdgate=info].
     #[arg(long, value_name = "FORMAT")]
@@ -169,6 +174,11 @@ impl ServeArgs {
             "fleet.database_url",
             "--database-url",
         );
+        flag(
+            self.change_feed.is_some(),
+            "fleet.change_feed",
+            "--change-feed",
+        );
         flag(self.log_format.is_some(), "log.format", "--log-format");
         file.listen = self.listen.or(file.listen);
         file.api_listen = self.api_listen.or(file.api_listen);
@@ -189,6 +199,7 @@ impl ServeArgs {
         file.telemetry.otlp_endpoint = self.otlp_endpoint.or(file.telemetry.otlp_endpoint);
         file.subjects.path = self.subjects_store.or(file.subjects.path);
         file.fleet.database_url = self.database_url.or(file.fleet.database_url);
+        file.fleet.change_feed = self.change_feed.or(file.fleet.change_feed);
         file.log.format = self.log_format.or(file.log.format);
         file.resolve(&origin).map_err(|mut e| {
             if let Some((_, name)) = from_flags.iter().find(|(key, _)| *key == e.key) {

@@ -1,8 +1,9 @@
 //! Fleet mode: policy versions kept in PostgreSQL, shared by every sidecar of the fleet.
 //!
-//! An Apply (or Rollback) on any sidecar inserts a row into `policy_versions` and NOTIFYs
-//! [`NOTIFY_CHANNEL`] in the same transaction; every sidecar LISTENs, and its watch
-//! ([`super::watch`]) wakes on the notification, reads the newest row and reloads it through the
+//! An Apply (or Rollback) on any sidecar inserts a row into `policy_versions`, NOTIFYs
+//! [`NOTIFY_CHANNEL`] and appends it to the fleet's change table in the same transaction; every
+//! sidecar's change feed ([`crate::registry::feed`]) hears of it, and its watch
+//! ([`super::watch`]) wakes, reads the newest row and reloads it through the
 //! same check-then-swap path as any other change (a version that fails its tests on one sidecar
 //! is not swapped in there, and `Status` says why). The newest row is the fleet's policy: a
 //! sidecar that starts, or whose listener reconnects, loads it.
@@ -12,21 +13,19 @@
 
 use super::bundle::{Bundle, TestFile};
 use super::store::{Origin, Persisted, PolicyStore, StoreError};
+use crate::config::FleetSettings;
 use crate::policy::{DescriptorFile, PolicySource};
-use sqlx::postgres::{PgConnectOptions, PgListener, PgPool, PgPoolOptions};
-use sqlx::{ConnectOptions, Row};
+use crate::registry::feed::{self, FleetLink, PolicySignal};
+use sqlx::Row;
+use sqlx::postgres::PgPool;
 use std::path::PathBuf;
-use std::str::FromStr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 use tokio::sync::Notify;
 
 /// The channel a new policy version is announced on; the payload is its row id.
-pub const NOTIFY_CHANNEL: &str = "pdgate_policy";
-
-/// The same migrations as the subject registry: one schema per fleet database.
-static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/postgres");
+pub const NOTIFY_CHANNEL: &str = feed::POLICY_CHANNEL;
 
 /// How long a read waits for a pooled connection before it counts as failed.
 const ACQUIRE_TIMEOUT: Duration = Duration::from_secs(2);
@@ -34,101 +33,59 @@ const ACQUIRE_TIMEOUT: Duration = Duration::from_secs(2);
 /// Policy versions in PostgreSQL.
 #[derive(Debug, Clone)]
 pub struct PostgresPolicyStore {
-    /// One connection is held by the listener; the others serve reads and applies.
+    /// The sidecar's fleet pool, shared with the subject registry.
     pool: PgPool,
-    /// Woken by every notification, and when the listener (re)connects — a version may have
-    /// been applied while it was away. The watch waits on it.
-    wake: Arc<Notify>,
+    /// The change feed's news of policy versions: it wakes the watch, and its marker moves
+    /// when a version was announced or the feed restarted (a version may have been applied
+    /// while it was away).
+    signal: Arc<PolicySignal>,
     /// Whether the schema is known to be in place (migrations run once per process).
     migrated: Arc<AtomicBool>,
 }
 
 impl PostgresPolicyStore {
-    /// A store for `url`; no connection is made here (the sidecar starts while the database is
-    /// down: `current` then fails and the sidecar keeps the policy it has). Statements running
-    /// longer than `statement_timeout` are cancelled by the server.
-    pub fn connect_lazy(url: &str, statement_timeout: Duration) -> Result<Self, StoreError> {
-        if !(url.starts_with("postgres://") || url.starts_with("postgresql://")) {
-            return Err(StoreError::Refused(
-                "the fleet database URL must start with `postgres://` or `postgresql://`".into(),
-            ));
-        }
-        let options = PgConnectOptions::from_str(url)
-            .map_err(|e| StoreError::Refused(format!("the fleet database URL: {e}")))?
-            .options([(
-                "statement_timeout",
-                statement_timeout.as_millis().max(1).to_string(),
-            )])
-            .disable_statement_logging();
-        let pool = PgPoolOptions::new()
-            .max_connections(3)
-            .acquire_timeout(ACQUIRE_TIMEOUT)
-            .connect_lazy_with(options);
-        Ok(Self {
-            pool,
-            wake: Arc::new(Notify::new()),
+    /// A store on the pool and change feed the sidecar's subject cache already runs
+    /// ([`crate::registry::SubjectCache::fleet`]).
+    pub fn on_link(link: &FleetLink) -> Self {
+        Self {
+            pool: link.pool.clone(),
+            signal: link.policy.clone(),
             migrated: Arc::new(AtomicBool::new(false)),
-        })
+        }
+    }
+
+    /// A store with a pool and a policy-only change feed of its own (a sidecar without a
+    /// subject registry). No connection is made here (the sidecar starts while the database is
+    /// down: `current` then fails and the sidecar keeps the policy it has). Must be called
+    /// inside the tokio runtime: the feed is spawned on it and runs as long as the runtime.
+    pub fn start(settings: &FleetSettings) -> Result<Self, StoreError> {
+        let pool = feed::pool(settings, ACQUIRE_TIMEOUT)
+            .map_err(|e| StoreError::Refused(format!("the fleet database URL: {e}")))?;
+        let signal = PolicySignal::new();
+        drop(tokio::spawn(feed::run(
+            None,
+            pool.clone(),
+            Some(signal.clone()),
+            settings.change_feed,
+            crate::registry::SubjectCacheSettings::default(),
+        )));
+        Ok(Self::on_link(&FleetLink {
+            pool,
+            policy: signal,
+        }))
     }
 
     async fn migrate(&self) -> Result<(), StoreError> {
         if self.migrated.load(Ordering::Acquire) {
             return Ok(());
         }
-        MIGRATOR.run(&self.pool).await.map_err(|e| {
+        feed::migrate(&self.pool).await.map_err(|e| {
             StoreError::Refused(format!(
                 "the fleet schema cannot be brought up to date: {e}"
             ))
         })?;
         self.migrated.store(true, Ordering::Release);
         Ok(())
-    }
-
-    /// Listens for new versions until `shutdown` completes, reconnecting with a growing pause
-    /// (up to 5 s) while the database is away. Every (re)connection wakes the watch too.
-    pub async fn listen(self, shutdown: impl std::future::Future<Output = ()>) {
-        tokio::pin!(shutdown);
-        let mut pause = Duration::from_millis(100);
-        loop {
-            let connected = async {
-                let mut listener = PgListener::connect_with(&self.pool).await?;
-                listener.listen(NOTIFY_CHANNEL).await?;
-                Ok::<_, sqlx::Error>(listener)
-            };
-            let mut listener = tokio::select! {
-                () = &mut shutdown => return,
-                result = connected => match result {
-                    Ok(l) => l,
-                    Err(e) => {
-                        tracing::warn!(error = %e, retry_in = ?pause, "fleet policy listener cannot connect");
-                        tokio::select! {
-                            () = &mut shutdown => return,
-                            () = tokio::time::sleep(pause) => {}
-                        }
-                        pause = (pause * 2).min(Duration::from_secs(5));
-                        continue;
-                    }
-                },
-            };
-            pause = Duration::from_millis(100);
-            // Anything applied while we were not listening is picked up now.
-            self.wake.notify_one();
-            loop {
-                tokio::select! {
-                    () = &mut shutdown => return,
-                    received = listener.try_recv() => match received {
-                        Ok(Some(_)) => self.wake.notify_one(),
-                        // `None`: the connection was lost (sqlx reconnects on the next
-                        // call); a version may have been missed meanwhile.
-                        Ok(None) => self.wake.notify_one(),
-                        Err(e) => {
-                            tracing::warn!(error = %e, "fleet policy listener lost its connection");
-                            break;
-                        }
-                    },
-                }
-            }
-        }
     }
 
     fn bundle_of(row: &sqlx::postgres::PgRow) -> Result<Bundle, StoreError> {
@@ -192,27 +149,24 @@ impl PolicyStore for PostgresPolicyStore {
 
     async fn current(&self) -> Result<Option<Bundle>, StoreError> {
         self.migrate().await?;
+        let unreadable = |e: sqlx::Error| database("the fleet's policy cannot be read", &e);
+        // In a transaction: behind a transaction-mode pooler a statement's parse and execution
+        // must reach the same server connection.
+        let mut tx = self.pool.begin().await.map_err(unreadable)?;
         let row = sqlx::query(
             "SELECT id, model, policy, taxonomy, routes, tests, descriptors FROM policy_versions ORDER BY id DESC LIMIT 1",
         )
-        .fetch_optional(&self.pool)
+        .fetch_optional(&mut *tx)
         .await
-        .map_err(|e| database("the fleet's policy cannot be read", &e))?;
+        .map_err(unreadable)?;
+        tx.commit().await.map_err(unreadable)?;
         row.as_ref().map(Self::bundle_of).transpose()
     }
 
     async fn marker(&self) -> Option<u64> {
-        // The newest row id: it changes exactly when a version is applied. While the database
-        // cannot be read there is no marker, and the watch keeps the policy it has.
-        if self.migrate().await.is_err() {
-            return None;
-        }
-        sqlx::query_scalar::<_, Option<i64>>("SELECT max(id) FROM policy_versions")
-            .fetch_one(&self.pool)
-            .await
-            .ok()
-            .flatten()
-            .and_then(|id| u64::try_from(id).ok())
+        // Moves when the change feed announced a version or restarted: no query while nothing
+        // changes. While the feed is down the policy in force stays.
+        Some(self.signal.marker())
     }
 
     async fn publish(&self, bundle: &Bundle) -> Result<Persisted, StoreError> {
@@ -272,6 +226,9 @@ impl PolicyStore for PostgresPolicyStore {
             .execute(&mut *tx)
             .await
             .map_err(|e| database("the new version cannot be announced", &e))?;
+        feed::record_change(&mut tx, "policy", &id.to_string())
+            .await
+            .map_err(|e| database("the new version cannot be announced", &e))?;
         tx.commit()
             .await
             .map_err(|e| database("the policy version cannot be stored", &e))?;
@@ -279,7 +236,7 @@ impl PolicyStore for PostgresPolicyStore {
     }
 
     fn wakeup(&self) -> Option<Arc<Notify>> {
-        Some(self.wake.clone())
+        Some(self.signal.wake())
     }
 
     fn settles(&self) -> bool {

@@ -39,20 +39,21 @@
 //!   one seen, every [`SubjectCacheSettings::poll_interval`] (100 ms): a change that another
 //!   process (`pdgate subjects --store`) commits is honoured by every call that starts after
 //!   the next poll, i.e. within about 100 ms plus the poll's own time (bounded here by 250 ms).
-//! - PostgreSQL ([`SubjectCache::spawn_postgres_feed`]): a `PgListener` on
-//!   [`NOTIFY_CHANNEL`](super::NOTIFY_CHANNEL); a heartbeat NOTIFY on a channel of this
-//!   sidecar's own every [`SubjectCacheSettings::heartbeat_interval`] proves the listener is
-//!   alive (NOTIFYs arrive in commit order, so every change committed before the heartbeat was
-//!   delivered before it). A lost listener is reconnected with backoff; because changes may have
-//!   been missed in between, the whole cache is dropped when it is back.
+//! - PostgreSQL ([`SubjectCache::spawn_fleet_feed`], see [`super::feed`]): the sidecar's one
+//!   change feed, for policy versions and subject changes alike — a `PgListener` whose heartbeat
+//!   NOTIFY every [`SubjectCacheSettings::heartbeat_interval`] proves it alive (NOTIFYs arrive
+//!   in commit order, so every change committed before the heartbeat was delivered before it),
+//!   or a poll of the change table, whose every successful read confirms the cache. A lost
+//!   listener is reconnected with backoff; because changes may have been missed in between, the
+//!   whole cache is dropped when it is back.
 
 use super::{Change, Event, SubjectRegistry};
 use super::{Notification, PostgresRegistry, RegistryError, SqliteRegistry, SubjectRecord};
 use crate::decision::{Decision, ReasonCode};
 use crate::subjects::{SubjectState, SubjectStateError, SubjectStates};
 use moka::ops::compute::Op;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
 
 /// How the cache is bounded and kept current.
@@ -106,6 +107,8 @@ pub struct SubjectCache {
     failed_us: AtomicU64,
     /// Store reads on the decision path, and those that failed (metrics).
     stats: Arc<ReadStats>,
+    /// Fleet mode: the pool and policy signal the change feed shares with the policy store.
+    fleet: std::sync::OnceLock<super::feed::FleetLink>,
 }
 
 /// Reads of the store through [`SubjectCache::read_through`] (the decision path), for the
@@ -169,6 +172,7 @@ impl SubjectCache {
             epoch: AtomicU64::new(0),
             failed_us: AtomicU64::new(0),
             stats: Arc::default(),
+            fleet: std::sync::OnceLock::new(),
         }
     }
 
@@ -185,7 +189,7 @@ impl SubjectCache {
         &self.settings
     }
 
-    fn now_us(&self) -> u64 {
+    pub(crate) fn now_us(&self) -> u64 {
         u64::try_from(self.base.elapsed().as_micros()).unwrap_or(u64::MAX)
     }
 
@@ -382,13 +386,13 @@ impl SubjectCache {
     }
 
     /// The feed delivered every change committed before `at_us` (µs since `base`).
-    fn confirm(&self, at_us: u64) {
+    pub(crate) fn confirm(&self, at_us: u64) {
         self.confirmed_us.fetch_max(at_us, Ordering::AcqRel);
     }
 
     /// Drops everything after a gap in the feed (changes may have been missed). The epoch is
     /// what makes entries unanswerable; `invalidate_all` frees their memory.
-    fn reset(&self) {
+    pub(crate) fn reset(&self) {
         self.epoch.fetch_add(1, Ordering::AcqRel);
         self.entries.invalidate_all();
     }
@@ -446,15 +450,47 @@ impl SubjectCache {
         }))
     }
 
-    /// Starts the PostgreSQL listener (and the schema migration, once the database is
-    /// reachable). The task ends when the cache is dropped.
+    /// Starts a LISTEN feed on `store`'s pool for subject changes alone (benchmarks, tests);
+    /// a sidecar uses [`Self::spawn_fleet_feed`]. The task ends when the cache is dropped.
     pub fn spawn_postgres_feed(
         self: &Arc<Self>,
         store: PostgresRegistry,
     ) -> tokio::task::JoinHandle<()> {
-        let cache = Arc::downgrade(self);
-        let settings = self.settings;
-        tokio::spawn(postgres_feed(cache, store, settings))
+        self.spawn_fleet_feed(
+            store.pool().clone(),
+            None,
+            crate::config::ChangeFeed::Listen,
+        )
+    }
+
+    /// Starts the fleet's one change feed on `pool` (see [`super::feed`]): subject changes
+    /// reach this cache, policy versions `policy`. The task ends when the cache is dropped.
+    pub fn spawn_fleet_feed(
+        self: &Arc<Self>,
+        pool: sqlx::PgPool,
+        policy: Option<Arc<super::feed::PolicySignal>>,
+        mode: crate::config::ChangeFeed,
+    ) -> tokio::task::JoinHandle<()> {
+        if let Some(policy) = &policy {
+            // The first link wins; a second feed on one cache is a caller's mistake.
+            let _ = self.fleet.set(super::feed::FleetLink {
+                pool: pool.clone(),
+                policy: policy.clone(),
+            });
+        }
+        tokio::spawn(super::feed::run(
+            Some(Arc::downgrade(self)),
+            pool,
+            policy,
+            mode,
+            self.settings,
+        ))
+    }
+
+    /// The fleet pool and policy signal of the feed, when one runs (fleet mode): the policy
+    /// store shares them.
+    pub fn fleet(&self) -> Option<&super::feed::FleetLink> {
+        self.fleet.get()
     }
 }
 
@@ -475,131 +511,6 @@ pub enum CacheError {
     Registry(RegistryError),
     #[error("the subject registry did not answer within {0:?}")]
     Timeout(Duration),
-}
-
-/// Backoff of the listener's reconnection.
-const BACKOFF_MIN: Duration = Duration::from_millis(100);
-const BACKOFF_MAX: Duration = Duration::from_secs(2);
-
-async fn postgres_feed(
-    cache: Weak<SubjectCache>,
-    store: PostgresRegistry,
-    s: SubjectCacheSettings,
-) {
-    // A channel of this sidecar's own for its heartbeats (lowercase: LISTEN folds case).
-    let heartbeat_channel = format!(
-        "pdgate_hb_{:016x}",
-        getrandom::u64().unwrap_or_else(|_| {
-            u64::from(std::process::id()) << 32 | u64::from(Instant::now().elapsed().subsec_nanos())
-        })
-    );
-    let mut migrated = false;
-    let mut backoff = BACKOFF_MIN;
-    let mut down_logged = false;
-    loop {
-        if cache.strong_count() == 0 {
-            return;
-        }
-        let connected = async {
-            if !migrated {
-                store.migrate().await.map_err(|e| e.to_string())?;
-                migrated = true;
-            }
-            let mut listener = sqlx::postgres::PgListener::connect_with(store.pool())
-                .await
-                .map_err(|e| e.to_string())?;
-            listener
-                .listen_all([super::NOTIFY_CHANNEL, heartbeat_channel.as_str()])
-                .await
-                .map_err(|e| e.to_string())?;
-            Ok::<_, String>(listener)
-        };
-        let mut listener = match connected.await {
-            Ok(l) => l,
-            Err(e) => {
-                if !down_logged {
-                    tracing::error!(error = %e, "subject registry listener cannot connect; retrying, cached states expire after subjects.stale_after_ms");
-                    down_logged = true;
-                }
-                tokio::time::sleep(backoff).await;
-                backoff = (backoff * 2).min(BACKOFF_MAX);
-                continue;
-            }
-        };
-        backoff = BACKOFF_MIN;
-        if down_logged {
-            tracing::info!("subject registry listener connected");
-            down_logged = false;
-        }
-        let Some(strong) = cache.upgrade() else {
-            return;
-        };
-        // Changes may have been missed while no listener was connected.
-        strong.reset();
-        drop(strong);
-        let receive = async {
-            loop {
-                match listener.try_recv().await {
-                    Ok(Some(n)) => {
-                        let Some(cache) = cache.upgrade() else { return };
-                        if n.channel() == heartbeat_channel {
-                            if let Ok(at) = n.payload().parse::<u64>() {
-                                cache.confirm(at);
-                            }
-                        } else if let Some(change) = Notification::parse(n.payload()) {
-                            cache.notify(&change);
-                        }
-                    }
-                    Ok(None) => {
-                        tracing::warn!("subject registry listener lost its connection");
-                        return;
-                    }
-                    Err(e) => {
-                        tracing::warn!(error = %e, "subject registry listener failed");
-                        return;
-                    }
-                }
-            }
-        };
-        let heartbeat = async {
-            loop {
-                tokio::time::sleep(s.heartbeat_interval).await;
-                let Some(cache) = cache.upgrade() else { return };
-                let at = cache.now_us();
-                drop(cache);
-                let sent = sqlx::query("SELECT pg_notify($1, $2)")
-                    .bind(&heartbeat_channel)
-                    .bind(at.to_string())
-                    .execute(store.pool());
-                if let Ok(Err(e)) = tokio::time::timeout(s.read_timeout, sent).await {
-                    tracing::debug!(error = %e, "subject registry heartbeat not sent");
-                }
-            }
-        };
-        // A listener that stays silent while heartbeats are due is dead even if its socket
-        // has not said so (a network that drops packets): replaced.
-        let watchdog = async {
-            let dead_after = (s.heartbeat_interval * 8).max(Duration::from_secs(2));
-            loop {
-                tokio::time::sleep(s.heartbeat_interval).await;
-                match cache.upgrade() {
-                    Some(c) if c.unconfirmed_for() > dead_after => {
-                        tracing::warn!(silent = ?c.unconfirmed_for(), "subject registry listener silent; reconnecting");
-                        return;
-                    }
-                    Some(_) => {}
-                    None => return,
-                }
-            }
-        };
-        tokio::select! {
-            () = receive => {}
-            () = heartbeat => {}
-            () = watchdog => {}
-        }
-        drop(listener);
-        tokio::time::sleep(BACKOFF_MIN).await;
-    }
 }
 
 #[cfg(test)]

@@ -16,10 +16,12 @@
 //! [`SubjectCache`] is the sidecar's versioned cache, kept current by the store's change feed.
 
 mod cache;
+pub mod feed;
 mod postgres;
 mod sqlite;
 
 pub use cache::{CacheError, ReadStats, SubjectCache, SubjectCacheSettings};
+pub use feed::{FleetLink, PolicySignal};
 pub use postgres::{NOTIFY_CHANNEL, Notification, PostgresRegistry};
 pub use sqlite::SqliteRegistry;
 

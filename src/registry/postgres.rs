@@ -1,5 +1,6 @@
 //! The fleet store: PostgreSQL shared by several sidecars. Every change is NOTIFYed on
-//! [`NOTIFY_CHANNEL`] when it commits, so that sidecars can drop what they cached.
+//! [`NOTIFY_CHANNEL`] and appended to the fleet's change table when it commits, so that
+//! sidecars can drop what they cached (see [`super::feed`]).
 
 use super::{
     Action, Change, Event, EventRow, RecordBuilder, RegistryError, SubjectRecord, SubjectRegistry,
@@ -10,10 +11,8 @@ use sqlx::{Connection, PgConnection, Row};
 use std::str::FromStr;
 use std::time::Duration;
 
-static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/postgres");
-
 /// The channel every change is NOTIFYed on; the payload is a [`Notification`].
-pub const NOTIFY_CHANNEL: &str = "pdgate_subjects";
+pub const NOTIFY_CHANNEL: &str = super::feed::SUBJECT_CHANNEL;
 
 /// How long `connect` and each later query wait for a connection: an unreachable database is
 /// reported within it instead of hanging the caller.
@@ -114,8 +113,7 @@ impl PostgresRegistry {
     /// Creates or updates the schema (an advisory lock makes sidecars starting together apply
     /// it once).
     pub async fn migrate(&self) -> Result<(), RegistryError> {
-        MIGRATOR
-            .run(&self.pool)
+        super::feed::migrate(&self.pool)
             .await
             .map_err(|source| RegistryError::Migrate {
                 location: self.location.clone(),
@@ -128,14 +126,20 @@ impl PostgresRegistry {
     /// apply them once.
     pub async fn from_pool(pool: PgPool) -> Result<Self, RegistryError> {
         let location = location(&pool.connect_options());
-        MIGRATOR
-            .run(&pool)
+        super::feed::migrate(&pool)
             .await
             .map_err(|source| RegistryError::Migrate {
                 location: location.clone(),
                 source,
             })?;
         Ok(Self { pool, location })
+    }
+
+    /// A registry on the sidecar's fleet pool ([`super::feed::pool`]); no connection is made
+    /// and no migration run here (the change feed migrates once it reaches the database).
+    pub fn from_lazy_pool(pool: PgPool) -> Self {
+        let location = location(&pool.connect_options());
+        Self { pool, location }
     }
 
     /// The pool, for a `PgListener` on [`NOTIFY_CHANNEL`] (`PgListener::connect_with`).
@@ -204,8 +208,12 @@ fn location(options: &PgConnectOptions) -> String {
 impl SubjectRegistry for PostgresRegistry {
     async fn get(&self, subject: &str) -> Result<Option<SubjectRecord>, RegistryError> {
         validate_subject(subject)?;
-        let mut conn = self.pool.acquire().await.map_err(|e| self.unavailable(e))?;
-        self.read(&mut conn, subject).await
+        // A transaction even for one read: behind a transaction-mode pooler the statement's
+        // parse and execution must reach the same server connection.
+        let mut tx = self.pool.begin().await.map_err(|e| self.unavailable(e))?;
+        let record = self.read(&mut tx, subject).await?;
+        tx.commit().await.map_err(|e| self.unavailable(e))?;
+        Ok(record)
     }
 
     async fn apply(&self, change: &Change) -> Result<SubjectRecord, RegistryError> {
@@ -292,6 +300,10 @@ impl SubjectRegistry for PostgresRegistry {
             .execute(&mut *tx)
             .await
             .map_err(|e| self.unavailable(e))?;
+        // Last: from here the fleet's change counter is locked until the commit.
+        super::feed::record_change(&mut tx, "subject", &notification.payload())
+            .await
+            .map_err(|e| self.unavailable(e))?;
         let record = self.read(&mut tx, subject).await?;
         tx.commit().await.map_err(|e| self.unavailable(e))?;
         record.ok_or_else(|| RegistryError::Corrupt {
@@ -302,15 +314,17 @@ impl SubjectRegistry for PostgresRegistry {
 
     async fn history(&self, subject: &str) -> Result<Vec<Event>, RegistryError> {
         validate_subject(subject)?;
+        let mut tx = self.pool.begin().await.map_err(|e| self.unavailable(e))?;
         let rows: Vec<EventRow> = sqlx::query_as(
             "SELECT version, (extract(epoch FROM at) * 1000000)::bigint, actor, source, change,
                     purpose, communications
              FROM subject_events WHERE subject = $1 ORDER BY version",
         )
         .bind(subject)
-        .fetch_all(&self.pool)
+        .fetch_all(&mut *tx)
         .await
         .map_err(|e| self.unavailable(e))?;
+        tx.commit().await.map_err(|e| self.unavailable(e))?;
         rows.into_iter()
             .map(|row| event_from_row(&self.location, subject, row))
             .collect()

@@ -106,6 +106,8 @@ pub enum SubjectsChoice {
     Sqlite(PathBuf),
     /// Fleet mode on this PostgreSQL URL, as `pdgate serve` connects to it.
     Postgres(String),
+    /// Fleet mode with these settings (pool, change feed, application name).
+    Fleet(pdgate::config::FleetSettings),
 }
 
 /// The admin identities of the tests: `security-team` (policy-admin), `audit-team` (auditor),
@@ -227,10 +229,8 @@ impl Harness {
                 ..SubjectsSettings::default()
             },
             fleet: match &options.subjects {
-                SubjectsChoice::Postgres(url) => Some(pdgate::config::FleetSettings {
-                    database_url: url.clone(),
-                    statement_timeout: Duration::from_secs(2),
-                }),
+                SubjectsChoice::Postgres(url) => Some(pdgate::config::FleetSettings::new(url)),
+                SubjectsChoice::Fleet(settings) => Some(settings.clone()),
                 _ => None,
             },
             reload: options.reload,
@@ -240,7 +240,7 @@ impl Harness {
         let policy = server::load_policy(&config).await;
         let subjects = match options.subjects {
             SubjectsChoice::Demo => Subjects::Fixed(Arc::new(demo_subjects())),
-            SubjectsChoice::Sqlite(_) | SubjectsChoice::Postgres(_) => {
+            SubjectsChoice::Sqlite(_) | SubjectsChoice::Postgres(_) | SubjectsChoice::Fleet(_) => {
                 Subjects::Registry(server::open_subject_cache(&config).await.unwrap())
             }
         };
