@@ -1108,3 +1108,75 @@ async fn every_message_of_a_streamed_response_loses_the_fields_its_purpose_may_n
         "{dropped:?}"
     );
 }
+
+#[tokio::test]
+async fn a_response_field_the_descriptors_do_not_know_never_passes() {
+    // The policy's descriptors are an older version of the service's protos: a Profile
+    // without its phone number (field 5). The service sends it; pdgate cannot say what it
+    // holds, so it drops it and counts it, even for a caller that may have every contact field.
+    let dir = common::policy_copy();
+    let proto = dir.path().join("descriptors/customer.proto");
+    let text = std::fs::read_to_string(&proto).unwrap();
+    let phone = "  string phone = 5 [(pdgate.v1.category) = \"customer.contact.phone\"];\n";
+    assert!(text.contains(phone), "Profile changed: {text}");
+    std::fs::write(&proto, text.replacen(phone, "", 1)).unwrap();
+    let routes = dir.path().join("routes.yaml");
+    let text = std::fs::read_to_string(&routes).unwrap();
+    let minimize = "    minimize: [customer.contact.email, customer.contact.address, customer.contact.phone]\n";
+    assert!(
+        text.contains(minimize),
+        "GetProfile's route changed: {text}"
+    );
+    std::fs::write(
+        &routes,
+        text.replacen(
+            minimize,
+            "    minimize: [customer.contact.email, customer.contact.address]\n",
+            1,
+        ),
+    )
+    .unwrap();
+    let h = Harness::with(common::Options {
+        policy: dir.path().to_owned(),
+        ..common::Options::default()
+    })
+    .await;
+
+    let got = h
+        .client()
+        .await
+        .get_profile(call(
+            profile("cust-1"),
+            "support-service",
+            "service.support",
+            &[],
+        ))
+        .await
+        .unwrap();
+    let record = record_of(&h, got.metadata());
+    assert!(
+        record.body.minimized.is_empty(),
+        "support may have the whole profile"
+    );
+    let got = got.into_inner();
+    let direct = h
+        .direct_client()
+        .await
+        .get_profile(profile("cust-1"))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(!direct.phone.is_empty(), "the service sends a phone number");
+    assert_eq!(
+        got.phone, "",
+        "a field the descriptors do not know never passes"
+    );
+    let mut expected = direct.clone();
+    expected.phone.clear();
+    assert_eq!(got, expected, "every known field passes untouched");
+    let metrics = common::scrape(&h).await;
+    assert!(
+        metrics.contains("pdgate_response_fields_unknown_total 1\n"),
+        "{metrics}"
+    );
+}
