@@ -268,6 +268,8 @@ fn example_with_every_key_uncommented_parses_and_resolves_with_mtls() {
     file.identity = Some("mtls".into());
     file.audit.fsync = Some("interval".into());
     file.audit.on_full = Some("wait".into());
+    // The poll interval goes with `change_feed = "poll"` (the example says so).
+    file.fleet.change_feed = Some("poll".into());
     // The SQLite registry's path and fleet mode exclude each other (the example says so).
     assert!(file.subjects.path.is_some() && file.fleet.database_url.is_some());
     file.subjects.path = None;
