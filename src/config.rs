@@ -143,48 +143,12 @@ impl Default for SubjectsSettings {
     }
 }
 
-/// Fleet mode, resolved.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct FleetSettings {
-    pub database_url: String,
-    pub statement_timeout: Duration,
-    /// Most connections one sidecar opens; none is kept open while idle except the feed's.
-    pub max_connections: u32,
-    pub idle_timeout: Duration,
-    pub change_feed: ChangeFeed,
-    pub application_name: String,
-}
-
-impl FleetSettings {
-    /// The defaults for `database_url`: a LISTEN feed, connections on demand.
-    pub fn new(database_url: impl Into<String>) -> Self {
-        Self {
-            database_url: database_url.into(),
-            statement_timeout: Duration::from_secs(2),
-            max_connections: DEFAULT_FLEET_MAX_CONNECTIONS,
-            idle_timeout: DEFAULT_FLEET_IDLE_TIMEOUT,
-            change_feed: ChangeFeed::Listen,
-            application_name: DEFAULT_FLEET_APPLICATION_NAME.to_owned(),
-        }
-    }
-}
-
-/// How a fleet sidecar hears of changes made by the others.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ChangeFeed {
-    /// One LISTEN connection on the policy and subject channels (needs a session to the
-    /// database itself: LISTEN does not pass through a transaction-mode pooler).
-    Listen,
-    /// A read of the change table every interval, through any pooler; no connection is held
-    /// between reads.
-    Poll(Duration),
-}
-
-/// The fleet defaults: a sidecar opens connections on demand, at most this many.
-pub const DEFAULT_FLEET_MAX_CONNECTIONS: u32 = 4;
-pub const DEFAULT_FLEET_IDLE_TIMEOUT: Duration = Duration::from_secs(10);
-pub const DEFAULT_FLEET_POLL_INTERVAL: Duration = Duration::from_millis(250);
-pub const DEFAULT_FLEET_APPLICATION_NAME: &str = "pdgate";
+// Fleet mode's settings are the registry's (it opens the pool and the change feed); the
+// configuration resolves them.
+pub use crate::registry::feed::{
+    ChangeFeed, DEFAULT_FLEET_APPLICATION_NAME, DEFAULT_FLEET_IDLE_TIMEOUT,
+    DEFAULT_FLEET_MAX_CONNECTIONS, DEFAULT_FLEET_POLL_INTERVAL, FleetSettings,
+};
 
 /// Policy reloads, resolved.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -13,9 +13,8 @@
 
 use super::bundle::{Bundle, TestFile};
 use super::store::{Origin, Persisted, PolicyStore, StoreError};
-use crate::config::FleetSettings;
 use crate::policy::{DescriptorFile, PolicySource};
-use crate::registry::feed::{self, FleetLink, PolicySignal};
+use crate::registry::feed::{self, FleetLink, FleetSettings, PolicySignal};
 use sqlx::Row;
 use sqlx::postgres::PgPool;
 use std::path::PathBuf;

@@ -456,11 +456,7 @@ impl SubjectCache {
         self: &Arc<Self>,
         store: PostgresRegistry,
     ) -> tokio::task::JoinHandle<()> {
-        self.spawn_fleet_feed(
-            store.pool().clone(),
-            None,
-            crate::config::ChangeFeed::Listen,
-        )
+        self.spawn_fleet_feed(store.pool().clone(), None, super::feed::ChangeFeed::Listen)
     }
 
     /// Starts the fleet's one change feed on `pool` (see [`super::feed`]): subject changes
@@ -469,7 +465,7 @@ impl SubjectCache {
         self: &Arc<Self>,
         pool: sqlx::PgPool,
         policy: Option<Arc<super::feed::PolicySignal>>,
-        mode: crate::config::ChangeFeed,
+        mode: super::feed::ChangeFeed,
     ) -> tokio::task::JoinHandle<()> {
         if let Some(policy) = &policy {
             // The first link wins; a second feed on one cache is a caller's mistake.

@@ -34,7 +34,6 @@
 
 use super::cache::{SubjectCache, SubjectCacheSettings};
 use super::{Notification, RegistryError};
-use crate::config::{ChangeFeed, FleetSettings};
 use sqlx::migrate::{MigrateError, Migrator};
 use sqlx::postgres::{PgConnectOptions, PgListener, PgPool, PgPoolOptions};
 use sqlx::{ConnectOptions, PgConnection};
@@ -117,7 +116,7 @@ pub async fn record_change(
 }
 
 /// The pool of one sidecar: connections opened on demand, closed after `idle_timeout`, at most
-/// `max_connections`, tagged with `application_name`. With the `poll` feed (through a
+/// `max_connections`, tagged with `application_name` (the URL's, else `[fleet]`'s). With the `poll` feed (through a
 /// transaction-mode pooler) no statement is kept prepared, and no `options` startup parameter is
 /// sent (PgBouncer refuses it): set `statement_timeout` on the database role instead.
 pub fn pool(settings: &FleetSettings, acquire_timeout: Duration) -> Result<PgPool, RegistryError> {
@@ -129,8 +128,12 @@ pub fn pool(settings: &FleetSettings, acquire_timeout: Duration) -> Result<PgPoo
     }
     let mut options = PgConnectOptions::from_str(url)
         .map_err(|e| RegistryError::InvalidUrl(e.to_string()))?
-        .application_name(&settings.application_name)
         .disable_statement_logging();
+    // An `application_name` in the URL names this sidecar's sessions; otherwise
+    // `[fleet] application_name` does.
+    if options.get_application_name().is_none() {
+        options = options.application_name(&settings.application_name);
+    }
     match settings.change_feed {
         ChangeFeed::Listen => {
             options = options.options([(
@@ -496,3 +499,46 @@ async fn poll(targets: &Targets, pool: &PgPool, every: Duration, timeout: Durati
         }
     }
 }
+
+/// Fleet mode, resolved.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FleetSettings {
+    pub database_url: String,
+    pub statement_timeout: Duration,
+    /// Most connections one sidecar opens; none is kept open while idle except the feed's.
+    pub max_connections: u32,
+    pub idle_timeout: Duration,
+    pub change_feed: ChangeFeed,
+    pub application_name: String,
+}
+
+impl FleetSettings {
+    /// The defaults for `database_url`: a LISTEN feed, connections on demand.
+    pub fn new(database_url: impl Into<String>) -> Self {
+        Self {
+            database_url: database_url.into(),
+            statement_timeout: Duration::from_secs(2),
+            max_connections: DEFAULT_FLEET_MAX_CONNECTIONS,
+            idle_timeout: DEFAULT_FLEET_IDLE_TIMEOUT,
+            change_feed: ChangeFeed::Listen,
+            application_name: DEFAULT_FLEET_APPLICATION_NAME.to_owned(),
+        }
+    }
+}
+
+/// How a fleet sidecar hears of changes made by the others.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ChangeFeed {
+    /// One LISTEN connection on the policy and subject channels (needs a session to the
+    /// database itself: LISTEN does not pass through a transaction-mode pooler).
+    Listen,
+    /// A read of the change table every interval, through any pooler; no connection is held
+    /// between reads.
+    Poll(Duration),
+}
+
+/// The fleet defaults: a sidecar opens connections on demand, at most this many.
+pub const DEFAULT_FLEET_MAX_CONNECTIONS: u32 = 4;
+pub const DEFAULT_FLEET_IDLE_TIMEOUT: Duration = Duration::from_secs(10);
+pub const DEFAULT_FLEET_POLL_INTERVAL: Duration = Duration::from_millis(250);
+pub const DEFAULT_FLEET_APPLICATION_NAME: &str = "pdgate";

@@ -74,18 +74,19 @@ impl TestSchema {
         format!("{}&application_name={application}", self.url_via(addr))
     }
 
-    /// Waits until a session named `application` has run `LISTEN` on `channel` (its last
-    /// statement, which a listener's session keeps while it waits): the sidecar's change feed
-    /// is connected. Returns how long that took; fails the test after
-    /// [`LIMIT`](super::wait::LIMIT).
+    /// Waits until a session named `application` has run `LISTEN` on `channel`: the sidecar's
+    /// change feed is connected. A listener's session shows its `LISTEN` as its last statement
+    /// until the feed's first heartbeat (`SELECT pg_notify(..)` on the same session, sent only
+    /// once it listens), so either one says so. Returns how long that took; fails the test
+    /// after [`LIMIT`](super::wait::LIMIT).
     pub async fn until_listening(&self, application: &str, channel: &str) -> std::time::Duration {
         let mut admin = admin(&self.base, &database_url()).await;
         let started = std::time::Instant::now();
         loop {
             let listening: i64 = sqlx::query_scalar(
                 "SELECT count(*) FROM pg_stat_activity \
-                 WHERE application_name = $1 AND query LIKE 'LISTEN %' \
-                 AND position($2 IN query) > 0",
+                 WHERE application_name = $1 AND ((query LIKE 'LISTEN %' \
+                 AND position($2 IN query) > 0) OR query LIKE 'SELECT pg_notify(%')",
             )
             .bind(application)
             .bind(format!("\"{channel}\""))
