@@ -189,7 +189,23 @@ pub fn minimize_export(policy: &Path) -> Result<(), String> {
             routes.display()
         ));
     }
-    std::fs::write(&routes, out).map_err(|e| format!("`{}`: {e}", routes.display()))
+    std::fs::write(&routes, out).map_err(|e| format!("`{}`: {e}", routes.display()))?;
+    // The demo protos file the usage figure under `customer.usage_history`, which the partner
+    // may have; the copy's descriptors leave it unannotated, so `fields` files it under
+    // `customer.billing` without disagreeing with an annotation.
+    let proto = policy.join("descriptors/customer.proto");
+    let text =
+        std::fs::read_to_string(&proto).map_err(|e| format!("`{}`: {e}", proto.display()))?;
+    let annotated =
+        "int64 data_mb_last_month = 5 [(pdgate.v1.category) = \"customer.usage_history\"];";
+    if !text.contains(annotated) {
+        return Err(format!("`{}` no longer has `{annotated}`", proto.display()));
+    }
+    std::fs::write(
+        &proto,
+        text.replace(annotated, "int64 data_mb_last_month = 5;"),
+    )
+    .map_err(|e| format!("`{}`: {e}", proto.display()))
 }
 
 /// What a streaming run measured.
