@@ -235,7 +235,9 @@ pub fn read_dir(dir: &Path) -> Result<Vec<(PathBuf, FixtureFile)>, FixtureError>
 pub fn parse(path: &Path, text: &str) -> Result<FixtureFile, FixtureError> {
     let file: FixtureFile = serde_yaml::from_str(text).map_err(|e| FixtureError::Parse {
         path: path.to_path_buf(),
-        line: e.location().map(|l| l.line()),
+        line: e
+            .location()
+            .map(|l| crate::policy::yaml_error_line(text, l.line())),
         message: e.to_string(),
     })?;
     for case in &file.cases {

@@ -19,7 +19,7 @@ mod taxonomy;
 
 pub use compile::compile;
 pub use model::SUPPORTED_MODEL;
-pub use problem::{Problem, Problems, line_of};
+pub use problem::{Problem, Problems, line_of, yaml_error_line};
 pub use routes::{ROUTES_FILE, Route, SubjectSource};
 pub use rows::{Action, Effect, GrantRow, LinkRow, POLICY_FILE, PolicyRows};
 pub use snapshot::{

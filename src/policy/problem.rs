@@ -71,3 +71,10 @@ pub fn line_of(text: &str, offset: usize) -> usize {
         .count()
         + 1
 }
+
+/// The 1-based line a YAML parser's error names, kept inside `text`: at the end of the input
+/// serde_yaml names the line after the last one (or further), which no editor can show.
+pub fn yaml_error_line(text: &str, line: usize) -> usize {
+    let last = text.lines().count().max(1);
+    line.clamp(1, last)
+}

@@ -19,7 +19,7 @@
 //! descriptors in `descriptors/`; see `policy::inspect`.
 
 use super::inspect::Inspection;
-use super::problem::{Problem, line_of};
+use super::problem::{Problem, line_of, yaml_error_line};
 use super::rows::Action;
 use serde::Deserialize;
 use std::collections::BTreeMap;
@@ -106,7 +106,7 @@ pub(crate) fn parse(
         Ok(f) => f,
         Err(e) => {
             problems.push(match e.location() {
-                Some(l) => Problem::at(ROUTES_FILE, l.line(), e.to_string()),
+                Some(l) => Problem::at(ROUTES_FILE, yaml_error_line(text, l.line()), e.to_string()),
                 None => Problem::in_file(ROUTES_FILE, e.to_string()),
             });
             return BTreeMap::new();
