@@ -15,7 +15,7 @@
 //! A method that cannot be routed from its annotations (no action, no category) is left out
 //! with a comment saying why: without a route every call of it is denied (fail closed).
 
-use super::inspect::{Options, pool};
+use super::inspect::{Options, annotated_categories, pool};
 use super::problem::Problem;
 use super::source::{DESCRIPTORS_DIR, DescriptorFile};
 use super::taxonomy::{TAXONOMY_FILE, Taxonomy};
@@ -159,9 +159,9 @@ fn route(
     }
     let mut categories = Vec::new();
     if action != "read" {
-        carried(&method.input(), options, &mut Vec::new(), &mut categories);
+        categories.extend(annotated_categories(&method.input(), options));
     }
-    carried(&method.output(), options, &mut Vec::new(), &mut categories);
+    categories.extend(annotated_categories(&method.output(), options));
     for (field, category) in &categories {
         if !vocabulary.categories.iter().any(|k| k == category) {
             problems.push(Problem::in_file(
@@ -243,27 +243,6 @@ fn route(
         }
     }
     out.text.push_str(&text);
-}
-
-/// The annotated categories of `message`'s fields and of the messages inside it, with the
-/// field that carries each, in field order.
-fn carried(
-    message: &MessageDescriptor,
-    options: &Options,
-    seen: &mut Vec<String>,
-    found: &mut Vec<(String, String)>,
-) {
-    if seen.iter().any(|s| s == message.full_name()) {
-        return;
-    }
-    seen.push(message.full_name().to_owned());
-    for field in message.fields() {
-        if let Some(category) = options.category(&field) {
-            found.push((field.full_name().to_owned(), category));
-        } else if let Kind::Message(inner) = field.kind() {
-            carried(&inner, options, seen, found);
-        }
-    }
 }
 
 /// The paths (`customer_id`, `updates[].customer_id`) of the string fields annotated

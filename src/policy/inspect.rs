@@ -129,17 +129,23 @@ pub(crate) fn inspect_routes(
         let (response, request) = if route.minimize.is_empty() {
             // Nothing is cleared: every category the messages carry must be one the call is
             // decided for, or the call hands out (or writes) data no decision covered.
-            let mut undecided = Undecided {
+            check_undecided(
                 path,
                 route,
                 options,
                 categories,
-                seen: Vec::new(),
+                (&method.output(), "response"),
                 problems,
-            };
-            undecided.check(&method.output(), "response");
+            );
             if route.action != Action::Read {
-                undecided.check(&method.input(), "request");
+                check_undecided(
+                    path,
+                    route,
+                    options,
+                    categories,
+                    (&method.input(), "request"),
+                    problems,
+                );
             }
             (None, None)
         } else {
@@ -675,48 +681,59 @@ impl Planner<'_> {
     }
 }
 
-/// Checks, on a route that minimizes nothing, that every annotated field of a message carries
-/// a category the route needs (`categories`): pdgate forwards such messages untouched, so a
-/// field of any other category would pass without a decision for it.
-struct Undecided<'a> {
-    path: &'a str,
-    route: &'a Route,
-    options: &'a Options,
-    categories: &'a Tree<CategoryInfo>,
-    /// Message types already walked (a type may contain itself).
-    seen: Vec<String>,
-    problems: &'a mut Vec<Problem>,
-}
-
-impl Undecided<'_> {
-    fn check(&mut self, message: &MessageDescriptor, side: &str) {
-        if self.seen.iter().any(|s| s == message.full_name()) {
+/// The annotated categories of `message`'s fields and of the messages inside it, with the
+/// full name of the field that carries each, in field order. A field with a category is not
+/// walked into; a message type that contains itself is walked once.
+pub(crate) fn annotated_categories(
+    message: &MessageDescriptor,
+    options: &Options,
+) -> Vec<(String, String)> {
+    fn walk(
+        message: &MessageDescriptor,
+        options: &Options,
+        seen: &mut Vec<String>,
+        found: &mut Vec<(String, String)>,
+    ) {
+        if seen.iter().any(|s| s == message.full_name()) {
             return;
         }
-        self.seen.push(message.full_name().to_owned());
+        seen.push(message.full_name().to_owned());
         for field in message.fields() {
-            if let Some(category) = self.options.category(&field) {
-                self.field(&field, &category, side);
+            if let Some(category) = options.category(&field) {
+                found.push((field.full_name().to_owned(), category));
             } else if let Kind::Message(inner) = field.kind() {
-                self.check(&inner, side);
+                walk(&inner, options, seen, found);
             }
         }
     }
+    let mut found = Vec::new();
+    walk(message, options, &mut Vec::new(), &mut found);
+    found
+}
 
-    fn field(&mut self, field: &FieldDescriptor, category: &str, side: &str) {
-        let at = |message: String| Problem::at(ROUTES_FILE, self.route.line, message);
-        let Some(id) = self.categories.id(category) else {
-            self.problems.push(at(format!(
-                "route `{}`: field `{}` has the category `{category}`, which taxonomy.toml does not define",
-                self.path,
-                field.full_name()
+/// On a route that minimizes nothing, every annotated field of `message` must carry a
+/// category the route needs (`categories`): pdgate forwards such messages untouched, so a
+/// field of any other category would pass without a decision for it.
+fn check_undecided(
+    path: &str,
+    route: &Route,
+    options: &Options,
+    categories: &Tree<CategoryInfo>,
+    (message, side): (&MessageDescriptor, &str),
+    problems: &mut Vec<Problem>,
+) {
+    let at = |message: String| Problem::at(ROUTES_FILE, route.line, message);
+    for (field, category) in annotated_categories(message, options) {
+        let Some(id) = categories.id(&category) else {
+            problems.push(at(format!(
+                "route `{path}`: field `{field}` has the category `{category}`, which taxonomy.toml does not define"
             )));
-            return;
+            continue;
         };
-        let needed = self.route.categories.iter().any(|n| {
-            self.categories
+        let needed = route.categories.iter().any(|n| {
+            categories
                 .id(n)
-                .is_some_and(|outer| self.categories.is_within(id, outer))
+                .is_some_and(|outer| categories.is_within(id, outer))
         });
         if !needed {
             let verb = if side == "request" {
@@ -724,10 +741,8 @@ impl Undecided<'_> {
             } else {
                 "hand out"
             };
-            self.problems.push(at(format!(
-                "route `{}`: {side} field `{}` carries `{category}`, which the route does not name: the call would {verb} it without a decision for it; add it to `categories` (needed), or to `minimize` (cleared when the purpose may not have it)",
-                self.path,
-                field.full_name()
+            problems.push(at(format!(
+                "route `{path}`: {side} field `{field}` carries `{category}`, which the route does not name: the call would {verb} it without a decision for it; add it to `categories` (needed), or to `minimize` (cleared when the purpose may not have it)"
             )));
         }
     }
